@@ -1,0 +1,3 @@
+from nacd.cli import main
+
+raise SystemExit(main())

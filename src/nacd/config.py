@@ -1,0 +1,518 @@
+"""Typed, documented configuration.
+
+One dataclass per concern (run, model, LoRA, data, and one per stage), grouped
+in :class:`Config`. The defaults below *are* the embedded default config: a
+YAML file only lists what it changes, and ``key.sub=value`` overrides on the
+command line change single values (``distill.syn_steps=8``,
+``data.sources.0.max_examples=100``).
+
+Every field carries a one-line doc (``field_doc``); ``nacd config --explain``
+prints them and ``docs/CONFIG.md`` is written from them. Values are checked
+when the config is built: a wrong type, an unknown key or an out-of-range
+value raises :class:`~nacd.errors.ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from nacd.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+
+def f(default: Any, doc: str) -> Any:
+    """A dataclass field with a default (copied if mutable) and a one-line doc."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        import copy
+
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+class _FieldError(ValueError):
+    """Raised by ``__post_init__`` checks; turned into a ConfigError with the full key."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(name, message)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how it runs."""
+
+    out_dir: str = f("runs/default", "Run folder; every stage writes below it and the resolved config is saved there.")
+    seed: int = f(0, "Global seed (data order, sampling, initialisation).")
+    device: str = f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps.")
+    num_threads: int | None = f(None, "torch CPU threads; None leaves torch's default.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = f("INFO", "Logging level.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.out_dir), "out_dir", "must not be empty")
+        _check(
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+            "device",
+            f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}",
+        )
+        _check(self.num_threads is None or self.num_threads > 0, "num_threads", "must be positive")
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to use and how to load it."""
+
+    spec: str = f(
+        "smollm2-135m",
+        "Model spec: a built-in name (smollm2-135m, gemma3-270m), a local folder, a .gguf file, or a Hugging Face hub id.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = f(
+        "auto", "Weights dtype: auto = float32 on CPU, bfloat16 on GPUs that support it (else float16)."
+    )
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = f(
+        "auto",
+        "Attention kernel: auto = eager where gradients of gradients are needed (distillation), sdpa elsewhere.",
+    )
+    trust_remote_code: bool = f(False, "Allow model code from the hub. Off unless you turn it on.")
+    revision: str | None = f(None, "Hub revision (branch, tag or commit) for hub ids.")
+    cache_dir: str | None = f(None, "Where converted GGUF and built-in models are cached; default $NACD_CACHE or ~/.cache/nacd.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.spec.strip()), "spec", "must not be empty")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter shared by every stage that trains (via peft)."""
+
+    r: int = f(8, "LoRA rank.")
+    alpha: float = f(16.0, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = f(0.0, "LoRA dropout (0 keeps trajectories deterministic).")
+    target_modules: list[str] | None = f(
+        None, "Module names to adapt; None = per-architecture default (q_proj, v_proj for Llama/Gemma/OPT)."
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "r", "must be positive")
+        _check(self.alpha > 0, "alpha", "must be positive")
+        _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _check(self.target_modules is None or len(self.target_modules) > 0, "target_modules", "must not be an empty list")
+
+
+@dataclass
+class SourceConfig:
+    """One instruction corpus; several are mixed into D_full."""
+
+    path: str = f("", "Local file (.jsonl/.json/.tsv/.csv/.parquet, glob allowed), local folder, or hub dataset id (hf:owner/name or owner/name).")
+    format: Literal["auto", "chat", "instruction", "qa", "prompt_completion"] = f(
+        "auto", "Record format; auto detects it from the fields of the first record."
+    )
+    name: str = f("", "Source name used in example ids and statistics; default: file stem or dataset id.")
+    split: str = f("train", "Split to read from a folder or hub dataset.")
+    subset: str | None = f(None, "Hub dataset configuration name.")
+    max_examples: int | None = f(None, "Per-source cap: a seeded uniform sample of at most this many examples.")
+    columns: list[str] | None = f(None, "Column names of a headerless CSV/TSV; default for a 3-column TSV: question, answer, rationale.")
+    fields: dict[str, str] = f({}, "Rename map from a canonical field (instruction, input, output, messages, ...) to the column that holds it.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path.strip()), "path", "must name a file, folder or dataset id")
+        _check(self.max_examples is None or self.max_examples > 0, "max_examples", "must be positive")
+
+
+def _default_sources() -> list[SourceConfig]:
+    """The paper's "All" mix (Flan v2, CoT, Dolly, oasst1) from the shared public slices."""
+    return [
+        SourceConfig(path="instruct/dolly/dolly_subset_dev1000.jsonl", name="dolly", max_examples=100),
+        SourceConfig(path="instruct/oasst1/oasst1_en_validation_paths_messages.jsonl", name="oasst1", max_examples=100),
+        SourceConfig(path="instruct/flan_cot/*_train.tsv", name="flan_cot", max_examples=100),
+        SourceConfig(path="instruct/sni/sni_dev500.jsonl", name="sni", max_examples=100),
+    ]
+
+
+@dataclass
+class DataConfig:
+    """The instruction corpus D_full and how it is tokenized."""
+
+    root: str = f("../shared/data", "Relative source paths are resolved against this folder.")
+    sources: list[SourceConfig] = field(
+        default_factory=_default_sources,
+        metadata={"doc": "Corpora mixed into D_full (each with its own format and cap)."},
+    )
+    max_seq_len: int = f(256, "Examples longer than this many tokens are truncated.")
+    truncation: Literal["keep_response", "right"] = f(
+        "keep_response",
+        "keep_response: shorten the prompt (middle) before the response; right: cut the end like a plain tokenizer.",
+    )
+    template: Literal["auto", "model", "fallback"] = f(
+        "auto", "auto: the model's chat template if it has one, else the fallback format (docs/DATA.md)."
+    )
+    strict: bool = f(False, "True: the first bad record stops loading; False: it is skipped, counted and logged.")
+    seed: int = f(0, "Seed of the per-source sampling caps.")
+
+    def __post_init__(self) -> None:
+        _check(len(self.sources) > 0, "sources", "needs at least one source")
+        _check(self.max_seq_len >= 8, "max_seq_len", "must be at least 8")
+
+
+@dataclass
+class TrainConfig:
+    """One LoRA training run: shared by expert trajectories and fine-tuning."""
+
+    epochs: int = f(3, "Passes over the data.")
+    max_steps: int | None = f(None, "Stop after this many optimizer steps (overrides epochs when set).")
+    batch_size: int = f(16, "Global batch size (examples per optimizer step).")
+    micro_batch_size: int | None = f(None, "Examples per forward pass; None = batch_size (gradient accumulation fills the rest).")
+    optimizer: Literal["adamw", "sgd"] = f("adamw", "Optimizer of the LoRA parameters.")
+    lr: float = f(2e-4, "Peak learning rate.")
+    weight_decay: float = f(0.0, "Decoupled weight decay (AdamW) or L2 (SGD).")
+    lr_schedule: Literal["linear", "cosine", "constant"] = f("linear", "Decay after warmup.")
+    warmup_ratio: float = f(0.03, "Fraction of steps with linear warmup.")
+    max_grad_norm: float | None = f(1.0, "Gradient clipping norm; None disables clipping.")
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "epochs", "must be at least 1")
+        _check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive")
+        _check(self.batch_size > 0, "batch_size", "must be positive")
+        _check(
+            self.micro_batch_size is None or (0 < self.micro_batch_size <= self.batch_size and self.batch_size % self.micro_batch_size == 0),
+            "micro_batch_size",
+            "must divide batch_size",
+        )
+        _check(self.lr > 0, "lr", "must be positive")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be positive or null")
+
+
+@dataclass
+class SelectConfig:
+    """Step 0: choose D_sel from D_full."""
+
+    method: Literal["random", "bm25", "dsir", "less"] = f("random", "Selection method.")
+    budget: float = f(0.05, "Fraction of D_full (< 1) or number of examples (>= 1) to select.")
+    target: str | None = f(None, "Target-task data for bm25/dsir/less (e.g. ARC-Easy train).")
+
+    def __post_init__(self) -> None:
+        _check(self.budget > 0, "budget", "must be positive (a fraction < 1 or a count >= 1)")
+        _check(self.budget < 1 or float(self.budget).is_integer(), "budget", "a count must be a whole number")
+
+
+@dataclass
+class ExpertsConfig:
+    """Step 1: expert LoRA trajectories on D_full."""
+
+    num_experts: int = f(3, "Number of expert runs (different seeds / data orders).")
+    train: TrainConfig = f(TrainConfig(epochs=3, batch_size=16, optimizer="sgd", lr=1e-2), "Training of each expert.")
+    save_every_steps: int | None = f(None, "Also snapshot every K optimizer steps (snapshots are always taken at each epoch end).")
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts > 0, "num_experts", "must be at least 1")
+        _check(self.save_every_steps is None or self.save_every_steps > 0, "save_every_steps", "must be positive")
+
+
+@dataclass
+class DistillConfig:
+    """Step 2: learn k prompt vectors per selected example by trajectory matching."""
+
+    syn_steps: int = f(6, "N: differentiable student SGD steps per iteration.")
+    expert_epochs: int = f(1, "M: how many expert epochs ahead the student must land.")
+    iterations: int = f(3000, "S: distillation iterations.")
+    num_prompt_tokens: int = f(2, "k: learnable prompt vectors per selected example.")
+    max_start_epoch: int = f(2, "T^m: start epochs t are drawn from [0, T^m).")
+    beta: float = f(100.0, "Weight of the nearest-vocabulary regularizer.")
+    batch_size: int = f(8, "Examples per student step.")
+    init: Literal["mean_vocab", "random_vocab", "random"] = f("mean_vocab", "Initialisation of the prompt vectors.")
+    lr_syn: float = f(1e-3, "Learning rate of the prompt vectors.")
+    lr_lr: float = f(1e-5, "Learning rate of the learnable student learning rate.")
+    lr_init: float = f(1e-2, "alpha_0: initial student learning rate.")
+    unroll: Literal["flat", "naive", "first_order"] = f(
+        "flat", "flat: exact, memory flat in N; naive: exact autograd unroll; first_order: approximate."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("syn_steps", "expert_epochs", "iterations", "num_prompt_tokens", "max_start_epoch", "batch_size"):
+            _check(getattr(self, name) > 0, name, "must be at least 1")
+        _check(self.beta >= 0, "beta", "must be >= 0")
+        for name in ("lr_syn", "lr_lr", "lr_init"):
+            _check(getattr(self, name) > 0, name, "must be positive")
+
+
+@dataclass
+class FinetuneConfig:
+    """Step 3: instruction-tune on a data set (FULL, selected, or distilled)."""
+
+    dataset: Literal["full", "selected", "distilled"] = f("distilled", "Which data set to tune on.")
+    train: TrainConfig = f(TrainConfig(epochs=3, batch_size=8, optimizer="adamw", lr=2e-4), "Training of the tuned model.")
+
+
+@dataclass
+class EvalConfig:
+    """Step 4: multiple-choice benchmarks."""
+
+    benchmarks: list[str] = f(["arc_easy"], "Benchmarks to evaluate (arc_easy, mmlu, or a JSONL path).")
+    split: str = f("validation", "Split to evaluate; tune on validation, never on test.")
+    num_fewshot: int = f(0, "Few-shot examples (MMLU protocol: 5).")
+    batch_size: int = f(16, "Questions per forward batch.")
+    limit: int | None = f(None, "Evaluate at most this many questions per benchmark.")
+
+    def __post_init__(self) -> None:
+        _check(len(self.benchmarks) > 0, "benchmarks", "needs at least one benchmark")
+        _check(self.num_fewshot >= 0, "num_fewshot", "must be >= 0")
+        _check(self.batch_size > 0, "batch_size", "must be positive")
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    run: RunConfig = f(RunConfig(), "Run folder, seed, device.")
+    model: ModelConfig = f(ModelConfig(), "The distilling model.")
+    lora: LoraConfig = f(LoraConfig(), "LoRA adapter of every training stage.")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "D_full and tokenization."})
+    select: SelectConfig = f(SelectConfig(), "Selection of D_sel.")
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig, metadata={"doc": "Expert trajectories."})
+    distill: DistillConfig = f(DistillConfig(), "Trajectory-matching distillation.")
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"doc": "Tuning on a data set."})
+    eval: EvalConfig = f(EvalConfig(), "Evaluation.")
+    schema_version: int = f(SCHEMA_VERSION, "Config schema version.")
+
+    def __post_init__(self) -> None:
+        _check(self.schema_version == SCHEMA_VERSION, "schema_version", f"this nacd reads schema {SCHEMA_VERSION}")
+
+
+# --------------------------------------------------------------------------- building and checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"dict[{_type_name(k)}, {_type_name(v)}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert strings from the command line."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+            raise bad
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"config key '{key}': expected one of {', '.join(repr(a) for a in args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build(tp, value, prefix=key + ".")
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, args[0], f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (partial) mapping, checking keys, types and values."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+        raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except _FieldError as exc:
+        raise ConfigError(f"config key '{prefix}{exc.name}': {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (YAML/JSON-safe) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"config key '{where}': index out of range (the list has {len(node)} items)")
+            idx = int(part)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if part not in node or node[part] is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"config key '{where}': '{'.'.join(parts[:i])}' is not a section")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` -> (key, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. distill.syn_steps=8")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "fields":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run, model, data, ...)")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, checked at once."""
+    tree = to_dict(Config())
+    if path is not None:
+        try:
+            tree = _deep_merge(tree, load_yaml(path))
+        except ConfigError:
+            raise
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    where = f" (in {path})" if path else ""
+    try:
+        return build(Config, tree)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{where}") from None
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def explain(obj: Any = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, doc) for every leaf field of a config instance (default: ``Config()``)."""
+    obj = Config() if obj is None else obj
+    rows: list[tuple[str, str, Any, str]] = []
+    hints = typing.get_type_hints(type(obj))
+    for fld in dataclasses.fields(obj):
+        tp = hints[fld.name]
+        key = prefix + fld.name
+        value = getattr(obj, fld.name)
+        if dataclasses.is_dataclass(tp):
+            rows.extend(explain(value, key + "."))
+            continue
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            value = [to_dict(v) for v in value]
+        rows.append((key, _type_name(tp), value, fld.metadata.get("doc", "")))
+    return rows
