@@ -91,7 +91,9 @@ class ModelConfig:
     )
     trust_remote_code: bool = f(False, "Allow model code from the hub. Off unless you turn it on.")
     revision: str | None = f(None, "Hub revision (branch, tag or commit) for hub ids.")
-    cache_dir: str | None = f(None, "Where converted GGUF and built-in models are cached; default $NACD_CACHE or ~/.cache/nacd.")
+    cache_dir: str | None = f(
+        None, "Where converted GGUF and built-in models are cached; default $NACD_CACHE or ~/.cache/nacd."
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.spec.strip()), "spec", "must not be empty")
@@ -112,14 +114,19 @@ class LoraConfig:
         _check(self.r > 0, "r", "must be positive")
         _check(self.alpha > 0, "alpha", "must be positive")
         _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        _check(self.target_modules is None or len(self.target_modules) > 0, "target_modules", "must not be an empty list")
+        _check(
+            self.target_modules is None or len(self.target_modules) > 0, "target_modules", "must not be an empty list"
+        )
 
 
 @dataclass
 class SourceConfig:
     """One instruction corpus; several are mixed into D_full."""
 
-    path: str = f("", "Local file (.jsonl/.json/.tsv/.csv/.parquet, glob allowed), local folder, or hub dataset id (hf:owner/name or owner/name).")
+    path: str = f(
+        "",
+        "Local file (.jsonl/.json/.tsv/.csv/.parquet, glob allowed), local folder, or hub dataset id (hf:owner/name or owner/name).",
+    )
     format: Literal["auto", "chat", "instruction", "qa", "prompt_completion"] = f(
         "auto", "Record format; auto detects it from the fields of the first record."
     )
@@ -127,8 +134,12 @@ class SourceConfig:
     split: str = f("train", "Split to read from a folder or hub dataset.")
     subset: str | None = f(None, "Hub dataset configuration name.")
     max_examples: int | None = f(None, "Per-source cap: a seeded uniform sample of at most this many examples.")
-    columns: list[str] | None = f(None, "Column names of a headerless CSV/TSV; default for a 3-column TSV: question, answer, rationale.")
-    fields: dict[str, str] = f({}, "Rename map from a canonical field (instruction, input, output, messages, ...) to the column that holds it.")
+    columns: list[str] | None = f(
+        None, "Column names of a headerless CSV/TSV; default for a 3-column TSV: question, answer, rationale."
+    )
+    fields: dict[str, str] = f(
+        {}, "Rename map from a canonical field (instruction, input, output, messages, ...) to the column that holds it."
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.path.strip()), "path", "must name a file, folder or dataset id")
@@ -177,7 +188,9 @@ class TrainConfig:
     epochs: int = f(3, "Passes over the data.")
     max_steps: int | None = f(None, "Stop after this many optimizer steps (overrides epochs when set).")
     batch_size: int = f(16, "Global batch size (examples per optimizer step).")
-    micro_batch_size: int | None = f(None, "Examples per forward pass; None = batch_size (gradient accumulation fills the rest).")
+    micro_batch_size: int | None = f(
+        None, "Examples per forward pass; None = batch_size (gradient accumulation fills the rest)."
+    )
     optimizer: Literal["adamw", "sgd"] = f("adamw", "Optimizer of the LoRA parameters.")
     lr: float = f(2e-4, "Peak learning rate.")
     weight_decay: float = f(0.0, "Decoupled weight decay (AdamW) or L2 (SGD).")
@@ -190,7 +203,8 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive")
         _check(self.batch_size > 0, "batch_size", "must be positive")
         _check(
-            self.micro_batch_size is None or (0 < self.micro_batch_size <= self.batch_size and self.batch_size % self.micro_batch_size == 0),
+            self.micro_batch_size is None
+            or (0 < self.micro_batch_size <= self.batch_size and self.batch_size % self.micro_batch_size == 0),
             "micro_batch_size",
             "must divide batch_size",
         )
@@ -219,7 +233,9 @@ class ExpertsConfig:
 
     num_experts: int = f(3, "Number of expert runs (different seeds / data orders).")
     train: TrainConfig = f(TrainConfig(epochs=3, batch_size=16, optimizer="sgd", lr=1e-2), "Training of each expert.")
-    save_every_steps: int | None = f(None, "Also snapshot every K optimizer steps (snapshots are always taken at each epoch end).")
+    save_every_steps: int | None = f(
+        None, "Also snapshot every K optimizer steps (snapshots are always taken at each epoch end)."
+    )
 
     def __post_init__(self) -> None:
         _check(self.num_experts > 0, "num_experts", "must be at least 1")
@@ -258,7 +274,9 @@ class FinetuneConfig:
     """Step 3: instruction-tune on a data set (FULL, selected, or distilled)."""
 
     dataset: Literal["full", "selected", "distilled"] = f("distilled", "Which data set to tune on.")
-    train: TrainConfig = f(TrainConfig(epochs=3, batch_size=8, optimizer="adamw", lr=2e-4), "Training of the tuned model.")
+    train: TrainConfig = f(
+        TrainConfig(epochs=3, batch_size=8, optimizer="adamw", lr=2e-4), "Training of the tuned model."
+    )
 
 
 @dataclass

@@ -1,0 +1,253 @@
+"""Run folders and self-describing artifacts.
+
+Every path of a run folder is built here (:class:`RunDir`), every file is
+written atomically (temporary name in the same folder, fsync, rename), and
+every artifact folder carries a JSON manifest with a schema version beside its
+safetensors tensors. No pickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST_SCHEMA_VERSION = 1
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+MANIFEST_NAME = "manifest.json"
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_save_safetensors(
+    tensors: Mapping[str, Any], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """safetensors file written atomically; ``metadata`` values must be strings."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write_bytes(path, save(tensors, metadata=dict(metadata or {})))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a folder under a temporary name and rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON-able object, independent of dict key order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def write_manifest(folder: str | Path, kind: str, **fields: Any) -> Path:
+    """``folder/manifest.json`` with the artifact kind, schema version and producing nacd version."""
+    from nacd import __version__
+
+    body = {
+        "kind": kind,
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "nacd_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **fields,
+    }
+    return atomic_write_json(Path(folder) / MANIFEST_NAME, body)
+
+
+def read_manifest(folder: str | Path, kind: str | None = None) -> dict[str, Any] | None:
+    """The manifest of ``folder`` or None if it has none; a wrong kind or schema is an error."""
+    from nacd.errors import NacdError
+
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise NacdError(f"{path}: not valid JSON ({exc}); delete the folder to rebuild it") from None
+    if kind is not None and body.get("kind") != kind:
+        raise NacdError(f"{path}: field 'kind' is {body.get('kind')!r}, expected {kind!r}")
+    if body.get("schema_version") != MANIFEST_SCHEMA_VERSION:
+        raise NacdError(
+            f"{path}: field 'schema_version' is {body.get('schema_version')!r}, this nacd reads {MANIFEST_SCHEMA_VERSION}"
+        )
+    return body
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class MetricsWriter:
+    """Append-only JSONL metrics (one object per line, flushed each write)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        record.setdefault("time", round(time.time(), 3))
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=float) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """All paths of one run folder. Constructing it touches nothing on disk; :meth:`init` does."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "nacd.log"
+
+    @property
+    def smoke_path(self) -> Path:
+        return self.root / "smoke.json"
+
+    @property
+    def select_dir(self) -> Path:
+        return self.root / "select"
+
+    @property
+    def experts_dir(self) -> Path:
+        return self.root / "experts"
+
+    def expert_run_dir(self, index: int) -> Path:
+        return self.experts_dir / f"run_{index:03d}"
+
+    @property
+    def distill_dir(self) -> Path:
+        return self.root / "distill"
+
+    def finetune_dir(self, variant: str) -> Path:
+        return self.root / "finetune" / variant
+
+    def eval_dir(self, variant: str) -> Path:
+        return self.root / "eval" / variant
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    def init(self, config: Any) -> RunDir:
+        """Create the folder and save the resolved config; an earlier different config is kept aside."""
+        from nacd.config import dump_yaml
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        text = dump_yaml(config)
+        if self.config_path.is_file() and self.config_path.read_text(encoding="utf-8") != text:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            backup = self.root / f"config.{stamp}.yaml"
+            os.replace(self.config_path, backup)
+            log.warning(
+                "%s: the config changed since the last run; the old one is kept as %s", self.config_path, backup.name
+            )
+        atomic_write_text(self.config_path, text)
+        return self
+
+
+def setup_logging(level: str = "INFO", log_file: str | Path | None = None) -> None:
+    """Console logging (and a log file in the run folder when given); safe to call twice."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    if not any(getattr(h, "_nacd", False) for h in root.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(fmt)
+        console._nacd = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+    if log_file is not None:
+        log_file = str(Path(log_file).resolve())
+        if not any(getattr(h, "baseFilename", None) == log_file for h in root.handlers):
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file, encoding="utf-8")
+            fh.setFormatter(fmt)
+            root.addHandler(fh)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

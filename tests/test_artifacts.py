@@ -1,0 +1,101 @@
+"""Atomic writes, manifests, metrics and the run folder."""
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nacd.artifacts import (
+    MetricsWriter,
+    RunDir,
+    atomic_dir,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_jsonl,
+    read_manifest,
+    sha256_json,
+    write_manifest,
+)
+from nacd.config import load_config
+from nacd.errors import NacdError
+
+
+def test_atomic_write_replaces_and_leaves_no_temporaries(tmp_path):
+    path = tmp_path / "a" / "x.json"
+    atomic_write_json(path, {"v": 1})
+    atomic_write_json(path, {"v": 2})
+    assert json.loads(path.read_text()) == {"v": 2}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.json"]
+    assert stat.S_IMODE(os.stat(path).st_mode) & 0o044  # readable by others, unlike mkstemp's 0600
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "x.json"
+    atomic_write_json(path, {"v": 1})
+
+    with pytest.raises(TypeError):
+        atomic_write_bytes(path, "not bytes")  # fails while writing the temporary file
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_atomic_dir(tmp_path):
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("ok")
+        assert not (tmp_path / "out").exists()
+    assert (tmp_path / "out" / "f").read_text() == "ok"
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("half")
+        raise RuntimeError
+    assert (tmp_path / "out" / "f").read_text() == "ok"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_safetensors_with_metadata(tmp_path):
+    t = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}
+    atomic_save_safetensors(t, tmp_path / "t.safetensors", {"epoch": "1"})
+    back = load_file(tmp_path / "t.safetensors")
+    assert torch.equal(back["a"], t["a"]) and torch.equal(back["b"], t["b"])
+
+
+def test_manifest_kind_and_schema(tmp_path):
+    write_manifest(tmp_path, "expert_run", seed=3)
+    body = read_manifest(tmp_path, "expert_run")
+    assert body["seed"] == 3 and body["schema_version"] == 1
+    with pytest.raises(NacdError, match=r"manifest.json: field 'kind' is 'expert_run', expected 'selection'"):
+        read_manifest(tmp_path, "selection")
+    assert read_manifest(tmp_path / "nothing") is None
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(NacdError, match="not valid JSON"):
+        read_manifest(tmp_path)
+
+
+def test_metrics_jsonl(tmp_path):
+    m = MetricsWriter(tmp_path / "metrics.jsonl")
+    m.write(step=1, loss=torch.tensor(2.5).item())
+    m.write(step=2, loss=2.0)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == 2.5
+
+
+def test_sha256_json_ignores_key_order():
+    assert sha256_json({"a": 1, "b": 2}) == sha256_json({"b": 2, "a": 1})
+    assert sha256_json({"a": 1}) != sha256_json({"a": 2})
+
+
+def test_run_dir_saves_resolved_config_and_keeps_a_changed_one(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    assert not rd.root.exists()  # constructing touches nothing
+    rd.init(load_config(None, ["distill.syn_steps=5"]))
+    assert "syn_steps: 5" in rd.config_path.read_text()
+    rd.init(load_config(None, ["distill.syn_steps=5"]))
+    assert [p.name for p in rd.root.iterdir()] == ["config.yaml"]  # same config: nothing kept aside
+    rd.init(load_config(None, ["distill.syn_steps=7"]))
+    assert "syn_steps: 7" in rd.config_path.read_text()
+    kept = [p for p in rd.root.iterdir() if p.name != "config.yaml"]
+    assert len(kept) == 1 and "syn_steps: 5" in kept[0].read_text()
+    assert rd.expert_run_dir(2).name == "run_002"

@@ -1,0 +1,97 @@
+"""The real command line: help, errors, unbuilt stages, models, and the smoke run end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nacd.cli import STAGE_COMMANDS, main
+
+ALL_COMMANDS = [*STAGE_COMMANDS, "models", "config"]
+
+
+def test_top_level_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for name in ALL_COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS)
+def test_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "-h"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: nacd {command}" in out
+    if command in STAGE_COMMANDS:
+        assert "KEY=VALUE" in out and "--config" in out
+
+
+@pytest.mark.parametrize("command", ["select", "experts", "distill", "finetune", "eval", "run"])
+def test_unbuilt_stages_refuse_with_nonzero_exit(command, tmp_path, capsys):
+    code = main([command, f"run.out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "is not implemented yet" in err and "nothing was run" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_errors_exit_2_without_traceback(capsys):
+    code = main(["config", "distill.syn_steps=zero"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == "nacd config: error: config key 'distill.syn_steps': expected int, got 'zero'"
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "distill.syn_steps=8"]) == 0
+    out = capsys.readouterr().out
+    assert "syn_steps: 8" in out and "spec: smollm2-135m" in out
+    assert main(["config", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "distill.beta (float) = 100.0" in out
+
+
+def test_models_list_and_errors(capsys, tmp_path):
+    assert main(["models", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "gemma3-270m" in out
+    assert main(["models", "prepare", "nope", "--cache-dir", str(tmp_path)]) == 1
+    assert "unknown built-in model(s) nope" in capsys.readouterr().err
+    assert main(["models", "prepare", "--cache-dir", str(tmp_path)]) == 1
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "nacd", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("nacd ")
+
+
+def test_smoke_end_to_end_on_a_tiny_model(tiny_llama_dir, shared_data, tmp_path):
+    run_dir = tmp_path / "smoke"
+    cmd = [
+        sys.executable,
+        "-m",
+        "nacd",
+        "smoke",
+        f"model.spec={tiny_llama_dir}",
+        f"data.root={shared_data}",
+        "data.max_seq_len=64",
+        "data.sources.0.max_examples=5",
+        "data.sources.1.max_examples=5",
+        "data.sources.2.max_examples=5",
+        "data.sources.3.max_examples=5",
+        f"run.out_dir={run_dir}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((run_dir / "smoke.json").read_text())
+    assert result["corpus"]["n"] == 20
+    assert result["loaded"] == {"dolly": 5, "oasst1": 5, "flan_cot": 5, "sni": 5}
+    assert result["model"]["architecture"] == "LlamaForCausalLM"
+    assert "[[" in result["example"]["marked"]  # the loss tokens are marked
+    assert (run_dir / "config.yaml").is_file() and f"spec: {tiny_llama_dir}" in (run_dir / "config.yaml").read_text()
+    assert "tokenized  20 examples" in proc.stdout
