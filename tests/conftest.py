@@ -114,3 +114,30 @@ def tiny_gemma_tokenizer(tiny_gemma_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_gemma_dir)
+
+
+#: Overrides that size a run for the tiny models: 40 examples of the shared mix, 64 tokens each.
+TINY_RUN_OVERRIDES = (
+    "data.max_seq_len=64",
+    "data.sources.0.max_examples=10",
+    "data.sources.1.max_examples=10",
+    "data.sources.2.max_examples=10",
+    "data.sources.3.max_examples=10",
+    "experts.num_experts=2",
+    "experts.train.epochs=2",
+    "experts.train.batch_size=8",
+    "experts.train.micro_batch_size=4",
+    "finetune.train.epochs=1",
+    "finetune.train.batch_size=8",
+)
+
+
+@pytest.fixture
+def tiny_overrides(tiny_llama_dir: Path, shared_data: Path, tmp_path: Path) -> list[str]:
+    """Dotted overrides for a small run of the tiny Llama on the shared data, in a fresh run folder."""
+    return [
+        f"model.spec={tiny_llama_dir}",
+        f"data.root={shared_data}",
+        f"run.out_dir={tmp_path / 'run'}",
+        *TINY_RUN_OVERRIDES,
+    ]

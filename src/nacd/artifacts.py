@@ -251,3 +251,19 @@ def setup_logging(level: str = "INFO", log_file: str | Path | None = None) -> No
             root.addHandler(fh)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def check_identity(folder: str | Path, existing: Mapping[str, Any], identity: Mapping[str, Any], hint: str) -> None:
+    """Refuse to resume or reuse an artifact folder whose manifest was made with other settings.
+
+    ``identity`` holds the fields that must agree (base model, LoRA config, data hash, ...); the
+    error names the manifest, the first differing field, both values, and ``hint`` (what to do).
+    """
+    from nacd.errors import NacdError
+
+    for key, value in identity.items():
+        if existing.get(key) != value:
+            raise NacdError(
+                f"{Path(folder) / MANIFEST_NAME}: field '{key}' was {existing.get(key)!r} when this was made, "
+                f"now {value!r}; {hint}"
+            )

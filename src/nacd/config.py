@@ -197,6 +197,9 @@ class TrainConfig:
     lr_schedule: Literal["linear", "cosine", "constant"] = f("linear", "Decay after warmup.")
     warmup_ratio: float = f(0.03, "Fraction of steps with linear warmup.")
     max_grad_norm: float | None = f(1.0, "Gradient clipping norm; None disables clipping.")
+    checkpoint_every: int | None = f(
+        None, "Also write a resumable checkpoint every K optimizer steps (one is always written at each epoch end)."
+    )
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be at least 1")
@@ -212,6 +215,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be positive or null")
+        _check(self.checkpoint_every is None or self.checkpoint_every > 0, "checkpoint_every", "must be positive")
 
 
 @dataclass
@@ -273,7 +277,15 @@ class DistillConfig:
 class FinetuneConfig:
     """Step 3: instruction-tune on a data set (FULL, selected, or distilled)."""
 
-    dataset: Literal["full", "selected", "distilled"] = f("distilled", "Which data set to tune on.")
+    dataset: Literal["full", "selected", "distilled"] = f(
+        "full", "Which data set to tune on: full = D_full, selected = D_sel, distilled = D_sel + learned prompts."
+    )
+    ids_file: str | None = f(
+        None,
+        "For dataset=selected: a file of example ids (one per line, or a JSON list); default: the run's selection.",
+    )
+    name: str | None = f(None, "Variant folder name under finetune/ (default: the dataset name).")
+    seed: int | None = f(None, "Seed of the tuned run (data order, LoRA init); None = run.seed.")
     train: TrainConfig = f(
         TrainConfig(epochs=3, batch_size=8, optimizer="adamw", lr=2e-4), "Training of the tuned model."
     )

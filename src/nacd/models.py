@@ -349,3 +349,21 @@ def describe(model: Any) -> dict[str, Any]:
         "device": str(first.device),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
     }
+
+
+def model_fingerprint(model: Any, samples_per_tensor: int = 4096) -> str:
+    """A cheap, discriminative hash of a model's weights: config, every parameter's name, shape and
+    dtype, and an evenly strided sample of each tensor's values (no full pass over a 7B model)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    digest.update(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::stride].to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()

@@ -223,7 +223,8 @@ def save_checkpoint(
     tensors, meta = _optimizer_tensors(optimizer)
     with atomic_dir(folder) as tmp:
         atomic_save_safetensors(lora_state(model), tmp / "lora.safetensors")
-        atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
+        if tensors:  # plain SGD keeps no tensors (and safetensors cannot read back an empty file)
+            atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
         atomic_save_safetensors({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
         body = {"state": asdict(state), "optimizer": meta, **(extra or {})}
         (tmp / "state.json").write_text(json.dumps(body, indent=2, default=float))
@@ -238,9 +239,9 @@ def load_checkpoint(folder: str | Path, model: Any, optimizer: Any) -> tuple[Tra
     body = json.loads((folder / "state.json").read_text())
     load_lora_state(model, load_file(folder / "lora.safetensors"))
     device = next(iter(lora_parameters(model).values())).device
-    _restore_optimizer(
-        optimizer, {k: v.to(device) for k, v in load_file(folder / "optimizer.safetensors").items()}, body["optimizer"]
-    )
+    opt_file = folder / "optimizer.safetensors"
+    tensors = {k: v.to(device) for k, v in load_file(opt_file).items()} if opt_file.is_file() else {}
+    _restore_optimizer(optimizer, tensors, body["optimizer"])
     torch.set_rng_state(load_file(folder / "rng.safetensors")["cpu"])
     extra = {k: v for k, v in body.items() if k not in ("state", "optimizer")}
     return TrainState(**body["state"]), extra
@@ -497,3 +498,75 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------- shared setup of the stages that train
+
+
+@dataclass
+class TrainingSetup:
+    """A base model with a fresh LoRA adapter, its tokenizer, and the tokenized corpus."""
+
+    model: Any
+    tokenizer: Any
+    data: list[Any]  # TokenizedExample
+    data_hash: str
+    base_fingerprint: str
+    lora_targets: list[str]
+
+    def collate(self, batch: list[Any]) -> dict[str, Any]:
+        from nacd.data import collate
+
+        return collate(batch, self.tokenizer.pad_token_id)
+
+
+def tokenized_hash(data: Sequence[Any]) -> str:
+    """sha256 over the ids, token ids and labels of a tokenized corpus: exactly what training sees."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for ex in data:
+        digest.update(ex.id.encode())
+        digest.update(json.dumps([ex.input_ids, ex.labels]).encode())
+    return digest.hexdigest()
+
+
+def setup_training(config: Any, examples: Sequence[Any] | None = None) -> TrainingSetup:
+    """Load ``config.model``, tokenize the corpus (``examples`` or ``config.data``), add LoRA."""
+    from nacd.data import load_corpus, tokenize_corpus
+    from nacd.models import load_model, model_fingerprint, resolve_device
+
+    model, tokenizer = load_model(config.model, resolve_device(config.run.device))
+    fingerprint = model_fingerprint(model)
+    report = None
+    if examples is None:
+        examples, report = load_corpus(config.data)
+    data = tokenize_corpus(examples, tokenizer, config.data, report)
+    model = add_lora(model, config.lora)
+    targets = sorted(model.peft_config["default"].target_modules)
+    return TrainingSetup(model, tokenizer, data, tokenized_hash(data), fingerprint, targets)
+
+
+def init_lora(model: Any, seed: int) -> None:
+    """Re-initialise every LoRA layer from ``seed`` (A: peft's Kaiming init, B: zeros)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in _unwrap(model).modules():
+            if isinstance(module, LoraLayer):
+                module.reset_lora_parameters("default", True)
+
+
+class CheckpointEvery(Callback):
+    """Ask for a checkpoint at every epoch end and every ``every`` optimizer steps."""
+
+    def __init__(self, every: int | None):
+        self.every = every
+
+    def on_step_end(self, loop: TrainLoop) -> bool:
+        return bool(self.every) and loop.state.step % self.every == 0 and not loop.done
+
+    def on_epoch_end(self, loop: TrainLoop) -> bool:
+        return True
