@@ -184,3 +184,47 @@ def test_bad_setups_fail_before_training(lora_model, tiny_llama_dir):
     no_loss = [TokenizedExample(f"x/{i}", "x", [5, 6, 7], [-100, -100, -100], False) for i in range(4)]
     with pytest.raises(TrainingError, match="no example of the training set carries loss tokens"):
         _loop(model, tok, no_loss)
+
+
+# ---------------------------------------------------------------- logits only at loss positions
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gemma_dir"])
+def test_sparse_logits_forward_gives_the_exact_loss_and_gradients(fixture, request):
+    from nacd.train import SparseLogitsForward, causal_lm, default_forward
+
+    model, tok = load_model(ModelConfig(spec=str(request.getfixturevalue(fixture))), torch.device("cpu"))
+    model = add_lora(model, LoraConfig(r=4, alpha=8))
+    init_lora(model, 0)
+    with torch.no_grad():  # non-zero B so that LoRA matters
+        for name, p in lora_parameters(model).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = collate(_examples(tok, n=3), tok.pad_token_id)
+    params = list(lora_parameters(model).values())
+    ref_loss, ref_n = default_forward(model, batch)
+    ref_grads = torch.autograd.grad(ref_loss, params)
+
+    sparse = SparseLogitsForward()
+    assert sparse.install(model, batch)
+    loss, n = sparse(model, batch)
+    grads = torch.autograd.grad(loss, params)
+    assert n == ref_n == (24 - 8) + (23 - 8) + (22 - 8)  # loss from position 8 on; lengths 24, 23, 22
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    sparse.remove()
+    vocab = causal_lm(model).get_output_embeddings().weight.shape[0]
+    assert model(input_ids=batch["input_ids"]).logits.shape[-1] == vocab  # the real head is back
+
+
+def test_sparse_logits_forward_falls_back_when_the_check_fails(lora_model):
+    from nacd.train import SparseLogitsForward, causal_lm
+
+    model, tok = lora_model
+    inner = causal_lm(model)
+    head = inner.get_output_embeddings()
+    inner.config.final_logit_softcapping = 1e-3  # Llama's forward ignores this; the sparse path would apply it
+    batch = collate(_examples(tok, n=2), tok.pad_token_id)
+    assert not SparseLogitsForward().install(model, batch)
+    assert inner.get_output_embeddings() is head and inner.config.final_logit_softcapping == 1e-3

@@ -264,9 +264,78 @@ class Callback:
 
 
 def default_forward(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
-    """Causal-LM forward returning (sum of token losses, loss tokens)."""
+    """Causal-LM forward returning (sum of token losses, loss tokens), from the full logits."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return token_loss_sum(out.logits, batch["labels"])
+
+
+def causal_lm(model: Any) -> Any:
+    """The Hugging Face causal LM inside DDP and peft wrappers."""
+    model = _unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class SparseLogitsForward:
+    """Causal-LM loss that computes logits only where a label carries loss.
+
+    The output head (``lm_head``; 49k x 576 in SmolLM2, 262k x 640 in Gemma3) is the
+    largest single matmul of a small model, and responses are often under half of
+    the tokens. This forward swaps the head for an identity, so the model's own
+    forward (through DDP, if wrapped) returns the last hidden states, then applies the
+    real head (and Gemma's final logit soft-capping) to the loss positions only.
+    :meth:`install` checks on a real batch that the loss equals the full-logits loss
+    and otherwise leaves the model untouched (architectures that scale logits in
+    their forward), so the result is always the exact loss.
+    """
+
+    def __init__(self) -> None:
+        self.head: Any = None
+        self.head_name: str | None = None
+        self.owner: Any = None
+        self.softcap: float | None = None
+
+    def install(self, model: Any, batch: dict[str, Any]) -> bool:
+        import torch
+
+        inner = causal_lm(model)
+        head = inner.get_output_embeddings()
+        name = next((n for n, m in inner.named_children() if m is head), None)
+        if head is None or name is None:
+            return False
+        with torch.no_grad():
+            reference, _ = default_forward(inner, batch)
+            self.head, self.head_name, self.owner = head, name, inner
+            self.softcap = getattr(inner.config, "final_logit_softcapping", None)
+            setattr(inner, name, torch.nn.Identity())
+            if self.softcap is not None:
+                inner.config.final_logit_softcapping = None
+            sparse, _ = self(inner, batch)
+        if not torch.allclose(sparse.double(), reference.double(), rtol=1e-4, atol=1e-4):
+            log.info("%s: logits-at-loss-positions path disagrees with the full logits; using the full logits",
+                     type(inner).__name__)
+            self.remove()
+            return False
+        return True
+
+    def remove(self) -> None:
+        if self.owner is not None:
+            setattr(self.owner, self.head_name, self.head)
+            if self.softcap is not None:
+                self.owner.config.final_logit_softcapping = self.softcap
+            self.owner = None
+
+    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+        import torch
+        import torch.nn.functional as F
+
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        hidden = out.logits  # the last hidden states: the head is an identity now
+        shift = batch["labels"][:, 1:]
+        mask = shift != IGNORE_INDEX
+        logits = self.head(hidden[:, :-1][mask]).float()
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return F.cross_entropy(logits, shift[mask], reduction="sum"), int(mask.sum())
 
 
 @dataclass
@@ -281,7 +350,8 @@ class TrainLoop:
     callbacks: Sequence[Callback] = ()
     checkpoint_dir: Path | None = None  # where checkpoints go; resumed from when present
     metrics: Any = None  # MetricsWriter or None
-    forward: Callable[[Any, dict[str, Any]], tuple[Any, int]] = default_forward
+    #: (model, batch) -> (sum of token losses, loss tokens); None = SparseLogitsForward when it is exact
+    forward: Callable[[Any, dict[str, Any]], tuple[Any, int]] | None = None
     accelerator: Any = None
     desc: str = "train"
     progress: bool = True
@@ -419,6 +489,12 @@ class TrainLoop:
         from tqdm.auto import tqdm
 
         resumed = self.maybe_resume()
+        sparse = None
+        if self.forward is None:
+            sparse = SparseLogitsForward()
+            first = [self.dataset[i] for i in range(min(2, len(self.dataset)))]
+            probe = {k: v.to(self.accelerator.device) for k, v in self.collate(first).items()}
+            self.forward = sparse if sparse.install(self.model, probe) else default_forward
         self.model.train()
         if not resumed:
             self._fire("on_train_start")
@@ -465,6 +541,9 @@ class TrainLoop:
                     self._fire("on_epoch_end")
         finally:
             bar.close()
+            if sparse is not None:
+                sparse.remove()
+                self.forward = None
         self.model.eval()
         return self.state
 
