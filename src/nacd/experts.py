@@ -134,6 +134,10 @@ def train_expert(config: Any, setup: TrainingSetup, folder: Path, index: int) ->
     return manifest
 
 
+def check(config: Any) -> None:
+    """Raise if this stage cannot run with ``config`` (every valid config can)."""
+
+
 def run(config: Any, run_dir: RunDir) -> ExpertStore:
     """``nacd experts``: record every expert run of ``config.experts`` into ``run_dir``."""
     run_dir.init(config)

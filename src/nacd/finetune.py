@@ -72,16 +72,20 @@ def select_examples(examples: list[Any], ids: list[str], where: str) -> list[Any
     return [by_id[i] for i in ids]
 
 
-def _examples_for(config: Any, run_dir: RunDir) -> tuple[list[Any] | None, str | None]:
-    from nacd.data import load_corpus
-
-    dataset = config.finetune.dataset
-    if dataset == "full":
-        return None, None
-    if dataset == "distilled":
+def check(config: Any) -> None:
+    """Raise if this stage cannot run with ``config``."""
+    if config.finetune.dataset == "distilled":
         raise StageNotImplementedError(
             "finetune.dataset=distilled needs the distillation stage (issue #4/#5), not built yet; nothing was run"
         )
+
+
+def _examples_for(config: Any, run_dir: RunDir) -> tuple[list[Any] | None, str | None]:
+    from nacd.data import load_corpus
+
+    check(config)
+    if config.finetune.dataset == "full":
+        return None, None
     ids_path = Path(config.finetune.ids_file) if config.finetune.ids_file else run_dir.select_dir / "selection.json"
     if not ids_path.is_file():
         raise NacdError(

@@ -14,9 +14,8 @@ STAGES = ("select", "experts", "distill", "finetune", "evaluate")
 
 
 def run(config: Any, run_dir: Any) -> dict[str, Any]:
-    """Run every stage in order; the first one not built yet stops the pipeline with its message."""
-    results: dict[str, Any] = {}
-    for name in STAGES:
-        stage = importlib.import_module(f"nacd.{name}")
-        results[name] = stage.run(config, run_dir)
-    return results
+    """Check that every stage can run with ``config`` (before any work), then run them in order."""
+    stages = [importlib.import_module(f"nacd.{name}") for name in STAGES]
+    for stage in stages:
+        stage.check(config)
+    return {name: stage.run(config, run_dir) for name, stage in zip(STAGES, stages, strict=True)}

@@ -263,10 +263,20 @@ class Callback:
         return None
 
 
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of a causal-LM forward for a batch of token ids or of input embeddings."""
+    key = "inputs_embeds" if "inputs_embeds" in batch else "input_ids"
+    return {key: batch[key], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
 def default_forward(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
-    """Causal-LM forward returning (sum of token losses, loss tokens), from the full logits."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return token_loss_sum(out.logits, batch["labels"])
+    """Causal-LM forward returning (sum of token losses, loss tokens), from the full logits.
+
+    ``model`` is any callable with a causal LM's keyword arguments (a model, or a
+    ``functional_call`` closure); ``batch`` holds ``input_ids`` or ``inputs_embeds``,
+    ``attention_mask`` and ``labels``.
+    """
+    return token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])
 
 
 def causal_lm(model: Any) -> Any:
@@ -328,8 +338,7 @@ class SparseLogitsForward:
         import torch
         import torch.nn.functional as F
 
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        hidden = out.logits  # the last hidden states: the head is an identity now
+        hidden = model(**model_inputs(batch)).logits  # the last hidden states: the head is an identity now
         shift = batch["labels"][:, 1:]
         mask = shift != IGNORE_INDEX
         logits = self.head(hidden[:, :-1][mask]).float()

@@ -1,0 +1,288 @@
+"""The core of trajectory matching: Eqs. 2-3 and the differentiable student unroll.
+
+Small pure functions of tensors that tests check against hand computations, the
+:class:`Student` (the model as a function of its LoRA tensors), and three unroll
+modes behind :func:`unroll`:
+
+- ``naive``: autograd through the N steps with ``create_graph=True``; exact; memory
+  grows with N (every step's second-order graph is alive until the backward).
+- ``flat``: exact and memory-flat. The forward pass takes N plain steps and keeps only
+  theta_0..theta_{N-1} (LoRA tensors, small). The backward pass walks the steps in
+  reverse and rebuilds one step's second-order graph at a time. With lambda_n =
+  dL/dtheta_n and g_n the gradient of step n at theta_{n-1}:
+  dL/dalpha -= <g_n, lambda_n>; dL/dp_n -= alpha * d<g_n, lambda_n>/dp_n;
+  lambda_{n-1} = lambda_n - alpha * H_n lambda_n (H_n lambda_n = d<g_n, lambda_n>/dtheta:
+  one double-backward gives both).
+- ``fd``: approximate (documented as such), memory-flat and cheaper: the same reverse
+  walk, but H_n lambda_n and the mixed product for the prompts are forward finite
+  differences of gradients, (grad(theta + eps lambda) - grad(theta)) / eps, reusing
+  the gradients of the forward pass: one extra plain gradient per step.
+
+Importing this module imports torch; the stage module :mod:`nacd.distill` imports it
+only when it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from nacd.errors import NacdError
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- the math (pure)
+
+
+def matching_loss(theta_n: Sequence[Any], target: Sequence[Any], start: Sequence[Any]) -> Any:
+    """Eq. 2: ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2 over all LoRA tensors."""
+    num = sum(((a - b) ** 2).sum() for a, b in zip(theta_n, target, strict=True))
+    den = sum(((a - b) ** 2).sum() for a, b in zip(start, target, strict=True))
+    return num / den
+
+
+def nearest_vocab(vectors: Any, vocab: Any, chunk: int = 8192) -> tuple[Any, Any]:
+    """(distance, index) of each row of ``vectors`` (n, d) to its nearest row of ``vocab`` (V, d).
+
+    The search runs without a graph, ``chunk`` vocabulary rows at a time (a 262k x 640
+    vocabulary never needs an n x V matrix); the returned distance is differentiable in
+    ``vectors``: d/dp ||p - e*|| = (p - e*) / ||p - e*||.
+    """
+
+    with torch.no_grad():
+        flat = vectors.detach()
+        best = torch.full((flat.shape[0],), float("inf"), dtype=flat.dtype, device=flat.device)
+        index = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
+        for start in range(0, vocab.shape[0], chunk):
+            block = vocab[start : start + chunk].to(flat.dtype)
+            d2 = torch.cdist(flat, block).pow(2)
+            value, where = d2.min(dim=1)
+            better = value < best
+            best = torch.where(better, value, best)
+            index = torch.where(better, where + start, index)
+    dist = (vectors - vocab[index].to(vectors.dtype)).norm(dim=-1)
+    return dist, index
+
+
+def regularizer(vectors: Any, vocab: Any, chunk: int = 8192) -> Any:
+    """Eq. 3: mean euclidean distance of the prompt vectors (n, d) to their nearest vocabulary row."""
+    dist, _ = nearest_vocab(vectors, vocab, chunk)
+    return dist.mean()
+
+
+def initial_prompts(kind: str, vocab: Any, n: int, k: int, seed: int) -> Any:
+    """D_syn of shape (n, k, d): the mean vocabulary embedding (the paper's choice), random
+    vocabulary rows, or Gaussian noise with the vocabulary's mean and std."""
+
+    gen = torch.Generator().manual_seed(seed)
+    w = vocab.detach().float().cpu()
+    if kind == "mean_vocab":
+        return w.mean(0).expand(n, k, -1).clone()
+    if kind == "random_vocab":
+        return w[torch.randint(0, w.shape[0], (n, k), generator=gen)].clone()
+    if kind == "random":
+        return w.mean(0) + w.std(0) * torch.randn(n, k, w.shape[1], generator=gen)
+    raise NacdError(f"distill.init={kind!r}: expected mean_vocab, random_vocab or random")
+
+
+# --------------------------------------------------------------------------- the student
+
+
+class Student:
+    """The distilling model as a function of its LoRA tensors: the loss of one student step.
+
+    ``step_loss(theta, prompts, batch)`` runs the model with the LoRA parameters replaced by
+    ``theta`` (``torch.func.functional_call``), on ``concat(prompts, E(text))`` with an
+    attention mask and labels that cover the prompt positions with no loss, and returns the
+    mean token loss. The frozen base never enters the unrolled state.
+    """
+
+    def __init__(self, model: Any, data: Sequence[Any], pad_token_id: int):
+        from nacd.train import SparseLogitsForward, causal_lm, lora_parameters
+
+        self.model = model
+        self.data = data
+        self.pad_token_id = pad_token_id
+        self.names = list(lora_parameters(model))
+        embed = causal_lm(model).get_input_embeddings()
+        self.embed = embed
+        self.vocab = embed.weight
+        # Gemma-style models scale token embeddings inside the embedding module; prompts live in
+        # the raw vocabulary space (Eq. 3), so they are scaled the same way before entering the model.
+        self.embed_scale = float(getattr(embed, "embed_scale", 1.0))
+        self.sparse = SparseLogitsForward()
+        self._sparse_ready: bool | None = None  # decided on the first batch
+
+    @property
+    def device(self) -> Any:
+        return self.vocab.device
+
+    def text_batch(self, idx: Sequence[int]) -> dict[str, Any]:
+        from nacd.data import collate
+
+        return {k: v.to(self.device) for k, v in collate([self.data[i] for i in idx], self.pad_token_id).items()}
+
+    def inputs(self, prompts: Any, text: dict[str, Any]) -> dict[str, Any]:
+        """The model inputs of a step: concat(prompts, E(text)), prompt positions without loss."""
+        b, k = prompts.shape[:2]
+        with torch.no_grad():
+            embeds = self.embed(text["input_ids"])
+        dtype = embeds.dtype
+        return {
+            "inputs_embeds": torch.cat([(prompts * self.embed_scale).to(dtype), embeds], dim=1),
+            "attention_mask": torch.cat([text["attention_mask"].new_ones(b, k), text["attention_mask"]], dim=1),
+            "labels": torch.cat([text["labels"].new_full((b, k), IGNORE_INDEX), text["labels"]], dim=1),
+        }
+
+    def _call(self, theta: Sequence[Any]) -> Any:
+        from torch.func import functional_call
+
+        params = dict(zip(self.names, theta, strict=True))
+
+        def call(**kwargs: Any) -> Any:
+            return functional_call(self.model, params, args=(), kwargs=kwargs, strict=False)
+
+        return call
+
+    def step_loss(self, theta: Sequence[Any], prompts: Any, text: dict[str, Any]) -> Any:
+        """Mean token loss of one student step at LoRA tensors ``theta`` on (prompts, text batch)."""
+        from nacd.train import default_forward
+
+        batch = self.inputs(prompts, text)
+        if self._sparse_ready is None:  # check once that logits-at-loss-positions is exact here
+            with torch.no_grad():
+                self._sparse_ready = self.sparse.install(self.model, batch)
+        forward = self.sparse if self._sparse_ready else default_forward
+        loss_sum, n = forward(self._call(theta), batch)
+        return loss_sum / max(1, n)
+
+    def close(self) -> None:
+        self.sparse.remove()
+
+
+# --------------------------------------------------------------------------- unrolls
+
+
+def unroll_naive(student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, batches: Sequence[Any]) -> list[Any]:
+    """N differentiable SGD steps through plain autograd (``create_graph=True``)."""
+    theta = [t.detach().requires_grad_(True) for t in theta0]
+    for idx in batches:
+        loss = student.step_loss(theta, syn[idx], student.text_batch(idx.tolist()))
+        grads = torch.autograd.grad(loss, theta, create_graph=True)
+        theta = [t - alpha * g for t, g in zip(theta, grads, strict=True)]
+    return theta
+
+
+def _forward_steps(
+    student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, batches: Sequence[Any], with_p: bool
+) -> tuple[list[list[Any]], list[list[Any]], list[Any]]:
+    """The forward pass of the flat and fd modes: N plain steps, keeping theta_0..theta_{N-1}
+    (and each step's gradients, for fd)."""
+    thetas, grads = [], []
+    theta = [t.detach() for t in theta0]
+    for idx in batches:
+        thetas.append(theta)
+        with torch.enable_grad():
+            th = [t.clone().requires_grad_(True) for t in theta]
+            p = syn[idx].detach().clone().requires_grad_(with_p)
+            loss = student.step_loss(th, p, student.text_batch(idx.tolist()))
+            wrt = [*th, p] if with_p else th
+            g = torch.autograd.grad(loss, wrt)
+        grads.append([x.detach() for x in g])
+        theta = [t - alpha * gi.detach() for t, gi in zip(theta, g[: len(theta)], strict=True)]
+    return thetas, grads, theta
+
+
+def _grad_pair(student: Student, theta: Sequence[Any], p: Any, idx: Any, create_graph: bool) -> tuple[Any, list[Any]]:
+
+    loss = student.step_loss(theta, p, student.text_batch(idx.tolist()))
+    return loss, list(torch.autograd.grad(loss, [*theta, p], create_graph=create_graph))
+
+
+def _zeros_if_none(grads: Sequence[Any], like: Sequence[Any]) -> list[Any]:
+
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
+
+
+class _Flat(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, batches, alpha, syn, *theta0):  # type: ignore[override]
+        thetas, _, theta_n = _forward_steps(student, theta0, alpha.detach(), syn, batches, False)
+        ctx.student, ctx.batches, ctx.thetas = student, batches, thetas
+        ctx.save_for_backward(alpha, syn)
+        return tuple(theta_n)
+
+    @staticmethod
+    def backward(ctx, *lam):  # type: ignore[override]
+        alpha, syn = ctx.saved_tensors
+        a = alpha.detach()
+        lam = _zeros_if_none(lam, ctx.thetas[0])
+        d_alpha = torch.zeros_like(a)
+        d_syn = torch.zeros_like(syn)
+        for theta_prev, idx in zip(reversed(ctx.thetas), reversed(ctx.batches), strict=True):
+            with torch.enable_grad():
+                th = [t.clone().requires_grad_(True) for t in theta_prev]
+                p = syn[idx].detach().clone().requires_grad_(True)
+                _, g = _grad_pair(ctx.student, th, p, idx, create_graph=True)
+                g_theta = g[: len(th)]
+                dot = sum((gi * li).sum() for gi, li in zip(g_theta, lam, strict=True))
+                hv = torch.autograd.grad(dot, [*th, p], allow_unused=True)
+            hv = _zeros_if_none(hv, [*th, p])
+            d_alpha = d_alpha - dot.detach()
+            d_syn.index_add_(0, idx, -a * hv[-1])
+            lam = [li - a * hi for li, hi in zip(lam, hv[:-1], strict=True)]
+        return (None, None, d_alpha, d_syn, *lam)
+
+
+class _FD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, batches, alpha, syn, rel_eps, *theta0):  # type: ignore[override]
+        thetas, grads, theta_n = _forward_steps(student, theta0, alpha.detach(), syn, batches, True)
+        ctx.student, ctx.batches, ctx.thetas, ctx.grads, ctx.rel_eps = student, batches, thetas, grads, rel_eps
+        ctx.save_for_backward(alpha, syn)
+        return tuple(theta_n)
+
+    @staticmethod
+    def backward(ctx, *lam):  # type: ignore[override]
+        alpha, syn = ctx.saved_tensors
+        a = alpha.detach()
+        lam = _zeros_if_none(lam, ctx.thetas[0])
+        d_alpha = torch.zeros_like(a)
+        d_syn = torch.zeros_like(syn)
+        for theta_prev, g0, idx in zip(reversed(ctx.thetas), reversed(ctx.grads), reversed(ctx.batches), strict=True):
+            lam_norm = torch.sqrt(sum((li**2).sum() for li in lam))
+            th_norm = torch.sqrt(sum((t**2).sum() for t in theta_prev))
+            eps = ctx.rel_eps * torch.clamp(th_norm, min=1.0) / torch.clamp(lam_norm, min=1e-30)
+            with torch.enable_grad():
+                th = [(t + eps * li).requires_grad_(True) for t, li in zip(theta_prev, lam, strict=True)]
+                p = syn[idx].detach().clone().requires_grad_(True)
+                _, g1 = _grad_pair(ctx.student, th, p, idx, create_graph=False)
+            hv = [(x1 - x0) / eps for x1, x0 in zip(g1, g0, strict=True)]
+            dot = sum((gi * li).sum() for gi, li in zip(g0[: len(lam)], lam, strict=True))
+            d_alpha = d_alpha - dot
+            d_syn.index_add_(0, idx, -a * hv[-1])
+            lam = [li - a * hi for li, hi in zip(lam, hv[:-1], strict=True)]
+        return (None, None, d_alpha, d_syn, None, *lam)
+
+
+def unroll(
+    mode: str,
+    student: Student,
+    theta0: Sequence[Any],
+    alpha: Any,
+    syn: Any,
+    batches: Sequence[Any],
+    fd_eps: float = 1e-3,
+) -> list[Any]:
+    """theta_N after N student steps from ``theta0``, differentiable in ``alpha`` and ``syn``."""
+    theta0 = [t.detach() for t in theta0]
+    if mode == "naive":
+        return unroll_naive(student, theta0, alpha, syn, batches)
+    if mode == "flat":
+        return list(_Flat.apply(student, list(batches), alpha, syn, *theta0))
+    if mode == "fd":
+        return list(_FD.apply(student, list(batches), alpha, syn, fd_eps, *theta0))
+    raise NacdError(f"distill.unroll={mode!r}: expected flat, naive or fd")

@@ -1,0 +1,136 @@
+"""Trajectory-matching core: Eqs. 2 and 3 by hand, the unroll modes against each other and
+against finite differences (float64), the student's inputs."""
+
+import pytest
+import torch
+
+from nacd.config import LoraConfig, ModelConfig
+from nacd.data import TokenizedExample
+from nacd.models import load_model
+from nacd.tm import Student, initial_prompts, matching_loss, nearest_vocab, regularizer, unroll
+from nacd.train import add_lora, init_lora, lora_parameters
+
+# ---------------------------------------------------------------- Eq. 2 and Eq. 3
+
+
+def test_matching_loss_by_hand():
+    theta_n = [torch.tensor([1.0, 2.0]), torch.tensor([[0.5]])]
+    target = [torch.tensor([0.0, 2.0]), torch.tensor([[1.5]])]
+    start = [torch.tensor([3.0, 0.0]), torch.tensor([[1.5]])]
+    # numerator (1^2 + 0 + 1^2) = 2; denominator (3^2 + 2^2 + 0) = 13
+    assert matching_loss(theta_n, target, start).item() == pytest.approx(2 / 13)
+
+
+def test_nearest_vocab_and_regularizer_by_hand():
+    vocab = torch.tensor([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0], [-1.0, 0.0]])
+    p = torch.tensor([[3.0, 0.0], [2.9, 4.1], [-0.4, 0.0]], requires_grad=True)
+    for chunk in (1, 2, 3, 100):  # chunked search gives the same answer
+        dist, idx = nearest_vocab(p, vocab, chunk=chunk)
+        assert idx.tolist() == [1, 1, 0] or idx.tolist()[1:] == [1, 0]
+    dist, idx = nearest_vocab(p, vocab, chunk=2)
+    # (3,0): to (0,0) 3, to (3,4) 4 -> row 0, dist 3; (2.9,4.1) -> row 1, dist sqrt(0.02); (-0.4,0) -> row 0, 0.4
+    assert idx.tolist() == [0, 1, 0]
+    torch.testing.assert_close(dist, torch.tensor([3.0, 0.02**0.5, 0.4]))
+    reg = regularizer(p, vocab, chunk=3)
+    assert reg.item() == pytest.approx((3.0 + 0.02**0.5 + 0.4) / 3)
+    reg.backward()
+    # d/dp mean ||p - e|| = (p - e) / ||p - e|| / n
+    expected = torch.tensor([[1.0, 0.0], [-0.1, 0.1], [-1.0, 0.0]])
+    expected[1] /= 0.02**0.5
+    torch.testing.assert_close(p.grad, expected / 3)
+
+
+def test_initial_prompts():
+    vocab = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    mean = initial_prompts("mean_vocab", vocab, n=3, k=2, seed=0)
+    assert mean.shape == (3, 2, 2) and torch.equal(mean[2, 1], torch.tensor([2.0, 4.0]))
+    rows = initial_prompts("random_vocab", vocab, n=4, k=2, seed=0)
+    assert all(any(torch.equal(r, v) for v in vocab) for r in rows.reshape(-1, 2))
+
+
+# ---------------------------------------------------------------- the unroll modes
+
+
+def _student(model_dir, dtype=torch.float64, n=6, seed=0):
+    model, tok = load_model(ModelConfig(spec=str(model_dir)), torch.device("cpu"), needs_double_backward=True)
+    model = add_lora(model, LoraConfig(r=2, alpha=4)).to(dtype)
+    init_lora(model, seed)
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for i in range(n):
+        ids = torch.randint(3, tok.vocab_size, (10 + i % 3,), generator=g).tolist()
+        data.append(TokenizedExample(f"x/{i}", "x", ids, [-100] * 4 + ids[4:], False))
+    return Student(model, data, tok.pad_token_id)
+
+
+def _setup(student, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = lora_parameters(student.model)
+    theta0 = [p.detach().clone() for p in params.values()]
+    theta0 = [t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype) for t in theta0]  # B != 0
+    target = [t + 0.1 * torch.randn(t.shape, generator=g, dtype=t.dtype) for t in theta0]
+    d = student.vocab.shape[1]
+    syn = (student.vocab.detach().mean(0) + 0.1 * torch.randn(6, 2, d, generator=g, dtype=student.vocab.dtype))
+    batches = [torch.tensor([0, 3]), torch.tensor([1, 4]), torch.tensor([0, 5])]  # example 0 twice
+    return theta0, target, syn, batches
+
+
+def _grads(mode, student, theta0, target, syn, batches, log_alpha=-1.0):
+    syn = syn.clone().requires_grad_(True)
+    la = torch.tensor(log_alpha, dtype=syn.dtype, requires_grad=True)
+    theta_n = unroll(mode, student, theta0, la.exp(), syn, batches, fd_eps=1e-4)
+    loss = matching_loss(theta_n, target, theta0)
+    loss.backward()
+    return loss.detach(), syn.grad, la.grad
+
+
+def _loss(student, theta0, target, syn, batches, log_alpha):
+    with torch.no_grad():
+        theta_n = unroll("flat", student, theta0, torch.tensor(log_alpha, dtype=syn.dtype).exp(), syn, batches)
+        return matching_loss(theta_n, target, theta0).item()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gemma_dir"])
+def test_modes_agree_and_match_finite_differences(fixture, request):
+    student = _student(request.getfixturevalue(fixture))
+    theta0, target, syn, batches = _setup(student)
+    l_naive, g_naive, a_naive = _grads("naive", student, theta0, target, syn, batches)
+    l_flat, g_flat, a_flat = _grads("flat", student, theta0, target, syn, batches)
+    assert l_naive.item() == pytest.approx(l_flat.item(), rel=1e-12)
+    rel = (g_flat - g_naive).norm() / g_naive.norm()
+    assert rel < 1e-4 and g_naive.norm() > 0
+    assert (a_flat - a_naive).abs() / a_naive.abs() < 1e-4
+    # rows never sampled get no gradient; example 0 (sampled twice) does
+    assert g_flat[2].abs().sum() == 0 and g_flat[0].abs().sum() > 0
+
+    # central finite differences on alpha and on a few coordinates of D_syn. Transformers' RMSNorm and
+    # rotary embeddings compute in float32 even in a float64 model, so the loss carries ~1e-9 noise:
+    # a step of 1e-3 keeps both that noise and the O(h^2) error near 1e-6 of the derivative.
+    h = 1e-3
+    fd_alpha = (_loss(student, theta0, target, syn, batches, -1.0 + h) - _loss(student, theta0, target, syn, batches, -1.0 - h)) / (2 * h)
+    assert a_flat.item() == pytest.approx(fd_alpha, rel=1e-4)
+    for row, tok, dim in [(0, 0, 0), (3, 1, 5), (5, 0, 7)]:
+        plus, minus = syn.clone(), syn.clone()
+        plus[row, tok, dim] += h
+        minus[row, tok, dim] -= h
+        fd = (_loss(student, theta0, target, plus, batches, -1.0) - _loss(student, theta0, target, minus, batches, -1.0)) / (2 * h)
+        assert g_flat[row, tok, dim].item() == pytest.approx(fd, rel=1e-3, abs=1e-7)
+
+    # the approximate mode is close, not exact
+    _, g_fd, a_fd = _grads("fd", student, theta0, target, syn, batches)
+    assert (g_fd - g_naive).norm() / g_naive.norm() < 1e-2
+    assert (a_fd - a_naive).abs() / a_naive.abs() < 1e-2
+
+
+def test_prompt_positions_carry_no_loss_and_scale_like_tokens(tiny_gemma_dir):
+    student = _student(tiny_gemma_dir, dtype=torch.float32)
+    text = student.text_batch([0, 1])
+    prompts = torch.zeros(2, 3, student.vocab.shape[1])
+    prompts[:, 0] = student.vocab[7].detach()
+    batch = student.inputs(prompts, text)
+    assert batch["inputs_embeds"].shape[1] == text["input_ids"].shape[1] + 3
+    assert (batch["labels"][:, :3] == -100).all() and batch["attention_mask"][:, :3].all()
+    # a prompt vector equal to token 7's raw embedding enters the model exactly as token 7 does
+    token7 = student.embed(torch.tensor([[7]]))[0, 0]
+    torch.testing.assert_close(batch["inputs_embeds"][0, 0], token7)
+    assert student.embed_scale != 1.0  # Gemma scales its embeddings by sqrt(hidden)
