@@ -236,7 +236,10 @@ class ExpertsConfig:
     """Step 1: expert LoRA trajectories on D_full."""
 
     num_experts: int = f(3, "Number of expert runs (different seeds / data orders).")
-    train: TrainConfig = f(TrainConfig(epochs=3, batch_size=16, optimizer="sgd", lr=1e-2), "Training of each expert.")
+    train: TrainConfig = f(
+        TrainConfig(epochs=3, batch_size=16, optimizer="sgd", lr=1.0, warmup_ratio=0.0),
+        "Training of each expert: plain SGD like the student (LoRA under SGD needs a large lr; see docs/TRAINING.md).",
+    )
     save_every_steps: int | None = f(
         None, "Also snapshot every K optimizer steps (snapshots are always taken at each epoch end)."
     )
@@ -257,20 +260,34 @@ class DistillConfig:
     max_start_epoch: int = f(2, "T^m: start epochs t are drawn from [0, T^m).")
     beta: float = f(100.0, "Weight of the nearest-vocabulary regularizer.")
     batch_size: int = f(8, "Examples per student step.")
-    init: Literal["mean_vocab", "random_vocab", "random"] = f("mean_vocab", "Initialisation of the prompt vectors.")
-    lr_syn: float = f(1e-3, "Learning rate of the prompt vectors.")
-    lr_lr: float = f(1e-5, "Learning rate of the learnable student learning rate.")
-    lr_init: float = f(1e-2, "alpha_0: initial student learning rate.")
-    unroll: Literal["flat", "naive", "first_order"] = f(
-        "flat", "flat: exact, memory flat in N; naive: exact autograd unroll; first_order: approximate."
+    init: Literal["mean_vocab", "random_vocab", "random"] = f(
+        "mean_vocab", "Initialisation of the prompt vectors (mean_vocab: the paper's, most stable)."
     )
+    lr_syn: float = f(1e-2, "Adam learning rate of the prompt vectors.")
+    lr_lr: float = f(1e-2, "Adam learning rate of log(alpha), the learnable student learning rate.")
+    lr_init: float | None = f(None, "alpha_0: initial student learning rate; None = the experts' peak lr.")
+    unroll: Literal["flat", "naive", "fd"] = f(
+        "flat",
+        "flat: exact, memory flat in N; naive: exact autograd unroll (memory grows with N); "
+        "fd: approximate finite-difference Hessian products, memory flat, cheapest.",
+    )
+    fd_eps: float = f(1e-3, "fd mode: finite-difference step, relative to the norm of the LoRA parameters.")
+    clip_syn: float | None = f(1.0, "Clip the gradient norm of the prompt vectors; None disables clipping.")
+    max_bad_iterations: int = f(10, "Stop after this many consecutive iterations with a non-finite loss or gradient.")
+    checkpoint_every: int = f(10, "Write a resumable checkpoint every this many iterations.")
+    vocab_chunk: int = f(8192, "Vocabulary rows per chunk of the nearest-embedding search.")
+    ids_file: str | None = f(None, "D_sel as a file of example ids; default: the run's selection (select/).")
 
     def __post_init__(self) -> None:
         for name in ("syn_steps", "expert_epochs", "iterations", "num_prompt_tokens", "max_start_epoch", "batch_size"):
             _check(getattr(self, name) > 0, name, "must be at least 1")
+        for name in ("max_bad_iterations", "checkpoint_every", "vocab_chunk"):
+            _check(getattr(self, name) > 0, name, "must be at least 1")
         _check(self.beta >= 0, "beta", "must be >= 0")
-        for name in ("lr_syn", "lr_lr", "lr_init"):
+        for name in ("lr_syn", "lr_lr", "fd_eps"):
             _check(getattr(self, name) > 0, name, "must be positive")
+        _check(self.lr_init is None or self.lr_init > 0, "lr_init", "must be positive or null")
+        _check(self.clip_syn is None or self.clip_syn > 0, "clip_syn", "must be positive or null")
 
 
 @dataclass

@@ -1,38 +1,24 @@
 """Step 2 of NACD: learn k prompt vectors per selected example by trajectory matching.
 
-Paper Section 3.2, Algorithm 1, Eqs. 1-4. Each example of D_sel gets ``k``
-learnable vectors in the model's input-embedding space (D_syn, initialised to
-the mean vocabulary embedding). An iteration:
+Paper Section 3.2, Algorithm 1, Eqs. 1-4; the math and the unroll modes are in
+:mod:`nacd.tm`. Each example of D_sel gets ``k`` vectors in the input-embedding
+space (D_syn, initialised to the mean vocabulary embedding). An iteration
+samples an expert run and a start epoch ``t < T^m``, starts the student at the
+expert snapshot theta*_t, takes N differentiable SGD steps on
+concat(prompt, text) mini-batches of D_sel with the learnable lr alpha, and
+updates D_syn and log(alpha) with Adam on
 
-1. samples an expert run and a start epoch ``t < T^m`` and sets the student's
-   LoRA parameters to the expert snapshot theta*_t;
-2. takes N SGD steps ``theta <- theta - alpha * grad l(concat(p, E(b)), theta)``
-   on mini-batches of D_sel, the prompt first and carrying no loss, keeping
-   theta_N a differentiable function of D_syn and of the learnable lr alpha;
-3. L_distill = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2 (Eq. 2);
-4. L_reg = mean distance of the prompt vectors used to their nearest
-   vocabulary embedding (Eq. 3), computed in vocabulary chunks;
-5. updates D_syn and log(alpha) on L_distill + beta * L_reg (Eq. 4).
+    L = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2 + beta * L_reg.
 
-The unroll has three modes (``distill.unroll``):
+Output, ``<run>/distill/``::
 
-- ``naive``: autograd through the N steps with ``create_graph=True``; exact;
-  memory grows with N.
-- ``flat``: exact and memory-flat. The forward pass takes N plain steps and
-  keeps only theta_0..theta_{N-1} (LoRA tensors, small); the backward pass walks
-  the steps in reverse, rebuilding one step's second-order graph at a time:
-  with lambda_n = dL/dtheta_n and g_n the step's gradient,
-  dL/dalpha -= <g_n, lambda_n>, dL/dp -= alpha * d<g_n, lambda_n>/dp and
-  lambda_{n-1} = lambda_n - alpha * H_n lambda_n (one double-backward per step).
-- ``fd``: approximate, memory-flat and cheaper: the same reverse walk, but the
-  Hessian- and mixed-vector products are forward finite differences of the
-  gradients (one extra gradient per step, reusing those of the forward pass).
-
-Outputs in ``<run>/distill/``: ``prompts.safetensors`` (the prompt vectors,
-their nearest token ids and distances), ``records.jsonl`` (plain-text records:
-decoded nearest tokens + the original example, usable by any tokenizer),
-``history.jsonl`` (L_distill, L_reg, alpha per iteration), ``manifest.json``
-(kind "distilled"), and ``checkpoint/`` while running.
+    prompts.safetensors  "prompts" (n, k, d) float32, "nearest_ids" (n, k), "nearest_dist" (n, k)
+    records.jsonl        per example: id, source, nearest token ids and pieces, decoded prompt text,
+                         the original messages (plain text: usable by any tokenizer)
+    history.jsonl        per iteration: L_distill, L_reg, L, alpha, expert run, start epoch, seconds
+    manifest.json        kind "distilled": ids in order, alpha, model fingerprint, config, dims
+    checkpoint/          D_syn, alpha, optimizer and RNG state every distill.checkpoint_every iterations
+    loss.png             written by ``nacd inspect``
 """
 
 from __future__ import annotations
@@ -42,7 +28,6 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +38,7 @@ from nacd.artifacts import (
     atomic_dir,
     atomic_save_safetensors,
     atomic_write_text,
+    check_identity,
     read_jsonl,
     read_manifest,
     setup_logging,
@@ -63,312 +49,379 @@ from nacd.errors import NacdError
 log = logging.getLogger(__name__)
 
 KIND = "distilled"
-IGNORE_INDEX = -100
 
 
-# --------------------------------------------------------------------------- the math (pure)
+def check(config: Any) -> None:
+    """Raise if this stage cannot run with ``config`` (every valid config can)."""
 
 
-def matching_loss(theta_n: Sequence[Any], target: Sequence[Any], start: Sequence[Any]) -> Any:
-    """Eq. 2: ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2 over all LoRA tensors."""
-    num = sum(((a - b) ** 2).sum() for a, b in zip(theta_n, target, strict=True))
-    den = sum(((a - b) ** 2).sum() for a, b in zip(start, target, strict=True))
-    return num / den
+# --------------------------------------------------------------------------- inputs
 
 
-def nearest_vocab(vectors: Any, vocab: Any, chunk: int = 8192) -> tuple[Any, Any]:
-    """(distance, index) of each row of ``vectors`` (n, d) to its nearest row of ``vocab`` (V, d).
+def selected_ids(config: Any, run_dir: RunDir) -> tuple[list[str], Path]:
+    from nacd.finetune import read_ids
 
-    The search runs without a graph, ``chunk`` vocabulary rows at a time (a 262k x 640
-    vocabulary never needs an n x V matrix); the returned distance is differentiable in
-    ``vectors``: d/dp ||p - e*|| = (p - e*) / ||p - e*||.
-    """
+    path = Path(config.distill.ids_file) if config.distill.ids_file else run_dir.select_dir / "selection.json"
+    if not path.is_file():
+        raise NacdError(f"distill needs D_sel: no selection at {path}; run `nacd select` or set distill.ids_file")
+    return read_ids(path), path
+
+
+def check_experts(
+    store: Any, fingerprint: str, lora: dict[str, Any], shapes: dict[str, list[int]], config: Any
+) -> None:
+    """Experts must come from the same base model and LoRA config, and reach epoch T^m - 1 + M."""
+    if not store.runs:
+        raise NacdError(f"{store.folder}: no complete expert run; run `nacd experts` first")
+    need = config.distill.max_start_epoch - 1 + config.distill.expert_epochs
+    for run in store.runs:
+        folder = store.folder / f"run_{run:03d}"
+        manifest = store.manifest(run)
+        hint = "record the experts again with the model and LoRA config being distilled"
+        check_identity(folder, manifest, {"parameters": shapes}, hint)
+        check_identity(folder, manifest["base_model"], {"fingerprint": fingerprint}, hint + " (base_model differs)")
+        check_identity(folder, manifest["lora"], lora, hint)
+        epochs = store.epochs(run)
+        if max(epochs) < need:
+            raise NacdError(
+                f"{folder / 'manifest.json'}: snapshots up to epoch {max(epochs)}, but distill.max_start_epoch="
+                f"{config.distill.max_start_epoch} and distill.expert_epochs={config.distill.expert_epochs} need "
+                f"epoch {need}; record longer experts or lower them"
+            )
+
+
+# --------------------------------------------------------------------------- state and checkpoints
+
+
+@dataclass
+class DistillState:
+    iteration: int = 0  # iterations done (applied or skipped)
+    bad_in_a_row: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+
+def _save_checkpoint(
+    folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any], gen: Any, state: DistillState
+) -> None:
     import torch
 
+    from nacd.train import optimizer_tensors
+
+    tensors = {"syn": syn.detach(), "log_alpha": log_alpha.detach().reshape(1), "generator": gen.get_state()}
+    tensors["torch_rng"] = torch.get_rng_state()
+    meta = {}
+    for name, opt in opts.items():
+        t, m = optimizer_tensors(opt)
+        tensors.update({f"{name}.{k}": v for k, v in t.items()})
+        meta[name] = m
+    with atomic_dir(folder) as tmp:
+        atomic_save_safetensors(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"state": asdict(state), "optimizers": meta}, indent=2))
+
+
+def _load_checkpoint(folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any], gen: Any) -> DistillState:
+    import torch
+    from safetensors.torch import load_file
+
+    from nacd.train import restore_optimizer
+
+    body = json.loads((folder / "state.json").read_text())
+    tensors = load_file(folder / "state.safetensors")
     with torch.no_grad():
-        flat = vectors.detach()
-        best = torch.full((flat.shape[0],), float("inf"), dtype=flat.dtype, device=flat.device)
-        index = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
-        for start in range(0, vocab.shape[0], chunk):
-            block = vocab[start : start + chunk].to(flat.dtype)
-            d2 = torch.cdist(flat, block).pow(2)
-            value, where = d2.min(dim=1)
-            better = value < best
-            best = torch.where(better, value, best)
-            index = torch.where(better, where + start, index)
-    dist = (vectors - vocab[index].to(vectors.dtype)).norm(dim=-1)
-    return dist, index
+        syn.copy_(tensors["syn"])
+        log_alpha.copy_(tensors["log_alpha"][0])
+    gen.set_state(tensors["generator"])
+    torch.set_rng_state(tensors["torch_rng"])
+    for name, opt in opts.items():
+        prefix = f"{name}."
+        own = {k[len(prefix) :]: v.to(syn.device) for k, v in tensors.items() if k.startswith(prefix)}
+        restore_optimizer(opt, own, body["optimizers"][name])
+    return DistillState(**body["state"])
 
 
-def regularizer(vectors: Any, vocab: Any, chunk: int = 8192) -> Any:
-    """Eq. 3: mean euclidean distance of the prompt vectors (n, d) to their nearest vocabulary row."""
-    dist, _ = nearest_vocab(vectors, vocab, chunk)
-    return dist.mean()
+# --------------------------------------------------------------------------- the loop
 
 
-def initial_prompts(kind: str, vocab: Any, n: int, k: int, seed: int) -> Any:
-    """D_syn of shape (n, k, d): the mean vocabulary embedding (the paper's choice), random
-    vocabulary rows, or Gaussian noise with the vocabulary's mean and std."""
+def _identity(config: Any, fingerprint: str, ids: list[str], data_hash: str, alpha0: float) -> dict[str, Any]:
+    dc = asdict(config.distill)
+    for key in ("iterations", "checkpoint_every", "max_bad_iterations"):  # may change between resumes
+        dc.pop(key)
+    return {
+        "base_model": {"spec": config.model.spec, "fingerprint": fingerprint},
+        "distill": dc,
+        "seed": config.run.seed,
+        "ids": ids,
+        "data_hash": data_hash,
+        "alpha0": alpha0,
+    }
+
+
+def distill(
+    student: Any,
+    store: Any,
+    config: Any,
+    folder: Path,
+    alpha0: float,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The distillation loop (Algorithm 1) with checkpoints; returns the final tensors and state."""
     import torch
+    from tqdm.auto import tqdm
 
-    gen = torch.Generator().manual_seed(seed)
-    w = vocab.detach().float().cpu()
-    if kind == "mean_vocab":
-        return w.mean(0).expand(n, k, -1).clone()
-    if kind == "random_vocab":
-        return w[torch.randint(0, w.shape[0], (n, k), generator=gen)].clone()
-    if kind == "random":
-        return w.mean(0) + w.std(0) * torch.randn(n, k, w.shape[1], generator=gen)
-    raise NacdError(f"distill.init={kind!r}: expected mean_vocab, random_vocab or random")
+    from nacd.tm import initial_prompts, matching_loss, regularizer, unroll
+
+    dc = config.distill
+    device = student.device
+    n, k = len(student.data), dc.num_prompt_tokens
+    syn = torch.nn.Parameter(initial_prompts(dc.init, student.vocab, n, k, config.run.seed).to(device))
+    log_alpha = torch.nn.Parameter(torch.tensor(math.log(alpha0), device=device))
+    opts = {"syn": torch.optim.Adam([syn], lr=dc.lr_syn), "lr": torch.optim.Adam([log_alpha], lr=dc.lr_lr)}
+    gen = torch.Generator().manual_seed(config.run.seed)
+    history_path = folder / "history.jsonl"
+    ckpt = folder / "checkpoint"
+    state = DistillState()
+    if (ckpt / "state.json").is_file():
+        state = _load_checkpoint(ckpt, syn, log_alpha, opts, gen)
+        rows = (
+            [r for r in read_jsonl(history_path) if r["iteration"] <= state.iteration] if history_path.is_file() else []
+        )
+        atomic_write_text(history_path, "".join(json.dumps(r) + "\n" for r in rows))
+        log.info("distill: resumed from %s at iteration %d", ckpt, state.iteration)
+    else:
+        history_path.unlink(missing_ok=True)
+    history = MetricsWriter(history_path)
+    runs = store.runs
+    batch = min(dc.batch_size, n)
+    vocab = student.vocab.detach()
+    bar = tqdm(total=dc.iterations, initial=state.iteration, desc="distill", disable=not progress, dynamic_ncols=True)
+    cache: dict[tuple[int, int], list[Any]] = {}
+
+    def snapshot(run: int, epoch: int) -> list[Any]:
+        if (run, epoch) not in cache:
+            if len(cache) > 16:
+                cache.clear()
+            snap = store.snapshot(run, epoch, device=device)
+            cache[(run, epoch)] = [
+                snap[name].to(dtype) for name, dtype in zip(student.names, student.dtypes, strict=True)
+            ]
+        return cache[(run, epoch)]
+
+    try:
+        while state.iteration < dc.iterations:
+            start = time.perf_counter()
+            run = runs[int(torch.randint(len(runs), (1,), generator=gen))]
+            t = int(torch.randint(dc.max_start_epoch, (1,), generator=gen))
+            batches = [torch.randperm(n, generator=gen)[:batch].to(device) for _ in range(dc.syn_steps)]
+            theta_t, target = snapshot(run, t), snapshot(run, t + dc.expert_epochs)
+            for opt in opts.values():
+                opt.zero_grad(set_to_none=True)
+            theta_n = unroll(dc.unroll, student, theta_t, log_alpha.exp(), syn, batches, dc.fd_eps)
+            l_distill = matching_loss(theta_n, target, theta_t)
+            used = torch.unique(torch.cat(batches))
+            l_reg = regularizer(syn[used].reshape(-1, syn.shape[-1]), vocab, dc.vocab_chunk)
+            loss = l_distill + dc.beta * l_reg
+            loss.backward()
+            grads = [syn.grad, log_alpha.grad]
+            finite = bool(torch.isfinite(loss)) and all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+            state.iteration += 1
+            record = {
+                "iteration": state.iteration,
+                "run": run,
+                "start_epoch": t,
+                "l_distill": float(l_distill),
+                "l_reg": float(l_reg),
+                "loss": float(loss),
+            }
+            if not finite:
+                state.bad_in_a_row += 1
+                state.skipped += 1
+                log.warning("distill: iteration %d has a non-finite loss or gradient; skipped", state.iteration)
+                for opt in opts.values():
+                    opt.zero_grad(set_to_none=True)
+            else:
+                state.bad_in_a_row = 0
+                grad_norm = float(syn.grad.norm())
+                if dc.clip_syn is not None:
+                    torch.nn.utils.clip_grad_norm_([syn], dc.clip_syn)
+                for opt in opts.values():
+                    opt.step()
+                record["grad_norm_syn"] = grad_norm
+            elapsed = time.perf_counter() - start
+            state.seconds += elapsed
+            record.update(alpha=float(log_alpha.exp()), skipped=not finite, seconds=round(elapsed, 3))
+            history.write(**record)
+            bar.update(1)
+            bar.set_postfix(
+                l_distill=f"{record['l_distill']:.4f}", l_reg=f"{record['l_reg']:.3f}", alpha=f"{record['alpha']:.3g}"
+            )
+            if state.bad_in_a_row >= dc.max_bad_iterations:
+                raise NacdError(
+                    f"distill: {state.bad_in_a_row} iterations in a row had a non-finite loss or gradient "
+                    f"(last: iteration {state.iteration}); lower distill.lr_syn / distill.lr_lr or "
+                    f"distill.lr_init. D_syn was not changed by them; the last checkpoint is kept"
+                )
+            if state.iteration % dc.checkpoint_every == 0 or state.iteration == dc.iterations:
+                _save_checkpoint(ckpt, syn, log_alpha, opts, gen, state)
+    finally:
+        bar.close()
+    return {"syn": syn.detach(), "alpha": float(log_alpha.exp()), "state": state}
 
 
-# --------------------------------------------------------------------------- the student
+# --------------------------------------------------------------------------- outputs
 
 
-class Student:
-    """The distilling model as a function of its LoRA tensors: the loss of one student step.
+def write_distilled(
+    folder: Path,
+    result: dict[str, Any],
+    student: Any,
+    tokenizer: Any,
+    examples: list[Any],
+    identity: dict[str, Any],
+    chunk: int,
+) -> None:
+    """The self-describing distilled data set (see the module docstring)."""
+    from nacd.tm import nearest_vocab
 
-    ``step_loss(theta, prompts, batch)`` runs the model with the LoRA parameters replaced by
-    ``theta`` (``torch.func.functional_call``), on ``concat(prompts, E(text))`` with an
-    attention mask and labels that cover the prompt positions with no loss, and returns the
-    mean token loss. The frozen base never enters the unrolled state.
-    """
+    syn = result["syn"].float().cpu()
+    n, k, d = syn.shape
+    dist, idx = nearest_vocab(syn.reshape(-1, d), student.vocab.detach().float().cpu(), chunk)
+    dist, idx = dist.reshape(n, k).detach(), idx.reshape(n, k)
+    atomic_save_safetensors(
+        {"prompts": syn, "nearest_ids": idx, "nearest_dist": dist},
+        folder / "prompts.safetensors",
+        {"kind": KIND, "alpha": repr(result["alpha"])},
+    )
+    lines = []
+    for i, ex in enumerate(examples):
+        ids = idx[i].tolist()
+        lines.append(
+            json.dumps(
+                {
+                    "id": ex.id,
+                    "source": ex.source,
+                    "prompt_token_ids": ids,
+                    "prompt_tokens": [tokenizer.decode([t]) for t in ids],
+                    "prompt_text": tokenizer.decode(ids),
+                    "nearest_distance": [round(x, 6) for x in dist[i].tolist()],
+                    "messages": list(ex.messages),
+                },
+                ensure_ascii=False,
+            )
+        )
+    atomic_write_text(folder / "records.jsonl", "\n".join(lines) + "\n")
+    st = result["state"]
+    write_manifest(
+        folder,
+        KIND,
+        **identity,
+        alpha=result["alpha"],
+        n_examples=n,
+        num_prompt_tokens=k,
+        hidden_size=d,
+        iterations=st.iteration,
+        skipped_iterations=st.skipped,
+        seconds=round(st.seconds, 2),
+        mean_nearest_distance=float(dist.mean()),
+        complete=True,
+    )
 
-    def __init__(self, model: Any, data: Sequence[Any], pad_token_id: int):
-        from nacd.train import SparseLogitsForward, causal_lm, lora_parameters
 
-        self.model = model
-        self.data = data
-        self.pad_token_id = pad_token_id
-        self.names = list(lora_parameters(model))
-        embed = causal_lm(model).get_input_embeddings()
-        self.embed = embed
-        self.vocab = embed.weight
-        # Gemma-style models scale token embeddings inside the embedding module; prompts live in
-        # the raw vocabulary space (Eq. 3), so they are scaled the same way before entering the model.
-        self.embed_scale = float(getattr(embed, "embed_scale", 1.0))
-        self.sparse = SparseLogitsForward()
-        self._sparse_ready: bool | None = None
+def run(config: Any, run_dir: RunDir) -> DistilledSet:
+    """``nacd distill``: distill D_sel against the run's expert trajectories; resumable."""
+    from nacd.data import load_corpus, tokenize_corpus
+    from nacd.experts import ExpertStore
+    from nacd.finetune import select_examples
+    from nacd.models import load_model, model_fingerprint, resolve_device
+    from nacd.tm import Student
+    from nacd.train import add_lora, lora_parameters, tokenized_hash
+
+    check(config)
+    ids, ids_path = selected_ids(config, run_dir)
+    store = ExpertStore(run_dir.experts_dir)
+    if not store.runs:
+        raise NacdError(f"{run_dir.experts_dir}: no complete expert run; run `nacd experts` first")
+    run_dir.init(config)
+    setup_logging(config.run.log_level, run_dir.log_path)
+    model, tokenizer = load_model(config.model, resolve_device(config.run.device), needs_double_backward=True)
+    fingerprint = model_fingerprint(model)
+    corpus, _ = load_corpus(config.data)
+    examples = select_examples(corpus, ids, str(ids_path))
+    data = tokenize_corpus(examples, tokenizer, config.data)
+    if len(data) != len(examples):
+        raise NacdError(
+            f"distill: {len(examples) - len(data)} selected example(s) could not be tokenized (see the log)"
+        )
+    model = add_lora(model, config.lora)
+    shapes = {name: list(p.shape) for name, p in lora_parameters(model).items()}
+    lora = {**asdict(config.lora), "target_modules": sorted(model.peft_config["default"].target_modules)}
+    check_experts(store, fingerprint, lora, shapes, config)
+    alpha0 = config.distill.lr_init or float(store.manifest(store.runs[0])["train"]["lr"])
+    identity = _identity(config, fingerprint, ids, tokenized_hash(data), alpha0)
+    folder = run_dir.distill_dir
+    existing = read_manifest(folder, KIND)
+    if existing is not None:
+        check_identity(folder, existing, identity, f"delete {folder} to distill again with these settings")
+        if existing.get("complete") and existing.get("iterations") == config.distill.iterations:
+            log.info("distill: complete in %s, skipped", folder)
+            return DistilledSet.load(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_manifest(folder, KIND, **identity, complete=False)
+    student = Student(model, data, tokenizer.pad_token_id)
+    model.train()  # LoRA dropout, if any, as the experts had it
+    try:
+        result = distill(student, store, config, folder, alpha0)
+    finally:
+        student.close()
+    write_distilled(folder, result, student, tokenizer, examples, identity, config.distill.vocab_chunk)
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+    log.info("distill: %d examples x %d prompt vectors -> %s", len(data), config.distill.num_prompt_tokens, folder)
+    return DistilledSet.load(folder)
+
+
+# --------------------------------------------------------------------------- reading it back
+
+
+@dataclass
+class DistilledSet:
+    """A distilled data set, for the same model (embeddings) or any other (text records)."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    prompts: Any  # (n, k, d) float32
+    nearest_ids: Any  # (n, k)
+    nearest_dist: Any  # (n, k)
+    records: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> DistilledSet:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        manifest = read_manifest(folder, KIND)
+        if manifest is None or not manifest.get("complete"):
+            raise NacdError(f"{folder}: no complete distilled data set (run `nacd distill`)")
+        tensors = load_file(folder / "prompts.safetensors")
+        return cls(
+            folder,
+            manifest,
+            tensors["prompts"],
+            tensors["nearest_ids"],
+            tensors["nearest_dist"],
+            read_jsonl(folder / "records.jsonl"),
+        )
 
     @property
-    def device(self) -> Any:
-        return self.vocab.device
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.records]
 
-    def text_batch(self, idx: Sequence[int]) -> dict[str, Any]:
-        from nacd.data import collate
+    @property
+    def alpha(self) -> float:
+        return float(self.manifest["alpha"])
 
-        return {k: v.to(self.device) for k, v in collate([self.data[i] for i in idx], self.pad_token_id).items()}
+    def embeddings(self, example_id: str) -> Any:
+        """The (k, d) prompt vectors of one example, for the distilling model."""
+        return self.prompts[self.ids.index(example_id)]
 
-    def inputs(self, prompts: Any, text: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        b, k = prompts.shape[:2]
-        with torch.no_grad():
-            embeds = self.embed(text["input_ids"])
-        dtype = embeds.dtype
-        return {
-            "inputs_embeds": torch.cat([(prompts * self.embed_scale).to(dtype), embeds], dim=1),
-            "attention_mask": torch.cat([text["attention_mask"].new_ones(b, k), text["attention_mask"]], dim=1),
-            "labels": torch.cat([text["labels"].new_full((b, k), IGNORE_INDEX), text["labels"]], dim=1),
-        }
-
-    def _call(self, theta: Sequence[Any]) -> Any:
-        from torch.func import functional_call
-
-        params = dict(zip(self.names, theta, strict=True))
-
-        def call(**kwargs: Any) -> Any:
-            return functional_call(self.model, params, args=(), kwargs=kwargs, strict=False)
-
-        return call
-
-    def step_loss(self, theta: Sequence[Any], prompts: Any, text: dict[str, Any]) -> Any:
-        from nacd.train import default_forward
-
-        batch = self.inputs(prompts, text)
-        if self._sparse_ready is None:  # check once that logits-at-loss-positions is exact here
-            self._sparse_ready = self.sparse.install(_EmbedsModel(self.model), batch)
-        forward = self.sparse if self._sparse_ready else default_forward
-        loss_sum, n = forward(_EmbedsCall(self._call(theta)), batch)
-        return loss_sum / max(1, n)
-
-    def close(self) -> None:
-        self.sparse.remove()
-
-
-class _EmbedsCall:
-    """Adapts a kwargs-callable so that a forward written for input_ids feeds inputs_embeds."""
-
-    def __init__(self, call: Any):
-        self.call = call
-
-    def __call__(self, input_ids: Any = None, **kwargs: Any) -> Any:
-        return self.call(inputs_embeds=input_ids, **kwargs)
-
-
-class _EmbedsModel(_EmbedsCall):
-    """A model whose input_ids argument carries inputs_embeds (for SparseLogitsForward.install)."""
-
-    def __init__(self, model: Any):
-        super().__init__(model)
-        self.model = model
-
-    def get_base_model(self) -> Any:
-        from nacd.train import causal_lm
-
-        return causal_lm(self.model)
-
-
-def _as_ids_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    return {"input_ids": batch["inputs_embeds"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
-
-
-# --------------------------------------------------------------------------- unrolls
-
-
-def unroll_naive(student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, batches: Sequence[Any]) -> list[Any]:
-    """N differentiable SGD steps through plain autograd (``create_graph=True``)."""
-    import torch
-
-    theta = [t.detach().requires_grad_(True) for t in theta0]
-    for idx in batches:
-        loss = student.step_loss(theta, syn[idx], student.text_batch(idx.tolist()))
-        grads = torch.autograd.grad(loss, theta, create_graph=True)
-        theta = [t - alpha * g for t, g in zip(theta, grads, strict=True)]
-    return theta
-
-
-class _ReverseUnroll:
-    """Shared forward pass of the flat and fd modes: N plain steps, keeping theta_0..theta_{N-1}."""
-
-    @staticmethod
-    def forward_steps(student: Student, theta0: Sequence[Any], alpha: float, syn: Any, batches: Sequence[Any], with_p: bool):
-        import torch
-
-        thetas, grads = [], []
-        theta = [t.detach() for t in theta0]
-        for idx in batches:
-            thetas.append(theta)
-            with torch.enable_grad():
-                th = [t.clone().requires_grad_(True) for t in theta]
-                p = syn[idx].detach().clone().requires_grad_(with_p)
-                loss = student.step_loss(th, p, student.text_batch(idx.tolist()))
-                wrt = [*th, p] if with_p else th
-                g = torch.autograd.grad(loss, wrt)
-            grads.append([x.detach() for x in g])
-            theta = [t - alpha * gi.detach() for t, gi in zip(theta, g[: len(theta)], strict=True)]
-        return thetas, grads, theta
-
-
-def _grad_pair(student: Student, theta: Sequence[Any], p: Any, idx: Any, create_graph: bool) -> tuple[Any, list[Any]]:
-    import torch
-
-    loss = student.step_loss(theta, p, student.text_batch(idx.tolist()))
-    return loss, list(torch.autograd.grad(loss, [*theta, p], create_graph=create_graph))
-
-
-class FlatUnroll:
-    """Exact, memory-flat unroll as a ``torch.autograd.Function`` (see the module docstring)."""
-
-    @staticmethod
-    def apply(student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, batches: Sequence[Any]) -> list[Any]:
-        return list(_FlatFunction.apply(student, batches, alpha, syn, *theta0))
-
-
-def _zeros_if_none(grads: Sequence[Any], like: Sequence[Any]) -> list[Any]:
-    import torch
-
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
-
-
-class _FlatFunction:
-    pass
-
-
-def _make_functions() -> None:
-    """Define the autograd Functions lazily so that importing this module does not import torch."""
-    import torch
-
-    global _FlatFunction, _FDFunction
-    if isinstance(_FlatFunction, type) and issubclass(_FlatFunction, torch.autograd.Function):
-        return
-
-    class _Flat(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, student, batches, alpha, syn, *theta0):  # type: ignore[override]
-            thetas, _, theta_n = _ReverseUnroll.forward_steps(student, theta0, alpha.detach(), syn, batches, False)
-            ctx.student, ctx.batches, ctx.thetas = student, batches, thetas
-            ctx.save_for_backward(alpha, syn)
-            return tuple(theta_n)
-
-        @staticmethod
-        def backward(ctx, *lam):  # type: ignore[override]
-            alpha, syn = ctx.saved_tensors
-            a = alpha.detach()
-            lam = _zeros_if_none(lam, ctx.thetas[0])
-            d_alpha = torch.zeros_like(a)
-            d_syn = torch.zeros_like(syn)
-            for theta_prev, idx in zip(reversed(ctx.thetas), reversed(ctx.batches), strict=True):
-                with torch.enable_grad():
-                    th = [t.clone().requires_grad_(True) for t in theta_prev]
-                    p = syn[idx].detach().clone().requires_grad_(True)
-                    _, g = _grad_pair(ctx.student, th, p, idx, create_graph=True)
-                    g_theta = g[: len(th)]
-                    dot = sum((gi * li).sum() for gi, li in zip(g_theta, lam, strict=True))
-                    hv = torch.autograd.grad(dot, [*th, p], allow_unused=True)
-                hv = _zeros_if_none(hv, [*th, p])
-                d_alpha = d_alpha - dot.detach()
-                d_syn.index_add_(0, idx, -a * hv[-1])
-                lam = [li - a * hi for li, hi in zip(lam, hv[:-1], strict=True)]
-            return (None, None, d_alpha, d_syn, *lam)
-
-    class _FD(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, student, batches, alpha, syn, rel_eps, *theta0):  # type: ignore[override]
-            thetas, grads, theta_n = _ReverseUnroll.forward_steps(student, theta0, alpha.detach(), syn, batches, True)
-            ctx.student, ctx.batches, ctx.thetas, ctx.grads, ctx.rel_eps = student, batches, thetas, grads, rel_eps
-            ctx.save_for_backward(alpha, syn)
-            return tuple(theta_n)
-
-        @staticmethod
-        def backward(ctx, *lam):  # type: ignore[override]
-            alpha, syn = ctx.saved_tensors
-            a = alpha.detach()
-            lam = _zeros_if_none(lam, ctx.thetas[0])
-            d_alpha = torch.zeros_like(a)
-            d_syn = torch.zeros_like(syn)
-            for theta_prev, g0, idx in zip(reversed(ctx.thetas), reversed(ctx.grads), reversed(ctx.batches), strict=True):
-                lam_norm = torch.sqrt(sum((li**2).sum() for li in lam))
-                th_norm = torch.sqrt(sum((t**2).sum() for t in theta_prev))
-                eps = ctx.rel_eps * torch.clamp(th_norm, min=1.0) / torch.clamp(lam_norm, min=1e-30)
-                with torch.enable_grad():
-                    th = [(t + eps * li).requires_grad_(True) for t, li in zip(theta_prev, lam, strict=True)]
-                    p = syn[idx].detach().clone().requires_grad_(True)
-                    _, g1 = _grad_pair(ctx.student, th, p, idx, create_graph=False)
-                hv = [(x1 - x0) / eps for x1, x0 in zip(g1, g0, strict=True)]
-                dot = sum((gi * li).sum() for gi, li in zip(g0[: len(lam)], lam, strict=True))
-                d_alpha = d_alpha - dot
-                d_syn.index_add_(0, idx, -a * hv[-1])
-                lam = [li - a * hi for li, hi in zip(lam, hv[:-1], strict=True)]
-            return (None, None, d_alpha, d_syn, None, *lam)
-
-    _FlatFunction = _Flat
-    _FDFunction = _FD
-
-
-_FDFunction: Any = None
-
-
-def unroll(
-    mode: str, student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, batches: Sequence[Any], fd_eps: float = 1e-3
-) -> list[Any]:
-    """theta_N after N student steps from ``theta0``, differentiable in ``alpha`` and ``syn``."""
-    _make_functions()
-    theta0 = [t.detach() for t in theta0]
-    if mode == "naive":
-        return unroll_naive(student, theta0, alpha, syn, batches)
-    if mode == "flat":
-        return list(_FlatFunction.apply(student, list(batches), alpha, syn, *theta0))
-    if mode == "fd":
-        return list(_FDFunction.apply(student, list(batches), alpha, syn, fd_eps, *theta0))
-    raise NacdError(f"distill.unroll={mode!r}: expected flat, naive or fd")
+    def history(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.folder / "history.jsonl")

@@ -106,7 +106,9 @@ class Student:
         self.model = model
         self.data = data
         self.pad_token_id = pad_token_id
-        self.names = list(lora_parameters(model))
+        params = lora_parameters(model)
+        self.names = list(params)
+        self.dtypes = [p.dtype for p in params.values()]  # peft keeps LoRA in float32 on a bf16 base
         embed = causal_lm(model).get_input_embeddings()
         self.embed = embed
         self.vocab = embed.weight

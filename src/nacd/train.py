@@ -189,7 +189,8 @@ class TrainState:
         return self.window_loss_sum / self.window_steps if self.window_steps else None
 
 
-def _optimizer_tensors(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def optimizer_tensors(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An optimizer's state as (tensors for safetensors, JSON-able rest): no pickles."""
     import torch
 
     sd = optimizer.state_dict()
@@ -203,7 +204,8 @@ def _optimizer_tensors(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(optimizer: Any, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+def restore_optimizer(optimizer: Any, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Inverse of :func:`optimizer_tensors`."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         pid, name = key.split(".", 1)
@@ -220,7 +222,7 @@ def save_checkpoint(
     """LoRA tensors, optimizer state (safetensors + JSON) and RNG state, written atomically."""
     import torch
 
-    tensors, meta = _optimizer_tensors(optimizer)
+    tensors, meta = optimizer_tensors(optimizer)
     with atomic_dir(folder) as tmp:
         atomic_save_safetensors(lora_state(model), tmp / "lora.safetensors")
         if tensors:  # plain SGD keeps no tensors (and safetensors cannot read back an empty file)
@@ -241,7 +243,7 @@ def load_checkpoint(folder: str | Path, model: Any, optimizer: Any) -> tuple[Tra
     device = next(iter(lora_parameters(model).values())).device
     opt_file = folder / "optimizer.safetensors"
     tensors = {k: v.to(device) for k, v in load_file(opt_file).items()} if opt_file.is_file() else {}
-    _restore_optimizer(optimizer, tensors, body["optimizer"])
+    restore_optimizer(optimizer, tensors, body["optimizer"])
     torch.set_rng_state(load_file(folder / "rng.safetensors")["cpu"])
     extra = {k: v for k, v in body.items() if k not in ("state", "optimizer")}
     return TrainState(**body["state"]), extra
@@ -321,8 +323,10 @@ class SparseLogitsForward:
                 inner.config.final_logit_softcapping = None
             sparse, _ = self(inner, batch)
         if not torch.allclose(sparse.double(), reference.double(), rtol=1e-4, atol=1e-4):
-            log.info("%s: logits-at-loss-positions path disagrees with the full logits; using the full logits",
-                     type(inner).__name__)
+            log.info(
+                "%s: logits-at-loss-positions path disagrees with the full logits; using the full logits",
+                type(inner).__name__,
+            )
             self.remove()
             return False
         return True
