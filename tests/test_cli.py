@@ -8,7 +8,7 @@ import pytest
 
 from nacd.cli import STAGE_COMMANDS, main
 
-ALL_COMMANDS = [*STAGE_COMMANDS, "models", "config"]
+ALL_COMMANDS = [*STAGE_COMMANDS, "models", "config", "inspect"]
 
 
 def test_top_level_help(capsys):
@@ -34,7 +34,6 @@ def test_subcommand_help(command, capsys):
 @pytest.mark.parametrize(
     ("command", "overrides"),
     [
-        ("distill", []),
         ("eval", []),
         ("run", []),
         ("select", ["select.method=bm25"]),

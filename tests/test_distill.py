@@ -47,8 +47,8 @@ def prepared(tiny_overrides):
     return cfg, run_dir, tiny_overrides
 
 
-def test_distillation_learns_and_writes_a_self_describing_set(prepared, tiny_llama_tokenizer):
-    cfg, run_dir, _ = prepared
+def test_distillation_learns_and_writes_a_self_describing_set(prepared, capsys):
+    cfg, run_dir, overrides = prepared
     ds = distill.run(cfg, run_dir)
     hist = ds.history()
     assert [h["iteration"] for h in hist] == list(range(1, 31))
@@ -62,8 +62,8 @@ def test_distillation_learns_and_writes_a_self_describing_set(prepared, tiny_lla
     assert ds.prompts.shape == (16, 2, 64) and ds.prompts.dtype == torch.float32
     assert ds.ids == json.loads((run_dir.select_dir / "selection.json").read_text())["ids"]
     assert ds.manifest["complete"] and ds.manifest["iterations"] == 30 and ds.alpha == pytest.approx(hist[-1]["alpha"])
-    from nacd.models import load_model
     from nacd.config import ModelConfig
+    from nacd.models import load_model
 
     model, tok = load_model(ModelConfig(spec=cfg.model.spec), torch.device("cpu"))
     vocab = model.get_input_embeddings().weight.detach()
@@ -73,10 +73,20 @@ def test_distillation_learns_and_writes_a_self_describing_set(prepared, tiny_lla
     rec = ds.records[0]
     assert rec["prompt_text"] == tok.decode(rec["prompt_token_ids"]) and rec["messages"][-1]["role"] == "assistant"
     assert torch.equal(ds.embeddings(rec["id"]), ds.prompts[0])
-    assert not (run_dir.distill_dir / "checkpoint").exists()
-    # the same command again is skipped
+    # the same command again is skipped; with more iterations it continues from the final checkpoint
     again = distill.run(cfg, run_dir)
     assert again.manifest["created"] == ds.manifest["created"]
+    more = distill.run(load_config(None, [*overrides, *REACHABLE, "distill.iterations=33"]), run_dir)
+    assert [h["l_distill"] for h in more.history()[:30]] == [h["l_distill"] for h in hist]
+    assert len(more.history()) == 33 and more.manifest["iterations"] == 33
+
+    # nacd inspect: pseudo tokens beside the data, and the loss curves
+    from nacd.cli import main
+
+    assert main(["inspect", *overrides, *REACHABLE, "--examples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"[{ds.ids[0]}]" in out and "pseudo tokens" in out and "instruction" in out
+    assert (run_dir.distill_dir / "loss.png").stat().st_size > 10_000
 
 
 def test_interrupted_distill_resumes_exactly(prepared, monkeypatch, tmp_path):

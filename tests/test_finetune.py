@@ -101,6 +101,7 @@ def test_interrupted_finetune_resumes_to_the_same_adapter(tiny_overrides, tmp_pa
     assert manifest["complete"]
     a, b = _adapter_state(RunDir(clean_cfg.run.out_dir).finetune_dir("full")), _adapter_state(folder)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert manifest["final_loss"] == json.loads(
-        (RunDir(clean_cfg.run.out_dir).finetune_dir("full") / "manifest.json").read_text()
-    )["final_loss"]
+    assert (
+        manifest["final_loss"]
+        == json.loads((RunDir(clean_cfg.run.out_dir).finetune_dir("full") / "manifest.json").read_text())["final_loss"]
+    )

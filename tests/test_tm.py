@@ -70,7 +70,7 @@ def _setup(student, seed=0):
     theta0 = [t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype) for t in theta0]  # B != 0
     target = [t + 0.1 * torch.randn(t.shape, generator=g, dtype=t.dtype) for t in theta0]
     d = student.vocab.shape[1]
-    syn = (student.vocab.detach().mean(0) + 0.1 * torch.randn(6, 2, d, generator=g, dtype=student.vocab.dtype))
+    syn = student.vocab.detach().mean(0) + 0.1 * torch.randn(6, 2, d, generator=g, dtype=student.vocab.dtype)
     batches = [torch.tensor([0, 3]), torch.tensor([1, 4]), torch.tensor([0, 5])]  # example 0 twice
     return theta0, target, syn, batches
 
@@ -107,13 +107,17 @@ def test_modes_agree_and_match_finite_differences(fixture, request):
     # rotary embeddings compute in float32 even in a float64 model, so the loss carries ~1e-9 noise:
     # a step of 1e-3 keeps both that noise and the O(h^2) error near 1e-6 of the derivative.
     h = 1e-3
-    fd_alpha = (_loss(student, theta0, target, syn, batches, -1.0 + h) - _loss(student, theta0, target, syn, batches, -1.0 - h)) / (2 * h)
+    fd_alpha = (
+        _loss(student, theta0, target, syn, batches, -1.0 + h) - _loss(student, theta0, target, syn, batches, -1.0 - h)
+    ) / (2 * h)
     assert a_flat.item() == pytest.approx(fd_alpha, rel=1e-4)
     for row, tok, dim in [(0, 0, 0), (3, 1, 5), (5, 0, 7)]:
         plus, minus = syn.clone(), syn.clone()
         plus[row, tok, dim] += h
         minus[row, tok, dim] -= h
-        fd = (_loss(student, theta0, target, plus, batches, -1.0) - _loss(student, theta0, target, minus, batches, -1.0)) / (2 * h)
+        fd = (
+            _loss(student, theta0, target, plus, batches, -1.0) - _loss(student, theta0, target, minus, batches, -1.0)
+        ) / (2 * h)
         assert g_flat[row, tok, dim].item() == pytest.approx(fd, rel=1e-3, abs=1e-7)
 
     # the approximate mode is close, not exact

@@ -35,6 +35,7 @@ examples:
   nacd run -c configs/cpu-small.yaml distill.syn_steps=8 run.out_dir=runs/try1
   nacd models prepare smollm2-135m
   nacd config --explain                        # every config key with its default and meaning
+  nacd inspect -c configs/cpu-small.yaml       # distilled pseudo tokens beside the data
 """
 
 
@@ -79,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(cfg)
     cfg.add_argument("--explain", action="store_true", help="list every key with its type, default and meaning")
+
+    insp = sub.add_parser(
+        "inspect",
+        help="Show distilled pseudo tokens beside the data; plot the loss curves.",
+        description=(
+            "Print, for chosen examples, the decoded nearest tokens of their prompt vectors beside the original "
+            "data (the paper's Figure 3), and plot L_distill, L_reg and alpha to <run>/distill/loss.png."
+        ),
+    )
+    _add_config_args(insp)
+    insp.add_argument("--examples", type=int, default=5, help="how many examples to show (default 5)")
+    insp.add_argument("--ids", nargs="+", metavar="ID", help="show these example ids instead")
+    insp.add_argument("--no-plot", action="store_true", help="do not write loss.png")
     return parser
 
 
@@ -121,6 +135,19 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from nacd.artifacts import RunDir
+    from nacd.config import load_config
+    from nacd.distill import DistilledSet, describe_examples, plot_history
+
+    cfg = load_config(args.config, args.overrides)
+    ds = DistilledSet.load(RunDir(cfg.run.out_dir).distill_dir)
+    print(describe_examples(ds, args.examples, args.ids))
+    if not args.no_plot:
+        print(f"\nloss curves: {plot_history(ds)}")
+    return 0
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
     from nacd.artifacts import RunDir, setup_logging
     from nacd.config import load_config
@@ -144,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_models(args)
         if args.command == "config":
             return _cmd_config(args)
+        if args.command == "inspect":
+            return _cmd_inspect(args)
         return _cmd_stage(args)
     except NacdError as exc:
         print(f"nacd {args.command}: error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ Output, ``<run>/distill/``::
     history.jsonl        per iteration: L_distill, L_reg, L, alpha, expert run, start epoch, seconds
     manifest.json        kind "distilled": ids in order, alpha, model fingerprint, config, dims
     checkpoint/          D_syn, alpha, optimizer and RNG state every distill.checkpoint_every iterations
+                         (kept at the end: a rerun with more iterations continues from it)
     loss.png             written by ``nacd inspect``
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -373,8 +373,8 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
         result = distill(student, store, config, folder, alpha0)
     finally:
         student.close()
+    # the checkpoint stays: raising distill.iterations and rerunning continues from it
     write_distilled(folder, result, student, tokenizer, examples, identity, config.distill.vocab_chunk)
-    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
     log.info("distill: %d examples x %d prompt vectors -> %s", len(data), config.distill.num_prompt_tokens, folder)
     return DistilledSet.load(folder)
 
@@ -425,3 +425,69 @@ class DistilledSet:
 
     def history(self) -> list[dict[str, Any]]:
         return read_jsonl(self.folder / "history.jsonl")
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def describe_examples(ds: DistilledSet, count: int = 5, ids: list[str] | None = None, width: int = 160) -> str:
+    """The decoded pseudo tokens of chosen examples beside their original data (paper Figure 3)."""
+    chosen = [r for r in ds.records if r["id"] in ids] if ids else ds.records[:count]
+    if ids and len(chosen) != len(set(ids)):
+        missing = sorted(set(ids) - {r["id"] for r in chosen})
+        raise NacdError(f"{ds.folder}: no distilled example with id(s) {', '.join(missing)}")
+    lines = [
+        f"{ds.folder}: {len(ds.records)} examples x {ds.prompts.shape[1]} prompt vectors, alpha {ds.alpha:.4g}, "
+        f"mean distance to the nearest token {float(ds.nearest_dist.mean()):.4f}"
+    ]
+    for rec in chosen:
+        pieces = " ".join(
+            f"{tok!r}({dist:.3f})" for tok, dist in zip(rec["prompt_tokens"], rec["nearest_distance"], strict=True)
+        )
+        user = next((m["content"] for m in rec["messages"] if m["role"] == "user"), "")
+        answer = rec["messages"][-1]["content"]
+        lines += [
+            "",
+            f"[{rec['id']}] ({rec['source']})",
+            f"  pseudo tokens : {pieces}",
+            f"  prompt text   : {rec['prompt_text']!r}",
+            f"  instruction   : {_short(user, width)}",
+            f"  response      : {_short(answer, width)}",
+        ]
+    return "\n".join(lines)
+
+
+def plot_history(ds_or_folder: DistilledSet | Path, out: Path | None = None) -> Path:
+    """L_distill, L_reg and alpha per iteration as a PNG beside the data set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = ds_or_folder.folder if isinstance(ds_or_folder, DistilledSet) else Path(ds_or_folder)
+    rows = read_jsonl(folder / "history.jsonl")
+    if not rows:
+        raise NacdError(f"{folder / 'history.jsonl'}: no iterations recorded")
+    it = [r["iteration"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in zip(
+        axes, ("l_distill", "l_reg", "alpha"), ("L_distill (Eq. 2)", "L_reg (Eq. 3)", "alpha (student lr)"), strict=True
+    ):
+        ax.plot(it, [r[key] for r in rows], lw=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    skipped = [r["iteration"] for r in rows if r.get("skipped")]
+    if skipped:
+        axes[0].scatter(skipped, [rows[i - 1]["l_distill"] for i in skipped], color="red", s=12, label="skipped")
+        axes[0].legend()
+    fig.tight_layout()
+    out = out or folder / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

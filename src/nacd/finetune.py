@@ -76,7 +76,7 @@ def check(config: Any) -> None:
     """Raise if this stage cannot run with ``config``."""
     if config.finetune.dataset == "distilled":
         raise StageNotImplementedError(
-            "finetune.dataset=distilled needs the distillation stage (issue #4/#5), not built yet; nothing was run"
+            "finetune.dataset=distilled (tuning on distilled prompts) is not implemented yet (issue #5); nothing was run"
         )
 
 

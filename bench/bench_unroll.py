@@ -1,0 +1,160 @@
+"""Time and peak memory of one distillation outer step, per unroll mode, against N plain LoRA steps.
+
+For each N and each mode a fresh worker process loads the model, builds the
+same batches, runs one warm-up and ``--repeats`` timed outer steps
+(unroll + matching loss + backward to D_syn and alpha), and reports the median
+time and the peak resident memory of the timed part (Linux VmHWM, reset after
+the warm-up through /proc/self/clear_refs). ``plain`` is N ordinary LoRA
+training steps (forward, first-order backward, SGD update) on the same
+batches: the reference of the targets "flat <= 2.0x the time of N plain steps"
+and "flat peak memory <= 1.5x one plain step, flat in N".
+
+    .venv/bin/python bench/bench_unroll.py --model smollm2-135m --steps 2 4 8 16 --batch-size 2 --max-seq-len 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("plain", "flat", "naive", "fd")
+
+
+def _vm(field: str) -> float:
+    """A /proc/self/status field in MB (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from nacd.config import LoraConfig, ModelConfig, load_config
+    from nacd.data import load_corpus, tokenize_corpus
+    from nacd.models import load_model
+    from nacd.tm import Student, matching_loss, unroll
+    from nacd.train import add_lora, init_lora, lora_parameters
+
+    torch.manual_seed(0)
+    model, tok = load_model(ModelConfig(spec=args.model), torch.device("cpu"), needs_double_backward=True)
+    model = add_lora(model, LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    init_lora(model, 0)
+    cfg = load_config(None, [f"data.root={args.data_root}", f"data.max_seq_len={args.max_seq_len}"])
+    examples, _ = load_corpus(cfg.data)
+    data = [ex for ex in tokenize_corpus(examples, tok, cfg.data) if len(ex.input_ids) == args.max_seq_len]
+    data = data[: args.batch_size * args.n_steps]  # full-length examples: every batch costs the same
+    student = Student(model, data, tok.pad_token_id)
+    g = torch.Generator().manual_seed(1)
+    theta0 = [p.detach() + 0.01 * torch.randn(p.shape, generator=g) for p in lora_parameters(model).values()]
+    target = [t + 0.01 * torch.randn(t.shape, generator=g) for t in theta0]
+    d = student.vocab.shape[1]
+    syn0 = student.vocab.detach().mean(0).expand(len(data), args.k, d).clone()
+    batches = [torch.arange(i * args.batch_size, (i + 1) * args.batch_size) for i in range(args.n_steps)]
+    alpha = 1.0
+
+    def plain_steps() -> None:
+        theta = [t.clone() for t in theta0]
+        for idx in batches:
+            th = [t.requires_grad_(True) for t in theta]
+            loss = student.step_loss(th, syn0[idx], student.text_batch(idx.tolist()))
+            grads = torch.autograd.grad(loss, th)
+            theta = [t.detach() - alpha * gr for t, gr in zip(th, grads, strict=True)]
+
+    def outer_step() -> None:
+        syn = syn0.clone().requires_grad_(True)
+        log_alpha = torch.tensor(0.0, requires_grad=True)
+        theta_n = unroll(args.mode, student, theta0, log_alpha.exp(), syn, batches)
+        matching_loss(theta_n, target, theta0).backward()
+        assert syn.grad is not None and torch.isfinite(syn.grad).all()
+
+    fn = plain_steps if args.mode == "plain" else outer_step
+    fn()  # warm-up (also the one-time exactness check of the sparse-logits head)
+    rss_loaded = _vm("VmRSS")
+    _reset_peak()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {
+        "mode": args.mode,
+        "N": args.n_steps,
+        "seconds": times,
+        "median_s": statistics.median(times),
+        "peak_rss_mb": _vm("VmHWM"),
+        "rss_before_mb": rss_loaded,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--max-seq-len", type=int, default=64)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="runs/bench_unroll")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="flat", help=argparse.SUPPRESS)
+    parser.add_argument("--n-steps", type=int, default=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in args.steps:
+        for mode in args.modes:
+            cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--n-steps", str(n)]
+            for key in ("model", "data_root", "batch_size", "max_seq_len", "k", "repeats"):
+                cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            if proc.returncode != 0:
+                row = {"mode": mode, "N": n, "error": proc.stderr.strip().splitlines()[-1][:200]}
+            else:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    by = {(r["mode"], r["N"]): r for r in rows if "error" not in r}
+    print(f"\n{'N':>3} {'mode':>6} {'time s':>8} {'x plain':>8} {'peak MB':>8} {'x plain':>8}")
+    for n in args.steps:
+        plain = by.get(("plain", n))
+        for mode in args.modes:
+            r = by.get((mode, n))
+            if r is None:
+                print(f"{n:>3} {mode:>6} {'failed':>8}")
+                continue
+            tx = r["median_s"] / plain["median_s"] if plain else float("nan")
+            mx = r["peak_rss_mb"] / plain["peak_rss_mb"] if plain else float("nan")
+            print(f"{n:>3} {mode:>6} {r['median_s']:8.2f} {tx:8.2f} {r['peak_rss_mb']:8.0f} {mx:8.2f}")
+    meta = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "max_seq_len": args.max_seq_len,
+        "k": args.k,
+        "repeats": args.repeats,
+        "machine": platform.machine(),
+        "rows": rows,
+    }
+    (Path(args.out) / "result.json").write_text(json.dumps(meta, indent=2))
+
+
+if __name__ == "__main__":
+    main()
