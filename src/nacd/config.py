@@ -310,18 +310,49 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
-    """Step 4: multiple-choice benchmarks."""
+    """Step 4: multiple-choice benchmarks (docs/EVAL.md)."""
 
-    benchmarks: list[str] = f(["arc_easy"], "Benchmarks to evaluate (arc_easy, mmlu, or a JSONL path).")
-    split: str = f("validation", "Split to evaluate; tune on validation, never on test.")
-    num_fewshot: int = f(0, "Few-shot examples (MMLU protocol: 5).")
-    batch_size: int = f(16, "Questions per forward batch.")
-    limit: int | None = f(None, "Evaluate at most this many questions per benchmark.")
+    benchmarks: list[str] = f(
+        ["arc_easy"],
+        "Benchmarks: arc_easy, arc_challenge, mmlu, a .jsonl of {question, choices, answer}, a folder of "
+        "<split>.jsonl files or of MMLU CSVs, or a hub dataset id (owner/name or owner/name:config).",
+    )
+    split: str = f("validation", "Split to evaluate (validation = MMLU's val); tune on validation, never on test.")
+    num_fewshot: int | None = f(
+        None,
+        "Few-shot examples per question; None = the benchmark's protocol default (0 for ARC and JSONL, 5 for MMLU).",
+    )
+    protocol: Literal["auto", "text", "letter"] = f(
+        "auto",
+        "text: log-likelihood of each answer text (acc, acc_norm); letter: of the answer letters ' A', ' B', ... "
+        "after listing the choices; auto: letter for MMLU, text otherwise.",
+    )
+    batch_size: int = f(16, "Questions per forward pass.")
+    limit: int | None = f(
+        None, "Evaluate the first N questions of each benchmark (of each subject for MMLU, like lm-eval's --limit)."
+    )
+    adapter: str | None = f(
+        None, "peft adapter folder (with adapter_config.json) applied to model.spec; None evaluates the model as is."
+    )
+    name: str | None = f(
+        None,
+        "Output folder eval/<name>/; default: the adapter's variant (finetune/<variant>/adapter) or the model name.",
+    )
 
     def __post_init__(self) -> None:
         _check(len(self.benchmarks) > 0, "benchmarks", "needs at least one benchmark")
-        _check(self.num_fewshot >= 0, "num_fewshot", "must be >= 0")
+        _check(all(b.strip() for b in self.benchmarks), "benchmarks", "must not contain an empty name")
+        _check(len(set(self.benchmarks)) == len(self.benchmarks), "benchmarks", "lists a benchmark twice")
+        _check(bool(self.split.strip()), "split", "must not be empty")
+        _check(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot", "must be >= 0 or null")
         _check(self.batch_size > 0, "batch_size", "must be positive")
+        _check(self.limit is None or self.limit > 0, "limit", "must be positive or null")
+        _check(self.adapter is None or bool(self.adapter.strip()), "adapter", "must be a folder or null")
+        _check(
+            self.name is None or (bool(self.name.strip()) and "/" not in self.name and self.name not in (".", "..")),
+            "name",
+            "must be a plain folder name (no '/')",
+        )
 
 
 @dataclass
