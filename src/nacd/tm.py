@@ -209,7 +209,56 @@ def _zeros_if_none(grads: Sequence[Any], like: Sequence[Any]) -> list[Any]:
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
 
 
+def _reverse_walk(thetas, batches, alpha, syn, lam, products) -> tuple[Any, Any, list[Any]]:
+    """dL/dalpha, dL/dD_syn and dL/dtheta_0 from lambda_N = dL/dtheta_N, walking the steps backwards.
+
+    ``products(n, theta_prev, idx, lam)`` returns ``(<g_n, lam>, [H_n lam ..., d<g_n, lam>/dp_n])`` for
+    step n: exactly (one double-backward) in flat mode, by finite differences in fd mode.
+    """
+    a = alpha.detach()
+    lam = _zeros_if_none(lam, thetas[0])
+    d_alpha = torch.zeros_like(a)
+    d_syn = torch.zeros_like(syn)
+    for n in reversed(range(len(batches))):
+        dot, hv = products(n, thetas[n], batches[n], lam)
+        d_alpha = d_alpha - dot
+        d_syn.index_add_(0, batches[n], -a * hv[-1])
+        lam = [li - a * hi for li, hi in zip(lam, hv[:-1], strict=True)]
+    return d_alpha, d_syn, lam
+
+
+def _exact_products(student: Student, syn: Any):
+    def products(n: int, theta_prev: Sequence[Any], idx: Any, lam: Sequence[Any]) -> tuple[Any, list[Any]]:
+        with torch.enable_grad():
+            th = [t.clone().requires_grad_(True) for t in theta_prev]
+            p = syn[idx].detach().clone().requires_grad_(True)
+            _, g = _grad_pair(student, th, p, idx, create_graph=True)
+            dot = sum((gi * li).sum() for gi, li in zip(g[: len(th)], lam, strict=True))
+            hv = torch.autograd.grad(dot, [*th, p], allow_unused=True)
+        return dot.detach(), _zeros_if_none(hv, [*th, p])
+
+    return products
+
+
+def _fd_products(student: Student, syn: Any, grads: Sequence[Sequence[Any]], rel_eps: float):
+    def products(n: int, theta_prev: Sequence[Any], idx: Any, lam: Sequence[Any]) -> tuple[Any, list[Any]]:
+        g0 = grads[n]
+        lam_norm = torch.sqrt(sum((li**2).sum() for li in lam))
+        th_norm = torch.sqrt(sum((t**2).sum() for t in theta_prev))
+        eps = rel_eps * torch.clamp(th_norm, min=1.0) / torch.clamp(lam_norm, min=1e-30)
+        with torch.enable_grad():
+            th = [(t + eps * li).requires_grad_(True) for t, li in zip(theta_prev, lam, strict=True)]
+            p = syn[idx].detach().clone().requires_grad_(True)
+            _, g1 = _grad_pair(student, th, p, idx, create_graph=False)
+        dot = sum((gi * li).sum() for gi, li in zip(g0[: len(lam)], lam, strict=True))
+        return dot, [(x1 - x0) / eps for x1, x0 in zip(g1, g0, strict=True)]
+
+    return products
+
+
 class _Flat(torch.autograd.Function):
+    """Exact, memory-flat: N plain steps forward; the reverse walk rebuilds one step's graph at a time."""
+
     @staticmethod
     def forward(ctx, student, batches, alpha, syn, *theta0):  # type: ignore[override]
         thetas, _, theta_n = _forward_steps(student, theta0, alpha.detach(), syn, batches, False)
@@ -220,26 +269,14 @@ class _Flat(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *lam):  # type: ignore[override]
         alpha, syn = ctx.saved_tensors
-        a = alpha.detach()
-        lam = _zeros_if_none(lam, ctx.thetas[0])
-        d_alpha = torch.zeros_like(a)
-        d_syn = torch.zeros_like(syn)
-        for theta_prev, idx in zip(reversed(ctx.thetas), reversed(ctx.batches), strict=True):
-            with torch.enable_grad():
-                th = [t.clone().requires_grad_(True) for t in theta_prev]
-                p = syn[idx].detach().clone().requires_grad_(True)
-                _, g = _grad_pair(ctx.student, th, p, idx, create_graph=True)
-                g_theta = g[: len(th)]
-                dot = sum((gi * li).sum() for gi, li in zip(g_theta, lam, strict=True))
-                hv = torch.autograd.grad(dot, [*th, p], allow_unused=True)
-            hv = _zeros_if_none(hv, [*th, p])
-            d_alpha = d_alpha - dot.detach()
-            d_syn.index_add_(0, idx, -a * hv[-1])
-            lam = [li - a * hi for li, hi in zip(lam, hv[:-1], strict=True)]
-        return (None, None, d_alpha, d_syn, *lam)
+        products = _exact_products(ctx.student, syn)
+        d_alpha, d_syn, lam0 = _reverse_walk(ctx.thetas, ctx.batches, alpha, syn, lam, products)
+        return (None, None, d_alpha, d_syn, *lam0)
 
 
 class _FD(torch.autograd.Function):
+    """Approximate, memory-flat: the reverse walk with finite-difference Hessian products."""
+
     @staticmethod
     def forward(ctx, student, batches, alpha, syn, rel_eps, *theta0):  # type: ignore[override]
         thetas, grads, theta_n = _forward_steps(student, theta0, alpha.detach(), syn, batches, True)
@@ -250,24 +287,9 @@ class _FD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *lam):  # type: ignore[override]
         alpha, syn = ctx.saved_tensors
-        a = alpha.detach()
-        lam = _zeros_if_none(lam, ctx.thetas[0])
-        d_alpha = torch.zeros_like(a)
-        d_syn = torch.zeros_like(syn)
-        for theta_prev, g0, idx in zip(reversed(ctx.thetas), reversed(ctx.grads), reversed(ctx.batches), strict=True):
-            lam_norm = torch.sqrt(sum((li**2).sum() for li in lam))
-            th_norm = torch.sqrt(sum((t**2).sum() for t in theta_prev))
-            eps = ctx.rel_eps * torch.clamp(th_norm, min=1.0) / torch.clamp(lam_norm, min=1e-30)
-            with torch.enable_grad():
-                th = [(t + eps * li).requires_grad_(True) for t, li in zip(theta_prev, lam, strict=True)]
-                p = syn[idx].detach().clone().requires_grad_(True)
-                _, g1 = _grad_pair(ctx.student, th, p, idx, create_graph=False)
-            hv = [(x1 - x0) / eps for x1, x0 in zip(g1, g0, strict=True)]
-            dot = sum((gi * li).sum() for gi, li in zip(g0[: len(lam)], lam, strict=True))
-            d_alpha = d_alpha - dot
-            d_syn.index_add_(0, idx, -a * hv[-1])
-            lam = [li - a * hi for li, hi in zip(lam, hv[:-1], strict=True)]
-        return (None, None, d_alpha, d_syn, None, *lam)
+        products = _fd_products(ctx.student, syn, ctx.grads, ctx.rel_eps)
+        d_alpha, d_syn, lam0 = _reverse_walk(ctx.thetas, ctx.batches, alpha, syn, lam, products)
+        return (None, None, d_alpha, d_syn, None, *lam0)
 
 
 def unroll(
