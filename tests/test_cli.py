@@ -34,10 +34,8 @@ def test_subcommand_help(command, capsys):
 @pytest.mark.parametrize(
     ("command", "overrides"),
     [
-        ("eval", []),
         ("run", []),
         ("select", ["select.method=bm25"]),
-        ("finetune", ["finetune.dataset=distilled"]),
     ],
 )
 def test_unbuilt_stages_refuse_with_nonzero_exit(command, overrides, tmp_path, capsys):

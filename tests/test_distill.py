@@ -160,3 +160,54 @@ def test_non_finite_iterations_are_skipped_then_stop(prepared, monkeypatch):
         distill.run(cfg, run_dir)
     rows = read_jsonl(run_dir.distill_dir / "history.jsonl")
     assert [r["skipped"] for r in rows] == [False, False, True, True, True]
+
+
+def test_finetune_on_the_distilled_set_same_and_other_architecture(prepared, tiny_gemma_dir):
+    from nacd import finetune
+
+    cfg, run_dir, overrides = prepared
+    ds = distill.run(cfg, run_dir)
+    same = load_config(None, [*overrides, *REACHABLE, "finetune.dataset=distilled", "finetune.name=nacd"])
+    m = finetune.run(same, run_dir)
+    assert m["complete"] and m["prompt_mode"] == "embeddings" and m["ids"] == ds.ids
+    assert m["distilled"]["alpha"] == ds.alpha
+
+    # the prompts really enter the model: zero prompts give a different loss on the same batch
+    from nacd.config import ModelConfig
+    from nacd.data import tokenize_corpus
+    from nacd.finetune import PromptedExample, PromptedForward
+    from nacd.models import load_model
+
+    model, tok = load_model(ModelConfig(spec=cfg.model.spec), torch.device("cpu"))
+    fwd = PromptedForward(model)
+    from nacd.data import load_corpus
+
+    corpus = {ex.id: ex for ex in load_corpus(cfg.data)[0]}
+    data = tokenize_corpus([corpus[i] for i in ds.ids[:4]], tok, cfg.data)
+    items = [PromptedExample(ex, ds.embeddings(ex.id)) for ex in data]
+    zeros = [PromptedExample(ex, torch.zeros_like(ds.embeddings(ex.id))) for ex in data]
+    with torch.no_grad():
+        a, n = fwd(model, fwd.collate(items, tok.pad_token_id))
+        b, n2 = fwd(model, fwd.collate(zeros, tok.pad_token_id))
+    fwd.close()
+    assert n == n2 and a.item() != pytest.approx(b.item())
+
+    other = load_config(
+        None,
+        [*overrides, *REACHABLE, "finetune.dataset=distilled", f"finetune.model={tiny_gemma_dir}", "finetune.name=x"],
+    )
+    m2 = finetune.run(other, run_dir)
+    assert m2["prompt_mode"] == "text" and m2["base_model"]["spec"] == str(tiny_gemma_dir)
+    forced = load_config(
+        None,
+        [
+            *overrides,
+            *REACHABLE,
+            "finetune.dataset=distilled",
+            f"finetune.model={tiny_gemma_dir}",
+            "finetune.prompt_mode=embeddings",
+            "finetune.name=y",
+        ],
+    )
+    with pytest.raises(NacdError, match="is not the model that distilled"):
+        finetune.run(forced, run_dir)

@@ -8,7 +8,7 @@ import torch
 from nacd import finetune
 from nacd.artifacts import RunDir
 from nacd.config import ModelConfig, load_config
-from nacd.errors import NacdError, StageNotImplementedError
+from nacd.errors import NacdError
 from nacd.models import load_model
 
 
@@ -64,13 +64,34 @@ def test_selected_baseline_uses_the_listed_ids(tiny_overrides, tmp_path):
         finetune.run(cfg, RunDir(cfg.run.out_dir))
 
 
-def test_selected_without_a_selection_and_distilled_refuse(tiny_overrides):
+def test_selected_or_distilled_without_their_inputs_refuse(tiny_overrides):
     cfg = load_config(None, [*tiny_overrides, "finetune.dataset=selected"])
     with pytest.raises(NacdError, match=r"no selection at .*select/selection.json; run `nacd select` first"):
         finetune.run(cfg, RunDir(cfg.run.out_dir))
     cfg = load_config(None, [*tiny_overrides, "finetune.dataset=distilled"])
-    with pytest.raises(StageNotImplementedError):
+    with pytest.raises(NacdError, match=r"distill: no complete distilled data set \(run `nacd distill`\)"):
         finetune.run(cfg, RunDir(cfg.run.out_dir))
+
+
+def test_prompt_text_goes_before_the_instruction_inside_the_user_turn(tiny_llama_tokenizer, tiny_gemma_tokenizer):
+    from nacd.data import Example, render_chat
+
+    ex = Example(
+        "s/1",
+        "s",
+        (
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+        ),
+        "f:1",
+    )
+    moved = finetune.with_prompt_text(ex, " Paris river")
+    assert moved.messages[1]["content"] == " Paris river\nName a colour." and moved.messages[0] == ex.messages[0]
+    text, _, _ = render_chat(list(moved.messages), tiny_llama_tokenizer)  # ChatML template
+    assert "<|im_start|>user\n Paris river\nName a colour.<|im_end|>" in text
+    text, _, _ = render_chat(list(moved.messages), tiny_gemma_tokenizer)  # the fallback format
+    assert "User:  Paris river\nName a colour." in text
 
 
 def test_interrupted_finetune_resumes_to_the_same_adapter(tiny_overrides, tmp_path, monkeypatch):

@@ -301,6 +301,14 @@ class FinetuneConfig:
         None,
         "For dataset=selected: a file of example ids (one per line, or a JSON list); default: the run's selection.",
     )
+    model: str | None = f(
+        None, "Spec of the model to tune; None = model.spec. Another model receives distilled prompts as text."
+    )
+    prompt_mode: Literal["auto", "embeddings", "text"] = f(
+        "auto",
+        "dataset=distilled: embeddings (the distilling model takes the prompt vectors), text (nearest tokens, "
+        "decoded and re-tokenized; any model), auto = embeddings when the tuned model is the distilling model.",
+    )
     name: str | None = f(None, "Variant folder name under finetune/ (default: the dataset name).")
     seed: int | None = f(None, "Seed of the tuned run (data order, LoRA init); None = run.seed.")
     train: TrainConfig = f(

@@ -475,10 +475,16 @@ def plot_history(ds_or_folder: DistilledSet | Path, out: Path | None = None) -> 
         raise NacdError(f"{folder / 'history.jsonl'}: no iterations recorded")
     it = [r["iteration"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(
-        axes, ("l_distill", "l_reg", "alpha"), ("L_distill (Eq. 2)", "L_reg (Eq. 3)", "alpha (student lr)"), strict=True
-    ):
-        ax.plot(it, [r[key] for r in rows], lw=1.2)
+    # L_distill depends strongly on the start epoch (later epochs move less): one line per start epoch
+    for t in sorted({r["start_epoch"] for r in rows}):
+        sub = [r for r in rows if r["start_epoch"] == t]
+        axes[0].plot(
+            [r["iteration"] for r in sub], [r["l_distill"] for r in sub], "o-", ms=3, lw=1, label=f"start epoch {t}"
+        )
+    axes[0].legend(fontsize=8)
+    axes[1].plot(it, [r["l_reg"] for r in rows], lw=1.2)
+    axes[2].plot(it, [r["alpha"] for r in rows], lw=1.2)
+    for ax, title in zip(axes, ("L_distill (Eq. 2)", "L_reg (Eq. 3)", "alpha (student lr)"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from nacd.artifacts import (
     setup_logging,
     write_manifest,
 )
-from nacd.errors import NacdError, StageNotImplementedError
+from nacd.errors import NacdError
 from nacd.train import CheckpointEvery, TrainLoop, init_lora, lora_parameters, setup_training
 
 log = logging.getLogger(__name__)
@@ -73,20 +73,92 @@ def select_examples(examples: list[Any], ids: list[str], where: str) -> list[Any
 
 
 def check(config: Any) -> None:
-    """Raise if this stage cannot run with ``config``."""
-    if config.finetune.dataset == "distilled":
-        raise StageNotImplementedError(
-            "finetune.dataset=distilled (tuning on distilled prompts) is not implemented yet (issue #5); nothing was run"
-        )
+    """Raise if this stage cannot run with ``config`` (every valid config can)."""
 
 
-def _examples_for(config: Any, run_dir: RunDir) -> tuple[list[Any] | None, str | None]:
+#: Where the decoded prompt text goes in text mode: before the first user message's content.
+PROMPT_TEXT_SEPARATOR = "\n"
+
+
+def with_prompt_text(example: Any, prompt_text: str) -> Any:
+    """The example with ``prompt_text`` + newline prepended to its first user message (text mode).
+
+    The chat template (or the fallback format) then renders it inside the user turn, so the
+    pseudo tokens sit where the prompt vectors sit for the distilling model: before the
+    instruction, after the template's own header tokens.
+    """
+    from dataclasses import replace
+
+    messages = [dict(m) for m in example.messages]
+    first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[first]["content"] = prompt_text + PROMPT_TEXT_SEPARATOR + messages[first]["content"]
+    return replace(example, messages=tuple(messages))
+
+
+@dataclass(frozen=True)
+class PromptedExample:
+    """A tokenized example with its k distilled prompt vectors (embeddings mode)."""
+
+    example: Any
+    prompt: Any  # (k, d)
+
+    @property
+    def labels(self) -> list[int]:
+        return self.example.labels
+
+
+class PromptedForward:
+    """Loss on concat(prompt vectors, text embeddings) through the shared loop (embeddings mode)."""
+
+    def __init__(self, model: Any):
+        from nacd.tm import embed_scale
+        from nacd.train import SparseLogitsForward, causal_lm
+
+        self.embed = causal_lm(model).get_input_embeddings()
+        self.scale = embed_scale(self.embed)
+        self.sparse = SparseLogitsForward()
+        self.ready: bool | None = None
+
+    def collate(self, items: list[PromptedExample], pad_token_id: int) -> dict[str, Any]:
+        import torch
+
+        from nacd.data import collate
+
+        return {
+            **collate([it.example for it in items], pad_token_id),
+            "prompts": torch.stack([it.prompt for it in items]),
+        }
+
+    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+        import torch
+
+        from nacd.tm import prompted_inputs
+        from nacd.train import default_forward
+
+        inputs = prompted_inputs(self.embed, self.scale, batch["prompts"], batch)
+        if self.ready is None:
+            with torch.no_grad():
+                self.ready = self.sparse.install(model, inputs)
+        return (self.sparse if self.ready else default_forward)(model, inputs)
+
+    def close(self) -> None:
+        self.sparse.remove()
+
+
+def _examples_for(config: Any, run_dir: RunDir) -> tuple[list[Any] | None, str | None, Any]:
+    """(examples or None for D_full, where they came from, the distilled set or None)."""
     from nacd.data import load_corpus
 
-    check(config)
-    if config.finetune.dataset == "full":
-        return None, None
-    ids_path = Path(config.finetune.ids_file) if config.finetune.ids_file else run_dir.select_dir / "selection.json"
+    fc = config.finetune
+    if fc.dataset == "full":
+        return None, None, None
+    if fc.dataset == "distilled":
+        from nacd.distill import DistilledSet
+
+        ds = DistilledSet.load(run_dir.distill_dir)
+        corpus, _ = load_corpus(config.data)
+        return select_examples(corpus, ds.ids, str(ds.folder / "records.jsonl")), str(ds.folder), ds
+    ids_path = Path(fc.ids_file) if fc.ids_file else run_dir.select_dir / "selection.json"
     if not ids_path.is_file():
         raise NacdError(
             f"finetune.dataset=selected: no selection at {ids_path}; run `nacd select` first "
@@ -94,7 +166,18 @@ def _examples_for(config: Any, run_dir: RunDir) -> tuple[list[Any] | None, str |
         )
     ids = read_ids(ids_path)
     examples, _ = load_corpus(config.data)
-    return select_examples(examples, ids, str(ids_path)), str(ids_path)
+    return select_examples(examples, ids, str(ids_path)), str(ids_path), None
+
+
+def prompt_mode(config: Any, distilled: Any) -> str | None:
+    """embeddings or text for a distilled set (auto: embeddings when tuning the distilling model)."""
+    if distilled is None:
+        return None
+    mode = config.finetune.prompt_mode
+    if mode == "auto":
+        spec = config.finetune.model or config.model.spec
+        mode = "embeddings" if spec == distilled.manifest["base_model"]["spec"] else "text"
+    return mode
 
 
 def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
@@ -102,18 +185,38 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     fc = config.finetune
     variant = fc.name or fc.dataset
     folder = run_dir.finetune_dir(variant)
-    examples, ids_path = _examples_for(config, run_dir)  # fails before any loading if data is missing
+    examples, source, distilled = _examples_for(config, run_dir)  # fails before loading a model if data is missing
+    mode = prompt_mode(config, distilled)
+    if mode == "text":
+        by_id = {r["id"]: r["prompt_text"] for r in distilled.records}
+        examples = [with_prompt_text(ex, by_id[ex.id]) for ex in examples]
     run_dir.init(config)
     setup_logging(config.run.log_level, run_dir.log_path)
-    setup = setup_training(config, examples)
+    model_cfg = replace(config.model, spec=fc.model) if fc.model else config.model
+    setup = setup_training(config, examples, model_cfg)
     seed = config.run.seed if fc.seed is None else fc.seed
+    dataset, collate, forward = setup.data, setup.collate, None
+    if mode == "embeddings":
+        if setup.base_fingerprint != distilled.manifest["base_model"]["fingerprint"]:
+            raise NacdError(
+                f"finetune.prompt_mode=embeddings: {model_cfg.spec!r} is not the model that distilled "
+                f"{distilled.folder} ({distilled.manifest['base_model']['spec']!r}); use prompt_mode=text"
+            )
+        forward = PromptedForward(setup.model)
+        dataset = [PromptedExample(ex, distilled.embeddings(ex.id)) for ex in setup.data]
+
+        def collate(items: list[PromptedExample]) -> dict[str, Any]:
+            return forward.collate(items, setup.tokenizer.pad_token_id)
+
     identity = {
-        "base_model": {"spec": config.model.spec, "fingerprint": setup.base_fingerprint},
+        "base_model": {"spec": model_cfg.spec, "fingerprint": setup.base_fingerprint},
         "lora": {**asdict(config.lora), "target_modules": setup.lora_targets},
         "train": asdict(fc.train),
         "seed": seed,
         "data_hash": setup.data_hash,
         "dataset": fc.dataset,
+        "prompt_mode": mode,
+        "distilled": {"created": distilled.manifest["created"], "alpha": distilled.alpha} if distilled else None,
     }
     existing = read_manifest(folder, KIND)
     if existing is not None:
@@ -125,9 +228,10 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     init_lora(setup.model, seed)
     loop = TrainLoop(
         model=setup.model,
-        dataset=setup.data,
+        dataset=dataset,
         cfg=fc.train,
-        collate=setup.collate,
+        collate=collate,
+        forward=forward,
         seed=seed,
         callbacks=[CheckpointEvery(fc.train.checkpoint_every)],
         checkpoint_dir=folder / "checkpoint",
@@ -137,7 +241,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     manifest = {
         **identity,
         "variant": variant,
-        "ids_file": ids_path,
+        "data_source": source,
         "n_examples": len(setup.data),
         "ids": [ex.id for ex in setup.data] if examples is not None else None,
         "total_steps": loop.total_steps,
@@ -145,7 +249,11 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     }
     if loop.is_main:
         write_manifest(folder, KIND, **manifest)
-    state = loop.run()
+    try:
+        state = loop.run()
+    finally:
+        if forward is not None:
+            forward.close()
     if loop.is_main:
         with atomic_dir(folder / "adapter") as tmp:
             setup.model.save_pretrained(tmp)

@@ -13,8 +13,19 @@ from typing import Any
 STAGES = ("select", "experts", "distill", "finetune", "evaluate")
 
 
+def check(config: Any) -> None:
+    """The protocol (variants baseline / FULL / SEL / SEL+NACD on two models, seeds, report) is issue #5."""
+    from nacd.errors import StageNotImplementedError
+
+    raise StageNotImplementedError(
+        "nacd run (the paper's protocol: variants, seeds, report) is not implemented yet (issue #5); nothing was run. "
+        "Run the stages one by one: nacd select, experts, distill, finetune, eval"
+    )
+
+
 def run(config: Any, run_dir: Any) -> dict[str, Any]:
     """Check that every stage can run with ``config`` (before any work), then run them in order."""
+    check(config)
     stages = [importlib.import_module(f"nacd.{name}") for name in STAGES]
     for stage in stages:
         stage.check(config)

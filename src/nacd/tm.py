@@ -91,6 +91,25 @@ def initial_prompts(kind: str, vocab: Any, n: int, k: int, seed: int) -> Any:
 # --------------------------------------------------------------------------- the student
 
 
+def embed_scale(embed: Any) -> float:
+    """The factor an embedding module applies to its rows (Gemma: sqrt(hidden)); 1 for most models."""
+    return float(getattr(embed, "embed_scale", 1.0))
+
+
+def prompted_inputs(embed: Any, scale: float, prompts: Any, text: dict[str, Any]) -> dict[str, Any]:
+    """``inputs_embeds = concat(prompts * scale, E(input_ids))`` with the attention mask and labels
+    extended over the k prompt positions (attended, no loss). Prompts live in the raw vocabulary
+    space (Eq. 3), so they get the same scale the embedding module gives token rows."""
+    b, k = prompts.shape[:2]
+    with torch.no_grad():
+        embeds = embed(text["input_ids"])
+    return {
+        "inputs_embeds": torch.cat([(prompts * scale).to(embeds.dtype), embeds], dim=1),
+        "attention_mask": torch.cat([text["attention_mask"].new_ones(b, k), text["attention_mask"]], dim=1),
+        "labels": torch.cat([text["labels"].new_full((b, k), IGNORE_INDEX), text["labels"]], dim=1),
+    }
+
+
 class Student:
     """The distilling model as a function of its LoRA tensors: the loss of one student step.
 
@@ -112,9 +131,7 @@ class Student:
         embed = causal_lm(model).get_input_embeddings()
         self.embed = embed
         self.vocab = embed.weight
-        # Gemma-style models scale token embeddings inside the embedding module; prompts live in
-        # the raw vocabulary space (Eq. 3), so they are scaled the same way before entering the model.
-        self.embed_scale = float(getattr(embed, "embed_scale", 1.0))
+        self.embed_scale = embed_scale(embed)
         self.sparse = SparseLogitsForward()
         self._sparse_ready: bool | None = None  # decided on the first batch
 
@@ -129,15 +146,7 @@ class Student:
 
     def inputs(self, prompts: Any, text: dict[str, Any]) -> dict[str, Any]:
         """The model inputs of a step: concat(prompts, E(text)), prompt positions without loss."""
-        b, k = prompts.shape[:2]
-        with torch.no_grad():
-            embeds = self.embed(text["input_ids"])
-        dtype = embeds.dtype
-        return {
-            "inputs_embeds": torch.cat([(prompts * self.embed_scale).to(dtype), embeds], dim=1),
-            "attention_mask": torch.cat([text["attention_mask"].new_ones(b, k), text["attention_mask"]], dim=1),
-            "labels": torch.cat([text["labels"].new_full((b, k), IGNORE_INDEX), text["labels"]], dim=1),
-        }
+        return prompted_inputs(self.embed, self.embed_scale, prompts, text)
 
     def _call(self, theta: Sequence[Any]) -> Any:
         from torch.func import functional_call

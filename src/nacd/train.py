@@ -623,12 +623,13 @@ def tokenized_hash(data: Sequence[Any]) -> str:
     return digest.hexdigest()
 
 
-def setup_training(config: Any, examples: Sequence[Any] | None = None) -> TrainingSetup:
-    """Load ``config.model``, tokenize the corpus (``examples`` or ``config.data``), add LoRA."""
+def setup_training(config: Any, examples: Sequence[Any] | None = None, model_cfg: Any = None) -> TrainingSetup:
+    """Load ``model_cfg`` (default ``config.model``), tokenize the corpus (``examples`` or
+    ``config.data``), add LoRA."""
     from nacd.data import load_corpus, tokenize_corpus
     from nacd.models import load_model, model_fingerprint, resolve_device
 
-    model, tokenizer = load_model(config.model, resolve_device(config.run.device))
+    model, tokenizer = load_model(model_cfg or config.model, resolve_device(config.run.device))
     fingerprint = model_fingerprint(model)
     report = None
     if examples is None:
