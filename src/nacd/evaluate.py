@@ -37,7 +37,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,9 @@ FEWSHOT_DELIMITER = "\n\n"
 #: Descriptions put before the shots; ``{subject}`` is the subject with ``_`` read as spaces.
 MMLU_LETTER_DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 MMLU_TEXT_DESCRIPTION = "The following are questions (with answers) about {subject}.\n\n"
+
+#: Contexts that agree on this many first tokens are batched together and share their common prefix.
+SHARED_PREFIX_MIN = 64
 
 #: lm-eval's HFLM max length when neither the model config nor the tokenizer gives one.
 DEFAULT_MAX_LENGTH = 2048
@@ -181,11 +184,9 @@ def doc_from_record(record: dict[str, Any], where: str, default_id: str, subject
 
 
 def _read_jsonl_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    try:
-        fh = open(path, encoding="utf-8-sig")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from None
-    with fh:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8-sig") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -330,7 +331,9 @@ def _folder_benchmark(name: str, folder: Path, split: str, fewshot_split: str | 
         )
     docs = load_jsonl_docs(path)
     candidates = [fewshot_split] if fewshot_split else ["dev", "train"]
-    pool_path = next((folder / f"{s}.jsonl" for s in candidates if s != split and (folder / f"{s}.jsonl").is_file()), None)
+    pool_path = next(
+        (folder / f"{s}.jsonl" for s in candidates if s != split and (folder / f"{s}.jsonl").is_file()), None
+    )
     pool = load_jsonl_docs(pool_path) if pool_path else []
     return Benchmark(name, docs, str(path), split, protocol, 0, pool, str(pool_path) if pool_path else None)
 
@@ -443,12 +446,14 @@ def _tok_encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add)["input_ids"])
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer: Any, context: str, continuation: str, cache: dict[str, list[int]] | None = None
+) -> tuple[list[int], list[int]]:
     """Token ids of (context, continuation) exactly as lm-eval's ``HFLM`` makes them.
 
     Trailing spaces of the context move to the continuation; context + continuation are encoded
     together and the ids after the context's own encoding are the continuation. An empty context
-    becomes the BOS (else EOS) token.
+    becomes the BOS (else EOS) token. ``cache`` (context text -> ids) saves encoding a context again.
     """
     if context == "":
         cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
@@ -459,8 +464,11 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
     whole = _tok_encode(tokenizer, context + continuation)
-    ctx = _tok_encode(tokenizer, context)
-    return ctx, whole[len(ctx) :]
+    if cache is None:
+        ctx = _tok_encode(tokenizer, context)
+    elif (ctx := cache.get(context)) is None:
+        ctx = cache[context] = _tok_encode(tokenizer, context)
+    return list(ctx), whole[len(ctx) :]
 
 
 def model_max_length(model: Any, tokenizer: Any) -> int:
@@ -496,6 +504,16 @@ class _Group:
         """Positions at the end of the row whose logits are needed: the last context token and the choices."""
         return 1 + sum(len(c) - 1 for c in self.continuations)
 
+    @property
+    def packed_choices(self) -> int:
+        """Continuations with tokens in the packed row (all but their last token is fed)."""
+        return sum(len(c) > 1 for c in self.continuations)
+
+    @property
+    def fits(self) -> int:
+        """The longest request's input length (lm-eval feeds context + continuation minus its last token)."""
+        return len(self.context) + max(len(c) for c in self.continuations) - 1
+
 
 def _sliding(config: Any) -> tuple[int | None, bool]:
     """(sliding window, whether only some layers slide) of a model config."""
@@ -508,24 +526,27 @@ def _sliding(config: Any) -> tuple[int | None, bool]:
     return window, len(types) > 1
 
 
-def _packed_batch(groups: Sequence[_Group], config: Any, dtype: Any, device: Any) -> tuple[dict[str, Any], int, list]:
-    """Model inputs of a batch of packed, left-padded rows; the kept-logits count; where each continuation
-    token's log-prob is read (row, kept position, token id) per group and continuation."""
+def _packed_batch(
+    groups: Sequence[_Group], config: Any, dtype: Any, device: Any, prefix: int = 0
+) -> tuple[dict[str, Any], int, list]:
+    """Model inputs of a batch of packed, left-padded rows that follow ``prefix`` cached context tokens;
+    the kept-logits count; where each continuation token's log-prob is read (kept position, token ids)."""
     import torch
 
-    width = max(g.packed_len for g in groups)
+    width = max(g.packed_len for g in groups) - prefix
     keep = max(g.scored_tail for g in groups)
     ids = torch.zeros(len(groups), width, dtype=torch.long)
     pos = torch.zeros(len(groups), width, dtype=torch.long)
     seg = torch.full((len(groups), width), -1, dtype=torch.long)  # -1 pad, 0 context, i + 1 choice i
     reads = []
     for r, g in enumerate(groups):
-        off = width - g.packed_len
+        off = width - (g.packed_len - prefix)
         n_ctx = len(g.context)
-        ids[r, off : off + n_ctx] = torch.tensor(g.context)
-        pos[r, off : off + n_ctx] = torch.arange(n_ctx)
-        seg[r, off : off + n_ctx] = 0
-        at = off + n_ctx
+        ids[r, off : off + n_ctx - prefix] = torch.tensor(g.context[prefix:])
+        pos[r, off : off + n_ctx - prefix] = torch.arange(prefix, n_ctx)
+        seg[r, off : off + n_ctx - prefix] = 0
+        at = off + n_ctx - prefix
+        last_ctx = at - 1
         group_reads = []
         for i, cont in enumerate(g.continuations):
             n = len(cont) - 1
@@ -534,7 +555,7 @@ def _packed_batch(groups: Sequence[_Group], config: Any, dtype: Any, device: Any
                 pos[r, at : at + n] = torch.arange(n_ctx, n_ctx + n)
                 seg[r, at : at + n] = i + 1
             # token j of the continuation is predicted at the last context token (j = 0) or at its token j - 1
-            where = [off + n_ctx - 1] + list(range(at, at + n))
+            where = [last_ctx, *range(at, at + n)]
             group_reads.append(([w - (width - keep) for w in where], cont))
             at += n
         reads.append(group_reads)
@@ -542,12 +563,16 @@ def _packed_batch(groups: Sequence[_Group], config: Any, dtype: Any, device: Any
     order = torch.arange(width)
     allowed = (order[None, :, None] >= order[None, None, :]) & (k >= 0) & ((k == 0) | (k == q)) & (q >= 0)
     allowed |= torch.eye(width, dtype=torch.bool)[None]  # pads attend to themselves: no empty softmax rows
+    if prefix:  # every row sees the cached prefix
+        allowed = torch.cat([torch.ones(len(groups), width, prefix, dtype=torch.bool), allowed], dim=-1)
     window, hybrid = _sliding(config)
     masks: Any
     if window is not None and int(pos.max()) >= window:
+        assert not prefix, "no shared prefix with a sliding window"
         near = (pos[:, :, None] - pos[:, None, :]) < window
-        full_mask, slide_mask = _additive(allowed, dtype, device), _additive(allowed & (near | ~(q >= 0)), dtype, device)
-        masks = {"full_attention": full_mask, "sliding_attention": slide_mask} if hybrid else slide_mask
+        slide_mask = _additive(allowed & near, dtype, device)
+        masks = {"full_attention": _additive(allowed, dtype, device), "sliding_attention": slide_mask}
+        masks = masks if hybrid else slide_mask
     else:
         masks = _additive(allowed, dtype, device)
     inputs = {"input_ids": ids.to(device), "position_ids": pos.to(device), "attention_mask": masks}
@@ -563,39 +588,43 @@ def _additive(allowed: Any, dtype: Any, device: Any) -> Any:
     return mask[:, None].to(device)
 
 
-def _forward_logits(model: Any, inputs: dict[str, Any], keep: int) -> Any:
-    """Logits of the last ``keep`` positions (the vocabulary projection skips the others when the model allows)."""
+def _forward(model: Any, inputs: dict[str, Any], keep: int) -> Any:
+    """The model's output with logits for the last ``keep`` positions only, where the model allows it."""
     try:
-        out = model(**inputs, use_cache=False, logits_to_keep=keep)
+        return model(**inputs, logits_to_keep=keep)
     except TypeError as exc:
         if "logits_to_keep" not in str(exc):
             raise
-        out = model(**inputs, use_cache=False)
-    return out.logits[:, -keep:]
+        return model(**inputs)
 
 
-def _score_packed(model: Any, groups: Sequence[_Group]) -> list[list[tuple[float, int]]]:
-    """Log-prob and token count of every continuation of ``groups``, in one forward pass."""
+def _score_packed(model: Any, groups: Sequence[_Group], prefix: int = 0) -> list[list[tuple[float, int]]]:
+    """Log-prob and token count of every continuation of ``groups``, in one forward pass (two with a
+    shared ``prefix``: its first ``prefix`` context tokens, the same in every group, run once and are cached)."""
     import torch
 
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    inputs, keep, reads = _packed_batch(groups, model.config, dtype, device)
-    logits = _forward_logits(model, inputs, keep)
+    param = next(model.parameters())
+    inputs, keep, reads = _packed_batch(groups, model.config, param.dtype, param.device, prefix)
+    if prefix:
+        head = torch.tensor([groups[0].context[:prefix]], device=param.device)
+        cache = _forward(model, {"input_ids": head, "use_cache": True}, 1).past_key_values
+        cache.batch_repeat_interleave(len(groups))
+        inputs.update(past_key_values=cache, use_cache=True)
+    else:
+        inputs["use_cache"] = False
+    logits = _forward(model, inputs, keep).logits[:, -keep:]
     out = []
     for r, group_reads in enumerate(reads):
         rows = []
         for where, cont in group_reads:
             picked = logits[r, where].float()  # [len(cont), vocab]
-            lp = torch.log_softmax(picked, dim=-1).gather(-1, torch.tensor(cont, device=device)[:, None])
+            lp = torch.log_softmax(picked, dim=-1).gather(-1, torch.tensor(cont, device=param.device)[:, None])
             rows.append((float(lp.sum()), len(cont)))
         out.append(rows)
     return out
 
 
-def _score_plain(
-    model: Any, pairs: Sequence[tuple[list[int], list[int]]], max_length: int
-) -> list[tuple[float, int]]:
+def _score_plain(model: Any, pairs: Sequence[tuple[list[int], list[int]]], max_length: int) -> list[tuple[float, int]]:
     """lm-eval's way: one right-padded row per (context, continuation), truncated from the left."""
     import torch
 
@@ -627,8 +656,48 @@ def _group_requests(encoded: Sequence[tuple[list[int], list[int]]]) -> list[_Gro
     return list(groups.values())
 
 
-def _close(a: Sequence[tuple[float, int]], b: Sequence[tuple[float, int]], tol: float) -> bool:
-    return all(abs(x[0] - y[0]) <= tol * max(1.0, abs(y[0])) for x, y in zip(a, b, strict=True))
+def _common_prefix(contexts: Sequence[Sequence[int]]) -> int:
+    first = contexts[0]
+    n = min(len(c) for c in contexts)
+    for c in contexts[1:]:
+        n = next((i for i in range(n) if c[i] != first[i]), n)
+    return n
+
+
+def _plan(groups: Sequence[_Group], batch_size: int, share: bool) -> list[tuple[list[_Group], int]]:
+    """Batches of groups and the length of the context prefix they share (0: none to share).
+
+    Contexts that agree on their first :data:`SHARED_PREFIX_MIN` tokens (MMLU's description and
+    shots of one subject) are batched together and their common prefix runs once per batch;
+    the rest are batched by length, longest first, as lm-eval does (memory errors show at once).
+    """
+    buckets: dict[tuple[int, ...], list[_Group]] = {}
+    singles: list[_Group] = []
+    for g in groups:
+        if share and len(g.context) > SHARED_PREFIX_MIN:
+            buckets.setdefault(tuple(g.context[:SHARED_PREFIX_MIN]), []).append(g)
+        else:
+            singles.append(g)
+    plan: list[tuple[list[_Group], int]] = []
+    for members in buckets.values():
+        if len(members) == 1:
+            singles.extend(members)
+            continue
+        members.sort(key=lambda g: -g.packed_len)
+        for start in range(0, len(members), batch_size):
+            batch = members[start : start + batch_size]
+            shared = min(_common_prefix([g.context for g in batch]), min(len(g.context) for g in batch) - 1)
+            plan.append((batch, shared if len(batch) > 1 and shared >= SHARED_PREFIX_MIN else 0))
+    singles.sort(key=lambda g: -g.packed_len)
+    plan.extend((singles[i : i + batch_size], 0) for i in range(0, len(singles), batch_size))
+    plan.sort(key=lambda item: -max(g.packed_len - item[1] for g in item[0]))
+    return plan
+
+
+def _close(a: Sequence[tuple[float, int]], b: Sequence[tuple[float, int]], half: bool) -> bool:
+    """Whether packed scores ``a`` equal plain scores ``b`` up to rounding (float32: ~1e-5 seen)."""
+    atol, rtol = (0.1, 1e-2) if half else (5e-4, 1e-5)
+    return all(abs(x[0] - y[0]) <= atol + rtol * abs(y[0]) for x, y in zip(a, b, strict=True))
 
 
 def score_loglikelihood(
@@ -643,70 +712,92 @@ def score_loglikelihood(
     """``(sum of log-probs, number of tokens)`` of each ``(context, continuation)`` request, as lm-eval's
     ``loglikelihood`` computes it (tokenization by :func:`encode_pair`).
 
-    ``method``: ``packed`` scores all requests that share a context in one row (each continuation
-    attends to the context and to itself), ``batch_size`` contexts per forward pass; ``plain`` runs one
-    row per request like lm-eval (``batch_size`` rows per pass); ``auto`` packs, after checking on the
-    first context that packing gives the plain scores (else it warns and runs plain). Contexts too long
-    for the model are always scored plainly (lm-eval's left truncation). ``progress(n)`` is called
-    with the number of contexts done after each pass.
+    ``method``:
+
+    * ``packed``: the requests that share a context are one row (each continuation attends to the
+      context and to itself), ``batch_size`` contexts per forward pass; contexts that share a long
+      token prefix (few-shot examples) are batched together and the prefix runs once per batch;
+    * ``plain``: one row per request, ``batch_size`` rows per pass, like lm-eval;
+    * ``auto``: packed, after checking on the first batch of each kind that it gives the plain scores
+      (if not, it warns and falls back: shared prefix -> packed -> plain).
+
+    Contexts too long for the model are scored plainly (lm-eval's left truncation). ``progress(n)``
+    is called with the number of contexts done after each pass.
     """
     import torch
 
     if method not in ("auto", "packed", "plain"):
         raise ValueError(f"method: expected auto, packed or plain, got {method!r}")
-    encoded = [encode_pair(tokenizer, ctx, cont) for ctx, cont in requests]
+    cache: dict[str, list[int]] = {}
+    encoded = [encode_pair(tokenizer, ctx, cont, cache) for ctx, cont in requests]
     groups = _group_requests(encoded)
     max_length = model_max_length(model, tokenizer)
+    param = next(model.parameters())
     attn = getattr(model.config, "_attn_implementation", None)
     if method != "plain" and attn not in (None, "eager", "sdpa"):
         log.warning("attention %s takes no custom masks: scoring one row per request (slower)", attn)
         method = "plain"
+    half = param.dtype in (torch.float16, torch.bfloat16)
+    verify = {"packed": method == "auto", "shared": method == "auto"}
+    modes = {"packed": method != "plain", "shared": method != "plain" and _sliding(model.config)[0] is None}
     results: list[tuple[float, int] | None] = [None] * len(requests)
 
-    def put(group: _Group, scores: Sequence[tuple[float, int]]) -> None:
-        for i, s in zip(group.indices, scores, strict=True):
-            results[i] = s
-
-    def plain(batch: Sequence[_Group]) -> None:
-        pairs = [(g, c) for g in batch for c in g.continuations]
+    def plain(batch: Sequence[_Group]) -> list[list[tuple[float, int]]]:
+        pairs = [(g.context, c) for g in batch for c in g.continuations]
+        flat = []
         for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            scores = _score_plain(model, [(g.context, c) for g, c in chunk], max_length)
-            for (g, c), s in zip(chunk, scores, strict=True):
-                results[g.indices[g.continuations.index(c)]] = s  # identical continuations score the same
+            flat.extend(_score_plain(model, pairs[start : start + batch_size], max_length))
+        out, at = [], 0
+        for g in batch:
+            out.append(flat[at : at + len(g.continuations)])
+            at += len(g.continuations)
+        return out
 
-    fits = [g for g in groups if len(g.context) + max(len(c) for c in g.continuations) - 1 <= max_length]
-    too_long = [g for g in groups if len(g.context) + max(len(c) for c in g.continuations) - 1 > max_length]
-    if too_long:
-        log.warning("%d context(s) longer than the model's %d tokens: truncated from the left", len(too_long), max_length)
-    fits.sort(key=lambda g: -g.packed_len)  # longest first, as lm-eval: memory errors show at once
-    with torch.no_grad():
-        if method == "auto" and fits:
-            probe = min(fits, key=lambda g: g.packed_len)
-            packed, reference = _score_packed(model, [probe])[0], _score_plain(model, list(zip([probe.context] * len(probe.continuations), probe.continuations, strict=True)), max_length)
-            tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
-            if _close(packed, reference, tol):
-                method = "packed"
-            else:
+    def packed(batch: list[_Group], prefix: int) -> list[list[tuple[float, int]]]:
+        prefix = prefix if modes["shared"] else 0
+        if not modes["packed"]:
+            return plain(batch)
+        kind = "shared" if prefix else "packed"
+        try:
+            scores = _score_packed(model, batch, prefix)
+        except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            if not verify[kind]:
+                raise
+            log.warning("%s scoring fails on this model (%s: %s): not used", kind, type(exc).__name__, exc)
+            modes[kind] = verify[kind] = False
+            return packed(batch, 0) if prefix else plain(batch)
+        if verify[kind]:
+            verify[kind] = False
+            # the shortest of the contexts with the most multi-token choices: packing errors show there
+            probe = min(range(len(batch)), key=lambda i: (-batch[i].packed_choices, batch[i].packed_len))
+            reference = plain([batch[probe]])[0]
+            if not _close(scores[probe], reference, half):
                 log.warning(
-                    "packed scoring differs from plain scoring on this model (%s vs %s): scoring one row per request",
-                    [round(s, 4) for s, _ in packed],
+                    "%s scoring differs from plain scoring on this model (%s vs %s): not used",
+                    "shared-prefix" if prefix else "packed",
+                    [round(s, 4) for s, _ in scores[probe]],
                     [round(s, 4) for s, _ in reference],
                 )
-                method = "plain"
-        for start in range(0, len(fits), batch_size):
-            batch = fits[start : start + batch_size]
-            if method == "packed":
-                for g, scores in zip(batch, _score_packed(model, batch), strict=True):
-                    put(g, scores)
-            else:
-                plain(batch)
+                modes[kind] = False
+                return packed(batch, 0) if prefix else plain(batch)
+        return scores
+
+    fits = [g for g in groups if g.fits <= max_length]
+    too_long = [g for g in groups if g.fits > max_length]
+    if too_long:
+        log.warning("%d context(s) longer than the model's %d tokens: cut from the left", len(too_long), max_length)
+    plan = _plan(fits, batch_size, modes["shared"])
+    plan += [(too_long[i : i + batch_size], -1) for i in range(0, len(too_long), batch_size)]
+    with torch.no_grad():
+        for batch, prefix in plan:
+            scores = plain(batch) if prefix < 0 else packed(batch, prefix)
+            for g, group_scores in zip(batch, scores, strict=True):
+                for i, s in zip(g.indices, group_scores, strict=True):
+                    results[i] = s
             if progress is not None:
                 progress(len(batch))
-        for start in range(0, len(too_long), batch_size):
-            plain(too_long[start : start + batch_size])
-            if progress is not None:
-                progress(len(too_long[start : start + batch_size]))
+    missing = [i for i, r in enumerate(results) if r is None]
+    assert not missing, f"requests {missing[:5]} were not scored"
     return [r for r in results if r is not None]
 
 
@@ -913,7 +1004,15 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
     ``<run>/eval/<name>/``. A complete evaluation with the same model, adapter and settings is skipped."""
     from dataclasses import asdict
 
-    from nacd.artifacts import atomic_dir, atomic_write_json, atomic_write_text, read_manifest, setup_logging
+    from nacd.artifacts import (
+        atomic_dir,
+        atomic_write_json,
+        atomic_write_text,
+        read_manifest,
+        setup_logging,
+        sha256_json,
+        write_manifest,
+    )
     from nacd.models import describe, load_model, model_fingerprint, resolve_device
 
     check(config)
@@ -927,7 +1026,14 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
     identity = {
         "model": {"spec": config.model.spec, "fingerprint": model_fingerprint(model)},
         "adapter": _adapter_identity(ec.adapter),
-        "benchmarks": {b.name: {"source": b.source, "n_available": len(b.docs)} for b in benchmarks},
+        "benchmarks": {
+            b.name: {
+                "source": b.source,
+                "n_available": len(b.docs),
+                "data_hash": sha256_json([asdict(d) for d in (*b.docs, *b.fewshot_pool)]),
+            }
+            for b in benchmarks
+        },
         "split": ec.split,
         "protocol": ec.protocol,
         "num_fewshot": ec.num_fewshot,
@@ -953,8 +1059,6 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
     with atomic_dir(folder) as tmp:
         atomic_write_json(tmp / "results.json", body)
         atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        from nacd.artifacts import write_manifest
-
         write_manifest(
             tmp,
             KIND,
@@ -967,8 +1071,3 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
         )
     log.info("eval %s: results in %s", name, folder / "results.json")
     return body
-
-
-def _iter_lines(samples: Iterable[dict[str, Any]]) -> Iterator[str]:  # pragma: no cover - kept for readers
-    for s in samples:
-        yield json.dumps(s) + "\n"
