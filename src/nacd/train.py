@@ -420,7 +420,7 @@ class TrainLoop:
         acc = self.accelerator
         return batch[acc.process_index :: acc.num_processes]
 
-    def _step(self, batch: list[int]) -> tuple[float, int]:
+    def _step(self, batch: list[int]) -> tuple[float, int, float]:
         import torch
 
         acc = self.accelerator
@@ -461,15 +461,15 @@ class TrainLoop:
             )
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))  # the norm before clipping
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return mean_loss, n_global
+        return mean_loss, n_global, grad_norm
 
     # ------------------------------------------------------------------ run
     def _fire(self, hook: str) -> None:
@@ -524,7 +524,7 @@ class TrainLoop:
                 batches = global_batches(order, self.cfg.batch_size)
                 while self.state.batch_in_epoch < len(batches) and not self.done:
                     start = time.perf_counter()
-                    loss, n_tok = self._step(batches[self.state.batch_in_epoch])
+                    loss, n_tok, grad_norm = self._step(batches[self.state.batch_in_epoch])
                     elapsed = time.perf_counter() - start
                     st = self.state
                     st.step += 1
@@ -543,6 +543,7 @@ class TrainLoop:
                             epoch=st.epoch + st.batch_in_epoch / len(batches),
                             loss=loss,
                             lr=self.optimizer.param_groups[0]["lr"],
+                            grad_norm=grad_norm,
                             loss_tokens=n_tok,
                             tokens_per_s=tps,
                             step_s=elapsed,
