@@ -482,6 +482,7 @@ def plot_history(ds_or_folder: DistilledSet | Path, out: Path | None = None) -> 
             [r["iteration"] for r in sub], [r["l_distill"] for r in sub], "o-", ms=3, lw=1, label=f"start epoch {t}"
         )
     axes[0].legend(fontsize=8)
+    axes[0].set_yscale("log")  # unstable student steps give rare spikes two orders of magnitude up
     axes[1].plot(it, [r["l_reg"] for r in rows], lw=1.2)
     axes[2].plot(it, [r["alpha"] for r in rows], lw=1.2)
     for ax, title in zip(axes, ("L_distill (Eq. 2)", "L_reg (Eq. 3)", "alpha (student lr)"), strict=True):
