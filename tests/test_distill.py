@@ -56,6 +56,8 @@ def test_distillation_learns_and_writes_a_self_describing_set(prepared, capsys):
     last = sum(h["l_distill"] for h in hist[-5:]) / 5
     assert last < 0.8 * first, (first, last)
     assert all(not h["skipped"] for h in hist)
+    assert all(len(h["student_grad_norms"]) == len(h["student_losses"]) == 2 for h in hist)  # N = 2 steps
+    assert all(g > 0 for h in hist for g in h["student_grad_norms"])
     assert hist[-1]["alpha"] != pytest.approx(0.2)  # the learnable lr moved
 
     # the artifact

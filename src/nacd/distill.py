@@ -216,6 +216,7 @@ def distill(
             theta_t, target = snapshot(run, t), snapshot(run, t + dc.expert_epochs)
             for opt in opts.values():
                 opt.zero_grad(set_to_none=True)
+            student.steps.clear()
             theta_n = unroll(dc.unroll, student, theta_t, log_alpha.exp(), syn, batches, dc.fd_eps)
             l_distill = matching_loss(theta_n, target, theta_t)
             used = torch.unique(torch.cat(batches))
@@ -232,6 +233,9 @@ def distill(
                 "l_distill": float(l_distill),
                 "l_reg": float(l_reg),
                 "loss": float(loss),
+                # the student's own N steps (forward pass): their losses and LoRA-gradient norms
+                "student_losses": [round(x, 5) for x, _ in student.steps[: dc.syn_steps]],
+                "student_grad_norms": [round(x, 5) for _, x in student.steps[: dc.syn_steps]],
             }
             if not finite:
                 state.bad_in_a_row += 1

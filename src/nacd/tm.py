@@ -134,6 +134,7 @@ class Student:
         self.embed_scale = embed_scale(embed)
         self.sparse = SparseLogitsForward()
         self._sparse_ready: bool | None = None  # decided on the first batch
+        self.steps: list[tuple[float, float]] = []  # (loss, gradient norm) of each step of the last unroll
 
     @property
     def device(self) -> Any:
@@ -170,6 +171,11 @@ class Student:
         loss_sum, n = forward(self._call(theta), batch)
         return loss_sum / max(1, n)
 
+    def record_step(self, loss: Any, grads: Sequence[Any]) -> None:
+        """Keep the loss and LoRA-gradient norm of each student step of the current unroll (for the history)."""
+        norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads))
+        self.steps.append((float(loss.detach()), float(norm)))
+
     def close(self) -> None:
         self.sparse.remove()
 
@@ -183,6 +189,7 @@ def unroll_naive(student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, 
     for idx in batches:
         loss = student.step_loss(theta, syn[idx], student.text_batch(idx.tolist()))
         grads = torch.autograd.grad(loss, theta, create_graph=True)
+        student.record_step(loss, grads)
         theta = [t - alpha * g for t, g in zip(theta, grads, strict=True)]
     return theta
 
@@ -203,6 +210,7 @@ def _forward_steps(
             wrt = [*th, p] if with_p else th
             g = torch.autograd.grad(loss, wrt)
         grads.append([x.detach() for x in g])
+        student.record_step(loss, g[: len(theta)])
         theta = [t - alpha * gi.detach() for t, gi in zip(theta, g[: len(theta)], strict=True)]
     return thetas, grads, theta
 
