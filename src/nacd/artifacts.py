@@ -211,10 +211,6 @@ class RunDir:
     def eval_dir(self, variant: str) -> Path:
         return self.root / "eval" / variant
 
-    @property
-    def report_dir(self) -> Path:
-        return self.root / "report"
-
     def init(self, config: Any) -> RunDir:
         """Create the folder and save the resolved config; an earlier different config is kept aside."""
         from nacd.config import dump_yaml
@@ -251,6 +247,17 @@ def setup_logging(level: str = "INFO", log_file: str | Path | None = None) -> No
             root.addHandler(fh)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def read_matching_manifest(
+    folder: str | Path, kind: str, identity: Mapping[str, Any], hint: str
+) -> dict[str, Any] | None:
+    """The manifest of an artifact folder (None if it has none), after checking that it was made
+    with ``identity``: the caller then skips it when ``complete`` or resumes it otherwise."""
+    existing = read_manifest(folder, kind)
+    if existing is not None:
+        check_identity(folder, existing, identity, hint)
+    return existing
 
 
 def check_identity(folder: str | Path, existing: Mapping[str, Any], identity: Mapping[str, Any], hint: str) -> None:

@@ -41,6 +41,7 @@ from nacd.artifacts import (
     check_identity,
     read_jsonl,
     read_manifest,
+    read_matching_manifest,
     setup_logging,
     write_manifest,
 )
@@ -363,12 +364,11 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     alpha0 = config.distill.lr_init or float(store.manifest(store.runs[0])["train"]["lr"])
     identity = _identity(config, fingerprint, ids, tokenized_hash(data), alpha0)
     folder = run_dir.distill_dir
-    existing = read_manifest(folder, KIND)
-    if existing is not None:
-        check_identity(folder, existing, identity, f"delete {folder} to distill again with these settings")
-        if existing.get("complete") and existing.get("iterations") == config.distill.iterations:
-            log.info("distill: complete in %s, skipped", folder)
-            return DistilledSet.load(folder)
+    hint = f"delete {folder} to distill again with these settings"
+    existing = read_matching_manifest(folder, KIND, identity, hint)
+    if existing is not None and existing.get("complete") and existing.get("iterations") == config.distill.iterations:
+        log.info("distill: complete in %s, skipped", folder)
+        return DistilledSet.load(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_manifest(folder, KIND, **identity, complete=False)
     student = Student(model, data, tokenizer.pad_token_id)

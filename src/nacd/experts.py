@@ -32,8 +32,8 @@ from nacd.artifacts import (
     MetricsWriter,
     RunDir,
     atomic_save_safetensors,
-    check_identity,
     read_manifest,
+    read_matching_manifest,
     setup_logging,
     write_manifest,
 )
@@ -102,12 +102,10 @@ def train_expert(config: Any, setup: TrainingSetup, folder: Path, index: int) ->
     """Train (or finish, or skip) expert ``index`` into ``folder``; returns its manifest."""
     seed = config.run.seed + index
     identity = _identity(config, setup, seed)
-    existing = read_manifest(folder, KIND)
-    if existing is not None:
-        check_identity(folder, existing, identity, f"delete {folder} or choose another run.out_dir")
-        if existing.get("complete"):
-            log.info("expert %d: complete in %s, skipped", index, folder)
-            return existing
+    existing = read_matching_manifest(folder, KIND, identity, f"delete {folder} or choose another run.out_dir")
+    if existing is not None and existing.get("complete"):
+        log.info("expert %d: complete in %s, skipped", index, folder)
+        return existing
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {**identity, "index": index, "snapshots": (existing or {}).get("snapshots", []), "complete": False}
     init_lora(setup.model, seed)

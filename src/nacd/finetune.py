@@ -26,8 +26,7 @@ from nacd.artifacts import (
     MetricsWriter,
     RunDir,
     atomic_dir,
-    check_identity,
-    read_manifest,
+    read_matching_manifest,
     setup_logging,
     write_manifest,
 )
@@ -218,12 +217,10 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
         "prompt_mode": mode,
         "distilled": {"created": distilled.manifest["created"], "alpha": distilled.alpha} if distilled else None,
     }
-    existing = read_manifest(folder, KIND)
-    if existing is not None:
-        check_identity(folder, existing, identity, f"delete {folder} or set finetune.name to a new variant")
-        if existing.get("complete"):
-            log.info("finetune %s: complete in %s, skipped", variant, folder)
-            return existing
+    existing = read_matching_manifest(folder, KIND, identity, f"delete {folder} or set finetune.name to a new variant")
+    if existing is not None and existing.get("complete"):
+        log.info("finetune %s: complete in %s, skipped", variant, folder)
+        return existing
     folder.mkdir(parents=True, exist_ok=True)
     init_lora(setup.model, seed)
     loop = TrainLoop(

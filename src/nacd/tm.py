@@ -194,6 +194,13 @@ def unroll_naive(student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, 
     return theta
 
 
+def _step_grads(student: Student, theta: Sequence[Any], p: Any, idx: Any, create_graph: bool) -> tuple[Any, list[Any]]:
+    """Loss of one student step and its gradients w.r.t. theta, and w.r.t. p when p requires grad."""
+    loss = student.step_loss(theta, p, student.text_batch(idx.tolist()))
+    wrt = [*theta, p] if p.requires_grad else list(theta)
+    return loss, list(torch.autograd.grad(loss, wrt, create_graph=create_graph))
+
+
 def _forward_steps(
     student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, batches: Sequence[Any], with_p: bool
 ) -> tuple[list[list[Any]], list[list[Any]], list[Any]]:
@@ -206,19 +213,11 @@ def _forward_steps(
         with torch.enable_grad():
             th = [t.clone().requires_grad_(True) for t in theta]
             p = syn[idx].detach().clone().requires_grad_(with_p)
-            loss = student.step_loss(th, p, student.text_batch(idx.tolist()))
-            wrt = [*th, p] if with_p else th
-            g = torch.autograd.grad(loss, wrt)
+            loss, g = _step_grads(student, th, p, idx, create_graph=False)
         grads.append([x.detach() for x in g])
         student.record_step(loss, g[: len(theta)])
         theta = [t - alpha * gi.detach() for t, gi in zip(theta, g[: len(theta)], strict=True)]
     return thetas, grads, theta
-
-
-def _grad_pair(student: Student, theta: Sequence[Any], p: Any, idx: Any, create_graph: bool) -> tuple[Any, list[Any]]:
-
-    loss = student.step_loss(theta, p, student.text_batch(idx.tolist()))
-    return loss, list(torch.autograd.grad(loss, [*theta, p], create_graph=create_graph))
 
 
 def _zeros_if_none(grads: Sequence[Any], like: Sequence[Any]) -> list[Any]:
@@ -249,7 +248,7 @@ def _exact_products(student: Student, syn: Any):
         with torch.enable_grad():
             th = [t.clone().requires_grad_(True) for t in theta_prev]
             p = syn[idx].detach().clone().requires_grad_(True)
-            _, g = _grad_pair(student, th, p, idx, create_graph=True)
+            _, g = _step_grads(student, th, p, idx, create_graph=True)
             dot = sum((gi * li).sum() for gi, li in zip(g[: len(th)], lam, strict=True))
             hv = torch.autograd.grad(dot, [*th, p], allow_unused=True)
         return dot.detach(), _zeros_if_none(hv, [*th, p])
@@ -266,7 +265,7 @@ def _fd_products(student: Student, syn: Any, grads: Sequence[Sequence[Any]], rel
         with torch.enable_grad():
             th = [(t + eps * li).requires_grad_(True) for t, li in zip(theta_prev, lam, strict=True)]
             p = syn[idx].detach().clone().requires_grad_(True)
-            _, g1 = _grad_pair(student, th, p, idx, create_graph=False)
+            _, g1 = _step_grads(student, th, p, idx, create_graph=False)
         dot = sum((gi * li).sum() for gi, li in zip(g0[: len(lam)], lam, strict=True))
         return dot, [(x1 - x0) / eps for x1, x0 in zip(g1, g0, strict=True)]
 
