@@ -31,18 +31,13 @@ def test_subcommand_help(command, capsys):
         assert "KEY=VALUE" in out and "--config" in out
 
 
-@pytest.mark.parametrize(
-    ("command", "overrides"),
-    [
-        ("run", []),
-        ("select", ["select.method=bm25"]),
-    ],
-)
-def test_unbuilt_stages_refuse_with_nonzero_exit(command, overrides, tmp_path, capsys):
-    code = main([command, f"run.out_dir={tmp_path / 'run'}", *overrides])
+def test_run_checks_every_stage_before_any_work(tmp_path, capsys):
+    code = main(["run", f"run.out_dir={tmp_path / 'run'}", "eval.benchmarks=['missing.jsonl']"])
     err = capsys.readouterr().err
-    assert code == 3
-    assert "is not implemented yet" in err and "nothing was run" in err
+    assert code != 0 and "eval.benchmarks" in err and "missing.jsonl" in err
+    assert not (tmp_path / "run").exists()
+    code = main(["run", f"run.out_dir={tmp_path / 'run'}", "select.method=bm25"])
+    assert code != 0 and "select.target" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -101,3 +96,14 @@ def test_smoke_end_to_end_on_a_tiny_model(tiny_llama_dir, shared_data, tmp_path)
     assert "[[" in result["example"]["marked"]  # the loss tokens are marked
     assert (run_dir / "config.yaml").is_file() and f"spec: {tiny_llama_dir}" in (run_dir / "config.yaml").read_text()
     assert "tokenized  20 examples" in proc.stdout
+
+
+def test_a_first_argument_without_equals_is_the_config_file(capsys):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert main(["config", str(demo), "run.seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "builtin:demo/corpus.jsonl" in out and "seed: 3" in out
+    assert main(["config", "-c", str(demo), str(demo)]) == 2
+    assert "overrides are KEY=VALUE" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from nacd import __version__
-from nacd.errors import NacdError
+from nacd.errors import ConfigError, NacdError
 
 log = logging.getLogger("nacd")
 
@@ -25,13 +25,17 @@ STAGE_COMMANDS = {
     "distill": ("distill", "Step 2: distill prompt vectors for D_sel by trajectory matching."),
     "finetune": ("finetune", "Step 3: LoRA fine-tune on FULL, selected or distilled data."),
     "eval": ("evaluate", "Step 4: evaluate on multiple-choice benchmarks."),
-    "run": ("pipeline", "The whole pipeline: select -> experts -> distill -> finetune -> eval."),
+    "run": (
+        "pipeline",
+        "The paper's protocol: select -> experts -> distill -> tune and evaluate every variant -> report.",
+    ),
     "smoke": ("smoke", "Data + model smoke run: load the model, tokenize the corpus, print statistics."),
 }
 
 EPILOG = """\
 examples:
   nacd smoke                                   # the embedded default config
+  nacd run configs/demo.yaml                   # the whole protocol and its report
   nacd run -c configs/cpu-small.yaml distill.syn_steps=8 run.out_dir=runs/try1
   nacd models prepare smollm2-135m
   nacd config --explain                        # every config key with its default and meaning
@@ -45,7 +49,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="dotted overrides applied after the file, e.g. distill.syn_steps=8 data.sources.0.max_examples=50",
+        help="dotted overrides applied after the file, e.g. distill.syn_steps=8 data.sources.0.max_examples=50; "
+        "a first argument without '=' is the config file (nacd run configs/demo.yaml)",
     )
 
 
@@ -159,14 +164,26 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(cfg.run.num_threads)
     module = importlib.import_module(f"nacd.{STAGE_COMMANDS[args.command][0]}")
-    module.run(cfg, RunDir(cfg.run.out_dir))
+    result = module.run(cfg, RunDir(cfg.run.out_dir))
+    if args.command == "run":
+        print(f"\n{result['table']}\n\nreport: {result['report']} (and report.html beside it)")
     return 0
+
+
+def _config_positional(args: argparse.Namespace) -> None:
+    """``nacd run configs/demo.yaml k=v``: a first argument without ``=`` is the config file."""
+    overrides = getattr(args, "overrides", None)
+    if overrides and "=" not in overrides[0]:
+        if args.config:
+            raise ConfigError(f"{overrides[0]!r}: a config file was given with -c already; overrides are KEY=VALUE")
+        args.config = overrides.pop(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _config_positional(args)
         if args.command == "models":
             return _cmd_models(args)
         if args.command == "config":

@@ -219,16 +219,93 @@ class TrainConfig:
 
 
 @dataclass
+class Bm25Config:
+    """select.method=bm25: rank D_full by BM25 relevance to the target examples (docs/SELECT.md)."""
+
+    k1: float = f(1.5, "BM25 term-frequency saturation k1.")
+    b: float = f(0.75, "BM25 length normalisation b (0 = none, 1 = full).")
+    aggregate: Literal["max", "mean"] = f(
+        "max", "How an example's scores over all target queries combine: max (best match) or mean."
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.k1 >= 0, "k1", "must be >= 0")
+        _check(0.0 <= self.b <= 1.0, "b", "must be in [0, 1]")
+
+
+@dataclass
+class DsirConfig:
+    """select.method=dsir: importance resampling with hashed n-gram features (Xie et al. 2023; docs/SELECT.md)."""
+
+    num_buckets: int = f(10000, "Hash buckets of the n-gram features.")
+    ngrams: int = f(2, "Largest n-gram order: 1 = unigrams, 2 = unigrams + bigrams, ...")
+    smoothing: float = f(1.0, "Pseudo-count added to every bucket of both bag-of-n-gram models (1 = add-one).")
+    gumbel: bool = f(
+        True, "True: sample without replacement by importance weight (Gumbel top-k, seeded by run.seed); False: top-k."
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.num_buckets >= 2, "num_buckets", "must be at least 2")
+        _check(self.ngrams >= 1, "ngrams", "must be at least 1")
+        _check(self.smoothing > 0, "smoothing", "must be positive")
+
+
+@dataclass
+class LessConfig:
+    """select.method=less: warm-up LoRA, Adam-preconditioned gradient features, matching (Xia et al. 2024)."""
+
+    warmup_fraction: float = f(
+        0.05, "Fraction of D_full the warm-up LoRA trains on: a seeded random sample, at least one batch."
+    )
+    warmup: TrainConfig = f(
+        TrainConfig(epochs=4, batch_size=16, optimizer="adamw", lr=2e-5, lr_schedule="linear", warmup_ratio=0.03),
+        "Warm-up training (the paper's: 4 epochs, AdamW, lr 2e-5, linear decay, 3% warmup); features are taken "
+        "at the end of every epoch.",
+    )
+    proj_dim: int = f(8192, "Dimension of the random projection of the LoRA gradients.")
+    proj_seed: int = f(0, "Seed of the random projection (the same in every process).")
+    grad_batch_size: int = f(8, "Examples per batched forward/backward when computing per-example gradients.")
+    shard_size: int = f(
+        64,
+        "Examples per feature shard: their gradients are projected together (memory: shard_size x LoRA "
+        "parameters floats); a shard is the unit of resumption and of the split between processes.",
+    )
+    feature_dtype: Literal["float16", "float32"] = f("float16", "dtype of the stored projected features.")
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.warmup_fraction <= 1.0, "warmup_fraction", "must be in (0, 1]")
+        _check(self.warmup.optimizer == "adamw", "warmup.optimizer", "LESS preconditions with Adam: must be adamw")
+        _check(self.warmup.max_steps is None, "warmup.max_steps", "features are taken at epoch ends: use epochs")
+        for name in ("proj_dim", "grad_batch_size", "shard_size"):
+            _check(getattr(self, name) > 0, name, "must be positive")
+        _check(self.proj_seed >= 0, "proj_seed", "must be >= 0")
+
+
+@dataclass
 class SelectConfig:
     """Step 0: choose D_sel from D_full."""
 
     method: Literal["random", "bm25", "dsir", "less"] = f("random", "Selection method.")
     budget: float = f(0.05, "Fraction of D_full (< 1) or number of examples (>= 1) to select.")
-    target: str | None = f(None, "Target-task data for bm25/dsir/less (e.g. ARC-Easy train).")
+    target: str | None = f(
+        None,
+        "Target examples of bm25/dsir/less: a benchmark (arc_easy, arc_challenge, mmlu, a .jsonl of "
+        "{question, choices, answer}, a hub id owner/name[:config]) or instruction data (any data.sources path).",
+    )
+    target_split: str = f("train", "Split of a benchmark target (MMLU has dev and val locally, no train).")
+    target_max_examples: int | None = f(None, "Use a seeded sample of at most this many target examples.")
+    bm25: Bm25Config = f(Bm25Config(), "BM25 settings.")
+    dsir: DsirConfig = f(DsirConfig(), "DSIR settings.")
+    less: LessConfig = f(LessConfig(), "LESS settings.")
 
     def __post_init__(self) -> None:
         _check(self.budget > 0, "budget", "must be positive (a fraction < 1 or a count >= 1)")
         _check(self.budget < 1 or float(self.budget).is_integer(), "budget", "a count must be a whole number")
+        _check(self.target is None or bool(self.target.strip()), "target", "must name a data set or be null")
+        _check(bool(self.target_split.strip()), "target_split", "must not be empty")
+        _check(
+            self.target_max_examples is None or self.target_max_examples > 0, "target_max_examples", "must be positive"
+        )
 
 
 @dataclass
@@ -276,6 +353,11 @@ class DistillConfig:
     max_bad_iterations: int = f(10, "Stop after this many consecutive iterations with a non-finite loss or gradient.")
     checkpoint_every: int = f(10, "Write a resumable checkpoint every this many iterations.")
     vocab_chunk: int = f(8192, "Vocabulary rows per chunk of the nearest-embedding search.")
+    nearest: Literal["text", "all"] = f(
+        "text",
+        "Vocabulary rows for the init, L_reg and decoding: text = ordinary tokens (special and control tokens "
+        "excluded, so prompts decode to text another tokenizer reads); all = every embedding row.",
+    )
     ids_file: str | None = f(None, "D_sel as a file of example ids; default: the run's selection (select/).")
 
     def __post_init__(self) -> None:
@@ -339,6 +421,9 @@ class EvalConfig:
     limit: int | None = f(
         None, "Evaluate the first N questions of each benchmark (of each subject for MMLU, like lm-eval's --limit)."
     )
+    limits: dict[str, int] = f(
+        {}, "Per-benchmark limits by benchmark name (e.g. {mmlu: 5}), overriding `limit` for that benchmark."
+    )
     adapter: str | None = f(
         None, "peft adapter folder (with adapter_config.json) applied to model.spec; None evaluates the model as is."
     )
@@ -355,12 +440,49 @@ class EvalConfig:
         _check(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot", "must be >= 0 or null")
         _check(self.batch_size > 0, "batch_size", "must be positive")
         _check(self.limit is None or self.limit > 0, "limit", "must be positive or null")
+        _check(all(v > 0 for v in self.limits.values()), "limits", "every limit must be positive")
         _check(self.adapter is None or bool(self.adapter.strip()), "adapter", "must be a folder or null")
-        _check(
-            self.name is None or (bool(self.name.strip()) and "/" not in self.name and self.name not in (".", "..")),
-            "name",
-            "must be a plain folder name (no '/')",
-        )
+        _check(self.name is None or _is_subfolder(self.name), "name", "must be a relative folder name without '..'")
+
+
+def _is_subfolder(name: str) -> bool:
+    """A relative folder path such as ``full`` or ``smollm2-135m/sel/seed0`` (no ``..``, not absolute)."""
+    parts = name.split("/")
+    return not name.startswith(("/", "\\")) and all(p.strip() and p not in (".", "..") for p in parts)
+
+
+#: The protocol's variants (paper Table 1 rows): no tuning, D_full, D_sel, D_sel + distilled prompts.
+VARIANTS = ("baseline", "full", "sel", "sel_nacd")
+
+
+@dataclass
+class CompareConfig:
+    """``nacd run``: which variants, models and seeds the comparison table holds (docs/PIPELINE.md)."""
+
+    variants: list[str] = f(
+        list(VARIANTS),
+        "Rows of the table: baseline (no tuning), full (D_full), sel (D_sel), sel_nacd (D_sel + distilled prompts).",
+    )
+    receivers: list[str] = f(
+        [],
+        "Receiving models (specs) tuned on the same data besides model.spec; distilled prompts reach them as text.",
+    )
+    seeds: list[int] = f([0], "Seeds of every tuned variant (data order, LoRA init); the table shows mean and std.")
+    full_seeds: list[int] | None = f(None, "Seeds of the FULL variant, the costliest to tune; None = compare.seeds.")
+    metric: Literal["acc", "acc_norm"] = f("acc", "Metric of the table and of the bootstrap.")
+    bootstrap_samples: int = f(2000, "Paired bootstrap resamples (questions x seeds) for SEL+NACD vs SEL.")
+    confidence: float = f(0.95, "Confidence level of the bootstrap interval.")
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        _check(not unknown, "variants", f"unknown {unknown}; choose from {list(VARIANTS)}")
+        _check(len(set(self.variants)) == len(self.variants) > 0, "variants", "must be non-empty, no repeats")
+        _check(len(set(self.seeds)) == len(self.seeds) > 0, "seeds", "must be non-empty, no repeats")
+        _check(self.full_seeds is None or len(set(self.full_seeds)) == len(self.full_seeds) > 0, "full_seeds",
+               "must be non-empty, no repeats (or null)")  # fmt: skip
+        _check(len(set(self.receivers)) == len(self.receivers), "receivers", "lists a model twice")
+        _check(self.bootstrap_samples >= 100, "bootstrap_samples", "must be >= 100")
+        _check(0.5 < self.confidence < 1, "confidence", "must be in (0.5, 1)")
 
 
 @dataclass
@@ -376,6 +498,7 @@ class Config:
     distill: DistillConfig = f(DistillConfig(), "Trajectory-matching distillation.")
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"doc": "Tuning on a data set."})
     eval: EvalConfig = f(EvalConfig(), "Evaluation.")
+    compare: CompareConfig = f(CompareConfig(), "nacd run: variants, receiving models, seeds, statistics.")
     schema_version: int = f(SCHEMA_VERSION, "Config schema version.")
 
     def __post_init__(self) -> None:

@@ -605,6 +605,10 @@ def load_source(
     name = source_name(src)
     path = src.path.strip()
     seen: set[str] = set()
+    if path.startswith("builtin:"):
+        from nacd.demo_data import builtin_path
+
+        path = str(builtin_path(path))
     if path.startswith("hf:"):
         inputs = [(path, _read_datasets(path[3:], path, src, key))]
     elif _is_file_path(path):

@@ -175,7 +175,8 @@ def distill(
     dc = config.distill
     device = student.device
     n, k = len(student.data), dc.num_prompt_tokens
-    syn = torch.nn.Parameter(initial_prompts(dc.init, student.vocab, n, k, config.run.seed).to(device))
+    vocab = candidate_rows(student)
+    syn = torch.nn.Parameter(initial_prompts(dc.init, vocab, n, k, config.run.seed).to(device))
     log_alpha = torch.nn.Parameter(torch.tensor(math.log(alpha0), device=device))
     opts = {"syn": torch.optim.Adam([syn], lr=dc.lr_syn), "lr": torch.optim.Adam([log_alpha], lr=dc.lr_lr)}
     gen = torch.Generator().manual_seed(config.run.seed)
@@ -194,7 +195,6 @@ def distill(
     history = MetricsWriter(history_path)
     runs = store.runs
     batch = min(dc.batch_size, n)
-    vocab = student.vocab.detach()
     bar = tqdm(total=dc.iterations, initial=state.iteration, desc="distill", disable=not progress, dynamic_ncols=True)
     cache: dict[tuple[int, int], list[Any]] = {}
 
@@ -276,6 +276,13 @@ def distill(
 # --------------------------------------------------------------------------- outputs
 
 
+def candidate_rows(student: Any) -> Any:
+    """The vocabulary rows prompt vectors are initialised from, regularized toward and decoded as
+    (``distill.nearest``: the text tokens, or every row)."""
+    vocab = student.vocab.detach()
+    return vocab if student.vocab_ids is None else vocab[student.vocab_ids.to(vocab.device)]
+
+
 def write_distilled(
     folder: Path,
     result: dict[str, Any],
@@ -290,7 +297,9 @@ def write_distilled(
 
     syn = result["syn"].float().cpu()
     n, k, d = syn.shape
-    dist, idx = nearest_vocab(syn.reshape(-1, d), student.vocab.detach().float().cpu(), chunk)
+    dist, idx = nearest_vocab(syn.reshape(-1, d), candidate_rows(student).float().cpu(), chunk)
+    if student.vocab_ids is not None:
+        idx = student.vocab_ids.cpu()[idx]
     dist, idx = dist.reshape(n, k).detach(), idx.reshape(n, k)
     atomic_save_safetensors(
         {"prompts": syn, "nearest_ids": idx, "nearest_dist": dist},
@@ -372,6 +381,12 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     folder.mkdir(parents=True, exist_ok=True)
     write_manifest(folder, KIND, **identity, complete=False)
     student = Student(model, data, tokenizer.pad_token_id)
+    if config.distill.nearest == "text":
+        import torch
+
+        from nacd.tm import text_token_ids
+
+        student.vocab_ids = torch.tensor(text_token_ids(tokenizer, student.vocab.shape[0]))
     model.train()  # LoRA dropout, if any, as the experts had it
     try:
         result = distill(student, store, config, folder, alpha0)

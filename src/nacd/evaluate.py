@@ -351,6 +351,14 @@ def load_benchmark(name_or_path: str, split: str = "validation", data_root: str 
     """
     spec = name_or_path.strip()
     root = Path(data_root).expanduser()
+    if spec.startswith("builtin:"):
+        from nacd.demo_data import builtin_path
+
+        found = builtin_path(spec)
+        name = spec.rstrip("/").rsplit("/", 1)[-1].removesuffix(".jsonl")
+        if found.is_dir():
+            return _folder_benchmark(f"demo_{name}", found, split, "train", "text")
+        return Benchmark(f"demo_{name}", load_jsonl_docs(found), str(found), split, "text", 0)
     if spec in BUILTINS:
         b = BUILTINS[spec]
         folder = root / b.folder
@@ -875,7 +883,7 @@ def evaluate(
     samples: list[dict[str, Any]] = []
     for bench in benchmarks:
         protocol, shots = resolve_protocol(bench, getattr(cfg, "protocol", "auto"), cfg.num_fewshot)
-        docs = _limited(bench, cfg.limit)
+        docs = _limited(bench, (getattr(cfg, "limits", None) or {}).get(bench.name, cfg.limit))
         requests: list[tuple[str, str]] = []
         spans = []
         for doc in docs:
@@ -990,6 +998,11 @@ def check(config: Any) -> None:
         spec = spec.strip()
         if spec in BUILTINS:
             continue
+        if spec.startswith("builtin:"):
+            from nacd.demo_data import builtin_path
+
+            builtin_path(spec)  # an unknown built-in name is an error here
+            continue
         path = Path(spec).expanduser()
         exists = any(c.exists() for c in ([path] if path.is_absolute() else [path, root / path]))
         if not exists and (spec.lower().endswith(".jsonl") or not _HUB_ID.match(spec)):
@@ -1038,6 +1051,7 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
         "protocol": ec.protocol,
         "num_fewshot": ec.num_fewshot,
         "limit": ec.limit,
+        "limits": ec.limits,
     }
     existing = read_manifest(folder, KIND)
     if existing is not None and existing.get("complete") and (folder / "results.json").is_file():

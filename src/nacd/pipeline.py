@@ -1,32 +1,261 @@
-"""``nacd run``: the paper's protocol, stage after stage, in one run folder.
+"""``nacd run``: the paper's protocol (Section 4) with one command, in one run folder.
 
-Each stage's ``run(config, run_dir)`` skips work whose outputs are complete, so
-rerunning the pipeline resumes where it stopped.
+select -> experts -> distill -> fine-tune every variant -> evaluate every variant -> report.
+The variants (``compare.variants``, the rows of paper Table 1) are tuned and evaluated on the
+distilling model (``model.spec``) and on every receiving model (``compare.receivers``):
+
+* ``baseline``: no tuning, evaluated once per model;
+* ``full``: LoRA on D_full; ``sel``: on D_sel; ``sel_nacd``: on D_sel with the distilled prompts
+  (prompt embeddings on the distilling model, decoded nearest-token text on a receiver),
+  each once per seed of ``compare.seeds``.
+
+Every stage skips work whose outputs are complete, so rerunning the same command resumes where
+it stopped; changed settings are redone or refused by the stages' manifests. Each stage call's
+cost (wall time, peak memory, device) goes to ``<run>/costs.json``; a call that found its outputs
+complete keeps the cost recorded when they were made. The report (:mod:`nacd.report`) is written
+to ``<run>/report/`` (report.md, report.html, PNG plots, results.json).
+
+Folders: ``finetune/<model>/<variant>/seed<S>/`` and ``eval/<model>/<variant>[/seed<S>]/``.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
+import logging
+import re
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-#: Stage modules in pipeline order (module names under ``nacd``).
-STAGES = ("select", "experts", "distill", "finetune", "evaluate")
+from nacd.artifacts import RunDir, atomic_write_json, setup_logging
+from nacd.errors import NacdError
+
+log = logging.getLogger(__name__)
+
+#: finetune.dataset of each tuned variant.
+DATASETS = {"full": "full", "sel": "selected", "sel_nacd": "distilled"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model x variant x seed of the table: a fine-tune (unless baseline) and an evaluation."""
+
+    model: str  # model spec
+    role: str  # distilling | receiver
+    variant: str  # baseline | full | sel | sel_nacd
+    seed: int | None  # None for the baseline
+
+    @property
+    def name(self) -> str:
+        base = f"{model_tag(self.model)}/{self.variant}"
+        return base if self.seed is None else f"{base}/seed{self.seed}"
+
+
+def model_tag(spec: str) -> str:
+    """A folder-safe short name of a model spec (a path's last part, a hub id's name)."""
+    spec = spec.strip().rstrip("/\\")
+    stem = Path(spec).stem if spec.endswith(".gguf") else Path(spec).name or spec
+    return re.sub(r"[^\w.+-]+", "_", stem).strip("._") or "model"
+
+
+def plan(config: Any) -> list[Cell]:
+    """Every cell of the comparison, in run order (distilling model first, then each receiver)."""
+    cc = config.compare
+    models = [(config.model.spec, "distilling")] + [(spec, "receiver") for spec in cc.receivers]
+    tags = [model_tag(spec) for spec, _ in models]
+    if len(set(tags)) != len(tags):
+        raise NacdError(f"compare.receivers: two models share the folder name {tags}; give distinct model specs")
+    cells = []
+    for spec, role in models:
+        for variant in cc.variants:
+            seeds = [None] if variant == "baseline" else list(cc.seeds)
+            if variant == "full" and cc.full_seeds is not None:
+                seeds = list(cc.full_seeds)
+            cells += [Cell(spec, role, variant, seed) for seed in seeds]
+    return cells
+
+
+def needed_stages(config: Any) -> list[str]:
+    """The shared stages the variants need: select for sel/sel_nacd, experts and distill for sel_nacd."""
+    variants = set(config.compare.variants)
+    stages = []
+    if variants & {"sel", "sel_nacd"}:
+        stages.append("select")
+    if "sel_nacd" in variants:
+        stages += ["experts", "distill"]
+    return stages
+
+
+def cell_configs(config: Any, cell: Cell, run_dir: RunDir) -> tuple[Any | None, Any]:
+    """(fine-tune config or None for the baseline, evaluation config) of one cell."""
+    ft = None
+    adapter = None
+    if cell.variant != "baseline":
+        fc = replace(
+            config.finetune,
+            dataset=DATASETS[cell.variant],
+            model=None if cell.role == "distilling" else cell.model,
+            name=cell.name,
+            seed=cell.seed,
+            ids_file=None,
+        )
+        ft = replace(config, finetune=fc)
+        adapter = str(run_dir.finetune_dir(cell.name) / "adapter")
+    ev = replace(
+        config,
+        model=replace(config.model, spec=cell.model),
+        eval=replace(config.eval, adapter=adapter, name=cell.name),
+    )
+    return ft, ev
+
+
+# --------------------------------------------------------------------------- stage costs
+
+
+def _peak_rss_reset() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (since the last reset on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _manifest_times(folder: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in folder.rglob("manifest.json")} if folder.is_dir() else {}
+
+
+def _recorded_seconds(folder: Path) -> float | None:
+    """The sum of the ``seconds`` the complete manifests below ``folder`` recorded (None if none did)."""
+    times = []
+    for path in folder.rglob("manifest.json") if folder.is_dir() else []:
+        body = json.loads(path.read_text(encoding="utf-8"))
+        if body.get("complete") and isinstance(body.get("seconds"), (int, float)):
+            times.append(float(body["seconds"]))
+    return round(sum(times), 2) if times else None
+
+
+class CostBook:
+    """``<run>/costs.json``: wall time, peak memory and device of every stage call."""
+
+    def __init__(self, path: Path, device: str):
+        self.path = path
+        self.device = device
+        self.entries: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    @contextmanager
+    def measure(self, key: str, folder: Path) -> Iterator[None]:
+        """Time the block; it counts as run only if it wrote a manifest below ``folder``."""
+        import torch
+
+        before = _manifest_times(folder)
+        exact = _peak_rss_reset()
+        cuda = self.device.startswith("cuda") and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        ran = _manifest_times(folder) != before
+        if not ran and key in self.entries:
+            self.entries[key]["reused"] = True
+        elif not ran and (recorded := _recorded_seconds(folder)) is not None:
+            # made before this run folder's pipeline ran (e.g. by `nacd experts`): the manifests' own times
+            self.entries[key] = {
+                "status": "made by an earlier command",
+                "seconds": recorded,
+                "peak_rss_mb": None,
+                "peak_rss_scope": None,
+                "peak_gpu_mb": None,
+                "device": self.device,
+                "finished": None,
+            }
+        else:
+            self.entries[key] = {
+                "status": "ran" if ran else "reused",
+                "seconds": round(seconds, 2),
+                "peak_rss_mb": round(_peak_rss_mb(), 1),
+                "peak_rss_scope": "stage" if exact else "process",
+                "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+                "device": self.device,
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        atomic_write_json(self.path, self.entries)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+class _SharedRunDir(RunDir):
+    """The run folder as the pipeline's stages see it: the config is saved once, by the pipeline."""
+
+    def init(self, config: Any) -> RunDir:  # noqa: ARG002 - same signature as RunDir.init
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
 
 
 def check(config: Any) -> None:
-    """The protocol (variants baseline / FULL / SEL / SEL+NACD on two models, seeds, report) is issue #5."""
-    from nacd.errors import StageNotImplementedError
+    """Raise (before any work) if the protocol cannot run with ``config``."""
+    import importlib
 
-    raise StageNotImplementedError(
-        "nacd run (the paper's protocol: variants, seeds, report) is not implemented yet (issue #5); nothing was run. "
-        "Run the stages one by one: nacd select, experts, distill, finetune, eval"
-    )
+    plan(config)
+    for name in [*needed_stages(config), "finetune", "evaluate"]:
+        importlib.import_module(f"nacd.{name}").check(config)
+    if "sel_nacd" in config.compare.variants and config.distill.ids_file:
+        raise NacdError("distill.ids_file: nacd run distills the run's own selection; leave distill.ids_file unset")
 
 
-def run(config: Any, run_dir: Any) -> dict[str, Any]:
-    """Check that every stage can run with ``config`` (before any work), then run them in order."""
+def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
+    """Run the protocol (resuming), then write the report; returns the report's summary."""
+    import importlib
+
+    from nacd import evaluate, finetune
+    from nacd.models import resolve_device
+    from nacd.report import write_report
+
     check(config)
-    stages = [importlib.import_module(f"nacd.{name}") for name in STAGES]
-    for stage in stages:
-        stage.check(config)
-    return {name: stage.run(config, run_dir) for name, stage in zip(STAGES, stages, strict=True)}
+    for spec in config.eval.benchmarks:  # data errors before hours of training
+        evaluate.load_benchmark(spec, config.eval.split, config.data.root)
+    run_dir.init(config)
+    setup_logging(config.run.log_level, run_dir.log_path)
+    shared = _SharedRunDir(run_dir.root)
+    device = str(resolve_device(config.run.device))
+    book = CostBook(run_dir.root / "costs.json", device)
+    folders = {"select": run_dir.select_dir, "experts": run_dir.experts_dir, "distill": run_dir.distill_dir}
+    stages = needed_stages(config)
+    cells = plan(config)
+    log.info(
+        "nacd run: stages %s, then %d fine-tunes and %d evaluations in %s",
+        " -> ".join(stages) or "(none)",
+        sum(c.variant != "baseline" for c in cells),
+        len(cells),
+        run_dir.root,
+    )
+    for name in stages:
+        with book.measure(name, folders[name]):
+            importlib.import_module(f"nacd.{name}").run(config, shared)
+    for i, cell in enumerate(cells, 1):
+        ft, ev = cell_configs(config, cell, run_dir)
+        log.info("nacd run: cell %d/%d: %s", i, len(cells), cell.name)
+        if ft is not None:
+            with book.measure(f"finetune/{cell.name}", run_dir.finetune_dir(cell.name)):
+                finetune.run(ft, shared)
+        with book.measure(f"eval/{cell.name}", run_dir.eval_dir(cell.name)):
+            evaluate.run(ev, shared)
+    return write_report(config, run_dir, cells, book.entries)

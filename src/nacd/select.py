@@ -1,30 +1,62 @@
 """Step 0 of NACD: select a small subset D_sel of D_full.
 
-``select(examples, budget, method, seed)`` returns a :class:`Selection`
-(example ids in rank order with their scores); :func:`run` writes it as a
-self-describing artifact in ``<run>/select/``::
+``select(examples, budget, method, seed, targets, config, run_dir)`` returns a :class:`Selection`
+(example ids in rank order with their scores). Four methods (exact definitions: ``docs/SELECT.md``):
 
-    manifest.json   kind "selection": method and its config, budget, seed, corpus hash and size
+``random``
+    a seeded uniform sample (scores all 1.0);
+``bm25``
+    BM25 (``bm25s``) with D_full as the index and each target example as a query; an example's
+    score is the max (or mean) over the queries; the top ``budget`` examples;
+``dsir``
+    importance resampling (Xie et al. 2023): hashed unigram+bigram bag-of-n-grams models of the
+    target and of D_full, log importance weight = sum over an example's n-grams of
+    log p_target - log p_raw; Gumbel top-k (sampling without replacement) seeded by ``run.seed``;
+``less``
+    gradient-similarity scores from :func:`nacd.less.less_scores`; the top ``budget`` examples.
+
+The targeted methods read their target examples with :func:`load_target` (``select.target``: a
+benchmark split or instruction data). :func:`run` writes the selection as a self-describing
+artifact in ``<run>/select/``::
+
+    manifest.json   kind "selection": method and its config, budget, seed, target spec, hash and size,
+                    corpus hash and size
     selection.json  {"ids": [...rank order...], "scores": [...]}
     selected.jsonl  the selected examples themselves (id, source, messages)
 
-Built so far: ``random`` (a seeded uniform sample). BM25, DSIR and LESS are
-issue #6 and refuse with a clear message until they land.
+Importing this module does no work; torch, bm25s and the LESS module are imported where needed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
 import logging
+import re
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from nacd.artifacts import RunDir, atomic_write_json, atomic_write_text, read_manifest, setup_logging, write_manifest
-from nacd.errors import NacdError, StageNotImplementedError
+from nacd.errors import DataError, NacdError, StageNotImplementedError
 
 log = logging.getLogger(__name__)
 
 KIND = "selection"
+METHODS = ("random", "bm25", "dsir", "less")
+#: Methods that rank D_full against target examples (``select.target``).
+TARGETED = ("bm25", "dsir", "less")
+
+#: Queries above this many get a progress bar (BM25).
+PROGRESS_MIN_QUERIES = 200
+
+#: DSIR words: lowercase, then maximal runs of Unicode word characters.
+_WORD = re.compile(r"\w+")
 
 
 @dataclass(frozen=True)
@@ -46,24 +78,249 @@ def budget_count(budget: float, n: int) -> int:
     return count
 
 
-def select(examples: list[Any], budget: float, method: str = "random", seed: int = 0) -> Selection:
-    """Choose ``budget`` examples of ``examples``; deterministic for a given seed."""
-    import torch
+def example_text(example: Any) -> str:
+    """The text BM25 and DSIR see: every message's content, joined by newlines."""
+    return "\n".join(m["content"] for m in example.messages)
 
+
+def _top(keys: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` largest keys, largest first; ties keep corpus order."""
+    return np.argsort(-keys, kind="stable")[:count]
+
+
+# --------------------------------------------------------------------------- BM25
+
+
+def bm25_scores(examples: list[Any], targets: list[Any], cfg: Any = None) -> np.ndarray:
+    """Per corpus example: its BM25 scores against every target (as a query), combined by ``cfg.aggregate``.
+
+    Corpus and queries are tokenized by ``bm25s.tokenize`` (lowercase, tokens of >= 2 word
+    characters, English stopwords removed, no stemming); a query term repeated n times counts n
+    times; query terms absent from the corpus score 0.
+    """
+    import bm25s
+    from tqdm.auto import tqdm
+
+    from nacd.config import Bm25Config
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG on import
+    cfg = cfg or Bm25Config()
+    corpus_tokens = bm25s.tokenize([example_text(e) for e in examples], stopwords="en", show_progress=False)
+    index = bm25s.BM25(k1=cfg.k1, b=cfg.b)
+    index.index(corpus_tokens, show_progress=False)
+    queries = bm25s.tokenize([example_text(t) for t in targets], stopwords="en", return_ids=False, show_progress=False)
+    total = np.full(len(examples), -np.inf) if cfg.aggregate == "max" else np.zeros(len(examples))
+    bar = tqdm(queries, desc="bm25", unit="query", disable=len(queries) <= PROGRESS_MIN_QUERIES, leave=False)
+    for query in bar:
+        scores = index.get_scores_from_ids(index.get_tokens_ids(query)).astype(np.float64)
+        if cfg.aggregate == "max":
+            np.maximum(total, scores, out=total)
+        else:
+            total += scores
+    return total if cfg.aggregate == "max" else total / len(queries)
+
+
+# --------------------------------------------------------------------------- DSIR
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def _hash64(gram: str) -> int:
+    """A 64-bit hash of an n-gram that is the same in every process (unlike ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(gram.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def hashed_ngrams(text: str, ngrams: int = 2, num_buckets: int = 10000) -> np.ndarray:
+    """Bucket of every n-gram occurrence (orders 1..``ngrams``) of ``text``: ``blake2b-64(gram) % num_buckets``.
+
+    Words are the ``\\w+`` runs of the lowercased text; an n-gram is its words joined by one space.
+    """
+    words = _WORD.findall(text.lower())
+    grams = [" ".join(words[i : i + n]) for n in range(1, ngrams + 1) for i in range(len(words) - n + 1)]
+    return np.fromiter((_hash64(g) % num_buckets for g in grams), dtype=np.int64, count=len(grams))
+
+
+def dsir_log_weights(examples: list[Any], targets: list[Any], cfg: Any = None) -> np.ndarray:
+    """DSIR log importance weight of each corpus example.
+
+    p_target and p_raw are bag-of-hashed-n-gram (categorical) models fitted on the targets and on
+    the whole corpus, with ``cfg.smoothing`` added to every bucket's count; an example's weight is
+    ``sum_b count_b(example) * (log p_target[b] - log p_raw[b])``.
+    """
+    from nacd.config import DsirConfig
+
+    cfg = cfg or DsirConfig()
+
+    def features(items: list[Any]) -> list[np.ndarray]:
+        return [hashed_ngrams(example_text(x), cfg.ngrams, cfg.num_buckets) for x in items]
+
+    raw, target = features(examples), features(targets)
+
+    def log_probs(feats: list[np.ndarray]) -> np.ndarray:
+        counts = np.bincount(np.concatenate(feats), minlength=cfg.num_buckets) + cfg.smoothing
+        return np.log(counts) - np.log(counts.sum())
+
+    log_diff = log_probs(target) - log_probs(raw)
+    lengths = np.array([len(b) for b in raw])
+    owner = np.repeat(np.arange(len(examples)), lengths)
+    return np.bincount(owner, weights=log_diff[np.concatenate(raw)], minlength=len(examples))
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _looks_multiple_choice(path: Path) -> bool:
+    """True when the first record of a JSONL file has ``question`` and ``choices`` (a benchmark file)."""
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            line = next((x for x in fh if x.strip()), "")
+        record = json.loads(line) if line else None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(record, dict) and "question" in record and "choices" in record
+
+
+def is_benchmark_target(spec: str, split: str, data_root: str | Path) -> bool:
+    """Whether ``select.target`` names a multiple-choice benchmark (else: instruction data).
+
+    A built-in name; a ``.jsonl`` file of ``{question, choices, ...}`` records; a folder with such a
+    ``<split>.jsonl`` or MMLU CSVs for ``split``; a hub id ``owner/name[:config]`` that is not a
+    local path. ``hf:owner/name`` is instruction data on the hub (the ``data.sources`` syntax).
+    """
+    from nacd.evaluate import _HUB_ID, BUILTINS, _mmlu_split_dir
+
+    spec = spec.strip()
+    if spec in BUILTINS:
+        return True
+    if spec.startswith("hf:"):
+        return False
+    path = Path(spec).expanduser()
+    candidates = [path] if path.is_absolute() else [path, Path(data_root).expanduser() / path]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        return bool(_HUB_ID.match(spec)) and "*" not in spec
+    if found.is_dir():
+        return _looks_multiple_choice(found / f"{split}.jsonl") or _mmlu_split_dir(found, split) is not None
+    return found.suffix.lower() == ".jsonl" and _looks_multiple_choice(found)
+
+
+def doc_example(doc: Any, benchmark: str) -> Any:
+    """A benchmark question as an instruction example: the text-protocol prompt, then the gold answer."""
+    from nacd.data import Example
+    from nacd.evaluate import doc_to_choices, doc_to_text
+
+    messages = (
+        {"role": "user", "content": doc_to_text(doc, "text")},
+        {"role": "assistant", "content": doc_to_choices(doc, "text")[doc.gold]},
+    )
+    return Example(f"target/{doc.id}", doc.subject or benchmark, messages, f"{benchmark}:{doc.id}", "qa")
+
+
+def load_target(config: Any) -> list[Any]:
+    """The target examples named by ``select.target`` (see :func:`is_benchmark_target`).
+
+    A benchmark split (``select.target_split``, relative paths under ``data.root``) gives one example
+    per question, source = its subject (MMLU) or the benchmark name; anything else is read as
+    instruction data like a ``data.sources`` entry. ``select.target_max_examples`` keeps a sample
+    seeded by ``run.seed``.
+    """
+    from nacd.config import SourceConfig
+    from nacd.data import LoadReport, load_source, sample_cap, source_name
+    from nacd.evaluate import load_benchmark
+
+    sc = config.select
+    if not (sc.target and sc.target.strip()):
+        raise NacdError(
+            f"select.method={sc.method} needs target examples: set select.target (arc_easy, mmlu, a .jsonl "
+            "of questions, or instruction data)"
+        )
+    spec = sc.target.strip()
+    if is_benchmark_target(spec, sc.target_split, config.data.root):
+        bench = load_benchmark(spec, sc.target_split, config.data.root)
+        name, examples = bench.name, [doc_example(d, bench.name) for d in bench.docs]
+    else:
+        src = SourceConfig(path=spec)
+        name = source_name(src)
+        try:
+            examples = load_source(src, config.data.root, config.data.strict, LoadReport(), key="select.target")
+        except DataError as exc:  # the data layer names sub-keys of a source that select.target does not have
+            message = re.sub(r"\s*Set select\.target\.format.*$", "", str(exc), flags=re.S)
+            raise DataError(message.replace("select.target.path", "select.target")) from None
+    if not examples:
+        raise NacdError(f"select.target={spec!r}: no target examples were loaded")
+    return sample_cap(examples, sc.target_max_examples, config.run.seed, name)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select(
+    examples: list[Any],
+    budget: float,
+    method: str = "random",
+    seed: int = 0,
+    targets: list[Any] | None = None,
+    config: Any = None,
+    run_dir: RunDir | None = None,
+) -> Selection:
+    """Choose ``budget`` examples of ``examples``; deterministic for a given seed.
+
+    ``targets`` (bm25, dsir, less) are the target examples; ``config`` the whole config (for the
+    method's settings, default ones when None); ``run_dir`` the run folder (less keeps its work there).
+    """
     count = budget_count(budget, len(examples))
     if method == "random":
+        import torch
+
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(examples), generator=gen)[:count].tolist()
         return Selection([examples[i].id for i in order], [1.0] * count, method)
-    raise StageNotImplementedError(f"select.method={method!r} is not implemented yet (issue #6); use random")
+    if method not in TARGETED:
+        raise NacdError(f"select.method={method!r}: expected one of {', '.join(METHODS)}")
+    if not targets:
+        raise NacdError(
+            f"select.method={method} needs target examples and got {'none' if targets is None else 'an empty set'}: "
+            "set select.target to a benchmark (e.g. arc_easy) or to instruction data with examples"
+        )
+    sc = config.select if config is not None else None
+    if method == "bm25":
+        scores = keys = bm25_scores(examples, targets, sc.bm25 if sc else None)
+    elif method == "dsir":
+        scores = keys = dsir_log_weights(examples, targets, sc.dsir if sc else None)
+        if sc is None or sc.dsir.gumbel:
+            keys = scores + np.random.default_rng(seed).gumbel(size=len(scores))
+    else:
+        from nacd.less import less_scores
+
+        if config is None or run_dir is None:
+            raise NacdError("select.method=less needs the config and the run folder (use nacd select)")
+        scores = keys = np.asarray(less_scores(config, examples, targets, run_dir.select_dir / "less"), np.float64)
+    if scores.shape != (len(examples),) or not np.isfinite(scores).all():
+        raise NacdError(
+            f"select.method={method}: expected one finite score per corpus example ({len(examples)}), "
+            f"got shape {scores.shape} with {int((~np.isfinite(scores)).sum())} non-finite"
+        )
+    order = _top(keys, count)
+    return Selection([examples[i].id for i in order], [float(scores[i]) for i in order], method)
 
 
 def check(config: Any) -> None:
-    """Raise if this stage cannot run with ``config``."""
-    if config.select.method != "random":
-        raise StageNotImplementedError(
-            f"select.method={config.select.method!r} is not implemented yet (issue #6); nothing was run"
+    """Raise if this stage cannot run with ``config`` (before any work)."""
+    sc = config.select
+    if sc.method in TARGETED and not (sc.target and sc.target.strip()):
+        raise NacdError(
+            f"select.method={sc.method} needs target examples: set select.target (e.g. select.target=arc_easy); "
+            "nothing was run"
         )
+    if sc.method == "less":
+        import importlib.util
+
+        if importlib.util.find_spec("nacd.less") is None:
+            raise StageNotImplementedError("select.method=less: nacd.less is not built yet (issue #6); nothing was run")
+
+
+def _method_config(config: Any) -> dict[str, Any] | None:
+    sub = getattr(config.select, config.select.method, None)
+    return dataclasses.asdict(sub) if dataclasses.is_dataclass(sub) else None
 
 
 def run(config: Any, run_dir: RunDir) -> Selection:
@@ -75,20 +332,34 @@ def run(config: Any, run_dir: RunDir) -> Selection:
     run_dir.init(config)
     setup_logging(config.run.log_level, run_dir.log_path)
     examples, _ = load_corpus(config.data)
-    identity = {
+    targeted = sc.method in TARGETED
+    targets = load_target(config) if targeted else None
+    identity: dict[str, Any] = {
         "method": sc.method,
+        "method_config": _method_config(config),
         "budget": sc.budget,
-        "target": sc.target,
         "seed": config.run.seed,
+        "target": sc.target if targeted else None,
+        "target_split": sc.target_split if targeted else None,
+        "target_max_examples": sc.target_max_examples if targeted else None,
+        "target_hash": corpus_hash(targets) if targets else None,
         "corpus_hash": corpus_hash(examples),
     }
+    if sc.method == "less":  # the gradients depend on the model, the adapter and the tokenization
+        identity["model"] = config.model.spec
+        identity["lora"] = dataclasses.asdict(config.lora)
+        identity["max_seq_len"] = config.data.max_seq_len
     folder = run_dir.select_dir
     existing = read_manifest(folder, KIND)
     if existing is not None and existing.get("complete") and all(existing.get(k) == v for k, v in identity.items()):
         body = json.loads((folder / "selection.json").read_text())
         log.info("select: the same selection exists in %s, skipped", folder)
         return Selection(body["ids"], body["scores"], sc.method)
-    selection = select(examples, sc.budget, sc.method, config.run.seed)
+    if targets:
+        log.info("select: %d target examples from %s", len(targets), sc.target)
+    start = time.perf_counter()
+    selection = select(examples, sc.budget, sc.method, config.run.seed, targets, config, run_dir)
+    seconds = time.perf_counter() - start
     by_id = {ex.id: ex for ex in examples}
     atomic_write_json(folder / "selection.json", {"ids": selection.ids, "scores": selection.scores})
     lines = [
@@ -96,6 +367,17 @@ def run(config: Any, run_dir: RunDir) -> Selection:
         for i in selection.ids
     ]
     atomic_write_text(folder / "selected.jsonl", "\n".join(lines) + "\n")
-    write_manifest(folder, KIND, **identity, n_corpus=len(examples), n_selected=len(selection.ids), complete=True)
-    log.info("select: %d of %d examples (%s) -> %s", len(selection.ids), len(examples), sc.method, folder)
+    write_manifest(
+        folder,
+        KIND,
+        **identity,
+        n_target=len(targets) if targets else None,
+        n_corpus=len(examples),
+        n_selected=len(selection.ids),
+        seconds=round(seconds, 3),
+        complete=True,
+    )
+    log.info(
+        "select: %d of %d examples (%s, %.1fs) -> %s", len(selection.ids), len(examples), sc.method, seconds, folder
+    )
     return selection

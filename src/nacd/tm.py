@@ -67,6 +67,20 @@ def nearest_vocab(vectors: Any, vocab: Any, chunk: int = 8192) -> tuple[Any, Any
     return dist, index
 
 
+def text_token_ids(tokenizer: Any, n_rows: int) -> list[int]:
+    """Ids of the embedding rows that are ordinary text tokens: not special (``<|im_end|>``, ``<bos>``,
+    added control tokens) and within the tokenizer (embedding matrices are often padded past it).
+
+    Prompt vectors are pulled toward and decoded as these only, so the decoded prompt is text that
+    another tokenizer can read, not control tokens that would end a turn or a document.
+    """
+    special = set(tokenizer.all_special_ids)
+    for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            special.add(int(token_id))
+    return [i for i in range(min(len(tokenizer), n_rows)) if i not in special]
+
+
 def regularizer(vectors: Any, vocab: Any, chunk: int = 8192) -> Any:
     """Eq. 3: mean euclidean distance of the prompt vectors (n, d) to their nearest vocabulary row."""
     dist, _ = nearest_vocab(vectors, vocab, chunk)
@@ -131,6 +145,7 @@ class Student:
         embed = causal_lm(model).get_input_embeddings()
         self.embed = embed
         self.vocab = embed.weight
+        self.vocab_ids: Any = None  # LongTensor of the candidate rows for prompt vectors; None = every row
         self.embed_scale = embed_scale(embed)
         self.sparse = SparseLogitsForward()
         self._sparse_ready: bool | None = None  # decided on the first batch

@@ -1,0 +1,403 @@
+"""The report of ``nacd run``: the comparison table, statistics, distillation plots and stage costs.
+
+Everything is computed from the run folder's artifacts (``eval/*/samples.jsonl``, ``distill/``,
+``finetune/*/metrics.jsonl``, ``costs.json``), so a report can be rebuilt at any time. Written to
+``<run>/report/``::
+
+    report.md      the table in the paper's layout (rows: variants; columns: model x benchmark),
+                   SEL+NACD vs SEL paired bootstrap intervals, plots, pseudo-token examples, costs
+    report.html    the same, self-contained (plots embedded as data URIs)
+    results.json   the numbers behind the table
+    *.png          the plots
+
+The paired bootstrap (:func:`paired_bootstrap`) resamples questions, and seeds when there are
+several, with the same indices for both variants, and reports the percentile interval of the
+difference of the mean metric.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nacd.artifacts import atomic_write_json, atomic_write_text, read_jsonl, read_manifest
+
+log = logging.getLogger(__name__)
+
+LABELS = {"baseline": "Baseline (no tuning)", "full": "FULL", "sel": "SEL", "sel_nacd": "SEL+NACD"}
+
+
+# --------------------------------------------------------------------------- statistics (pure)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    mean = sum(values) / len(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def paired_bootstrap(a: Any, b: Any, samples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Bootstrap interval of mean(a) - mean(b) for paired score matrices of shape (seeds, questions).
+
+    Each resample draws seeds (when there are several) and questions with replacement, the same
+    indices for ``a`` and ``b``. Returns the observed difference, the percentile interval
+    ``[lo, hi]`` at ``confidence``, and ``p_le_0``, the fraction of resamples with a difference <= 0
+    (a one-sided bootstrap p-value for "a beats b").
+    """
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.ndim == 1:
+        a, b = a[None], b[None]
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired_bootstrap: shapes {a.shape} and {b.shape} must be equal and non-empty")
+    n_seeds, n_q = a.shape
+    rng = np.random.default_rng(seed)
+    diff = a - b  # paired: the mean difference of resampled cells is the difference of the means
+    stats = np.empty(samples)
+    for i in range(samples):
+        rows = rng.integers(0, n_seeds, n_seeds) if n_seeds > 1 else np.zeros(1, dtype=np.int64)
+        cols = rng.integers(0, n_q, n_q)
+        stats[i] = diff[np.ix_(rows, cols)].mean()
+    tail = (1 - confidence) / 2
+    return {
+        "diff": float(diff.mean()),
+        "lo": float(np.quantile(stats, tail)),
+        "hi": float(np.quantile(stats, 1 - tail)),
+        "p_le_0": float((stats <= 0).mean()),
+        "n_questions": int(n_q),
+        "n_seeds": int(n_seeds),
+        "samples": int(samples),
+        "confidence": float(confidence),
+    }
+
+
+# --------------------------------------------------------------------------- collecting the run
+
+
+@dataclass
+class Scores:
+    """Per-question scores of one evaluated cell: ``{benchmark: {question id: score}}`` plus summaries."""
+
+    per_question: dict[str, dict[str, float]]
+    results: dict[str, Any]
+
+
+def read_scores(eval_dir: Path, metric: str) -> Scores | None:
+    """The cell's per-question ``metric`` from ``samples.jsonl``; None if the evaluation is missing."""
+    manifest = read_manifest(eval_dir, "eval")
+    if manifest is None or not manifest.get("complete"):
+        return None
+    per_q: dict[str, dict[str, float]] = {}
+    for s in read_jsonl(eval_dir / "samples.jsonl"):
+        per_q.setdefault(s["benchmark"], {})[s["id"]] = float(s[metric])
+    results = json.loads((eval_dir / "results.json").read_text(encoding="utf-8"))["benchmarks"]
+    return Scores(per_q, results)
+
+
+def summarize(config: Any, run_dir: Any, cells: Sequence[Any]) -> dict[str, Any]:
+    """The table's numbers: per model, variant and benchmark the per-seed metric, mean and std, and
+    per model and benchmark the SEL+NACD vs SEL paired bootstrap."""
+    cc = config.compare
+    metric = cc.metric
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    matrices: dict[tuple[str, str, str], dict[int | None, dict[str, float]]] = {}
+    for cell in cells:
+        scores = read_scores(run_dir.eval_dir(cell.name), metric)
+        if scores is None:
+            continue
+        for bench, per_q in scores.per_question.items():
+            matrices.setdefault((cell.model, cell.variant, bench), {})[cell.seed] = per_q
+    models = list(dict.fromkeys(c.model for c in cells))
+    benches = sorted({k[2] for k in matrices}, key=lambda b: (b not in config.eval.benchmarks, b))
+    for model in models:
+        for variant in cc.variants:
+            for bench in benches:
+                by_seed = matrices.get((model, variant, bench))
+                if not by_seed:
+                    continue
+                per_seed = {str(s): 100 * sum(q.values()) / len(q) for s, q in by_seed.items()}
+                mean, std = mean_std(list(per_seed.values()))
+                n_q = len(next(iter(by_seed.values())))
+                table.setdefault(model, {}).setdefault(variant, {})[bench] = {
+                    "per_seed": per_seed,
+                    "mean": mean,
+                    "std": std,
+                    "n_seeds": len(per_seed),
+                    "n_questions": n_q,
+                }
+    bootstrap: dict[str, dict[str, Any]] = {}
+    for model in models:
+        for bench in benches:
+            a, b = matrices.get((model, "sel_nacd", bench)), matrices.get((model, "sel", bench))
+            seeds = sorted(set(a or {}) & set(b or {}), key=str)
+            if not seeds:
+                continue
+            qids = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds)))
+            if not qids:
+                continue
+            ma = [[a[s][q] for q in qids] for s in seeds]
+            mb = [[b[s][q] for q in qids] for s in seeds]
+            res = paired_bootstrap(ma, mb, cc.bootstrap_samples, cc.confidence, config.run.seed)
+            bootstrap.setdefault(model, {})[bench] = {k: (100 * v if k in ("diff", "lo", "hi") else v)
+                                                     for k, v in res.items()}  # fmt: skip
+    return {"metric": metric, "models": models, "benchmarks": benches, "table": table, "bootstrap": bootstrap}
+
+
+# --------------------------------------------------------------------------- rendering (pure)
+
+
+def fmt_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "-"
+    if entry["std"] is None:
+        return f"{entry['mean']:.2f}"
+    return f"{entry['mean']:.2f} ± {entry['std']:.2f}"
+
+
+def table_rows(summary: dict[str, Any], model_names: dict[str, str]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the comparison table (paper layout: variants down, model x benchmark across)."""
+    header = ["Method"] + [f"{model_names.get(m, m)}: {b}" for m in summary["models"] for b in summary["benchmarks"]]
+    variants = list(dict.fromkeys(v for m in summary["table"].values() for v in m))
+    rows = []
+    for variant in variants:
+        row = [LABELS.get(variant, variant)]
+        for m in summary["models"]:
+            for b in summary["benchmarks"]:
+                row.append(fmt_cell(summary["table"].get(m, {}).get(variant, {}).get(b)))
+        rows.append(row)
+    return header, rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def esc(x: str) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class Doc:
+    """A report as blocks, rendered to Markdown and to self-contained HTML."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[str, Any]] = []
+
+    def h(self, text: str, level: int = 2) -> None:
+        self.blocks.append(("h", (level, text)))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        self.blocks.append(("table", (list(header), [list(r) for r in rows])))
+
+    def img(self, path: Path, caption: str) -> None:
+        self.blocks.append(("img", (path, caption)))
+
+    def pre(self, text: str) -> None:
+        self.blocks.append(("pre", text))
+
+    def markdown(self) -> str:
+        out = []
+        for kind, value in self.blocks:
+            if kind == "h":
+                out.append("#" * value[0] + " " + value[1])
+            elif kind == "p":
+                out.append(value)
+            elif kind == "table":
+                out.append(markdown_table(*value))
+            elif kind == "img":
+                out.append(f"![{value[1]}]({value[0].name})")
+            else:
+                out.append("```\n" + value + "\n```")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        out = []
+        for kind, value in self.blocks:
+            if kind == "h":
+                out.append(f"<h{value[0]}>{html.escape(value[1])}</h{value[0]}>")
+            elif kind == "p":
+                out.append(f"<p>{html.escape(value)}</p>")
+            elif kind == "table":
+                out.append(html_table(*value))
+            elif kind == "img":
+                data = base64.b64encode(value[0].read_bytes()).decode("ascii")
+                out.append(
+                    f'<figure><img alt="{html.escape(value[1])}" src="data:image/png;base64,{data}">'
+                    f"<figcaption>{html.escape(value[1])}</figcaption></figure>"
+                )
+            else:
+                out.append(f"<pre>{html.escape(value)}</pre>")
+        style = (
+            "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;"
+            "text-align:left;vertical-align:top}th{background:#eee}img{max-width:100%}"
+            "pre{background:#f6f6f6;padding:8px;overflow-x:auto}figcaption{color:#555;font-size:90%}"
+        )
+        return (
+            f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{style}</style></head><body>{''.join(out)}</body></html>\n"
+        )
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _plot_distances(ds: Any, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(ds.nearest_dist.flatten().tolist(), bins=30, color="#4477aa")
+    ax.set_xlabel("distance of a prompt vector to its nearest vocabulary embedding")
+    ax.set_ylabel("prompt vectors")
+    ax.set_title(f"{ds.prompts.shape[0]} examples x {ds.prompts.shape[1]} vectors")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _plot_finetune(run_dir: Any, cells: Sequence[Any], out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = []
+    for cell in cells:
+        path = run_dir.finetune_dir(cell.name) / "metrics.jsonl"
+        if cell.variant != "baseline" and path.is_file():
+            rows = [r for r in read_jsonl(path) if "loss" in r]
+            if rows:
+                curves.append((cell.name, [r["loss"] for r in rows]))
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name, losses in curves:
+        ax.plot(range(1, len(losses) + 1), losses, lw=1, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _fmt_cost(entry: dict[str, Any]) -> list[str]:
+    if entry.get("peak_rss_mb") is None:
+        mem = "not measured"
+    else:
+        scope = " (process peak)" if entry.get("peak_rss_scope") == "process" else ""
+        mem = f"{entry['peak_rss_mb']:.0f} MiB RSS{scope}"
+    if entry.get("peak_gpu_mb") is not None:
+        mem += f", {entry['peak_gpu_mb']:.0f} MiB GPU"
+    status = entry["status"] + (" (reused since)" if entry.get("reused") else "")
+    return [f"{entry['seconds']:.1f}", mem, entry["device"], status]
+
+
+def _corpus_line(run_dir: Any) -> str:
+    sel = read_manifest(run_dir.select_dir, "selection")
+    if sel is None:
+        return ""
+    return f"D_full: {sel['n_corpus']} examples; D_sel: {sel['n_selected']} ({sel['method']}, budget {sel['budget']})."
+
+
+def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[str, Any]) -> dict[str, Any]:
+    """Write ``<run>/report/`` and return ``{"table": markdown table, "report": path, "summary": ...}``."""
+    from nacd.distill import DistilledSet, describe_examples, plot_history
+    from nacd.pipeline import model_tag
+
+    folder = run_dir.root / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = summarize(config, run_dir, cells)
+    names = {m: model_tag(m) + (" (distills)" if m == config.model.spec else " (receives)") for m in summary["models"]}
+    header, rows = table_rows(summary, names)
+    metric = summary["metric"]
+    doc = Doc()
+    doc.h(f"nacd run: {run_dir.root}", 1)
+    doc.p(
+        f"Paper Table 1 layout: {metric} (%) on {', '.join(summary['benchmarks'])} "
+        f"({config.eval.split} split), mean ± std over seeds {config.compare.seeds} for tuned variants. "
+        + _corpus_line(run_dir)
+    )
+    doc.table(header, rows)
+    boot_rows = []
+    for model, per_bench in summary["bootstrap"].items():
+        for bench, r in per_bench.items():
+            boot_rows.append(
+                [
+                    names[model],
+                    bench,
+                    f"{r['diff']:+.2f}",
+                    f"[{r['lo']:+.2f}, {r['hi']:+.2f}]",
+                    f"{r['p_le_0']:.3f}",
+                    f"{r['n_questions']} x {r['n_seeds']}",
+                ]
+            )
+    if boot_rows:
+        doc.h("SEL+NACD vs SEL (paired bootstrap)")
+        doc.p(
+            f"Difference of {metric} in points, {int(100 * config.compare.confidence)}% percentile interval over "
+            f"{config.compare.bootstrap_samples} resamples of questions (and seeds), the same draws for both variants; "
+            "P(diff <= 0) is the one-sided bootstrap p-value for SEL+NACD beating SEL."
+        )
+        doc.table(["model", "benchmark", "diff", "interval", "P(diff <= 0)", "questions x seeds"], boot_rows)
+    ds = None
+    try:
+        ds = DistilledSet.load(run_dir.distill_dir)
+    except Exception:  # no distillation in this run (variants without sel_nacd)
+        ds = None
+    if ds is not None:
+        doc.h("Distillation")
+        m = ds.manifest
+        doc.p(
+            f"{m['n_examples']} examples x {m['num_prompt_tokens']} prompt vectors, {m['iterations']} iterations "
+            f"({m.get('skipped_iterations', 0)} skipped), learned student lr alpha = {ds.alpha:.4g}, "
+            f"mean distance to the nearest vocabulary embedding {float(ds.nearest_dist.mean()):.4f}."
+        )
+        curves = plot_history(ds, folder / "distill_curves.png")
+        doc.img(curves, "L_distill (Eq. 2), L_reg (Eq. 3) and alpha over iterations")
+        doc.img(_plot_distances(ds, folder / "nearest_distances.png"), "Nearest-token distances of the prompt vectors")
+        doc.h("Decoded pseudo tokens (paper Figure 3)", 3)
+        doc.pre(describe_examples(ds, 6, width=120))
+    ft_plot = _plot_finetune(run_dir, cells, folder / "finetune_loss.png")
+    if ft_plot is not None:
+        doc.h("Tuning")
+        doc.img(ft_plot, "Training loss of every tuned variant")
+    if costs:
+        doc.h("Cost of each stage")
+        doc.table(
+            ["stage", "wall s", "peak memory", "device", "status"], [[k, *_fmt_cost(v)] for k, v in costs.items()]
+        )
+        total = sum(v["seconds"] for v in costs.values())
+        doc.p(f"Total wall time of the stages: {total / 60:.1f} min.")
+    md_path = atomic_write_text(folder / "report.md", doc.markdown())
+    atomic_write_text(folder / "report.html", doc.html(f"nacd run {run_dir.root}"))
+    atomic_write_json(folder / "results.json", {"summary": summary, "costs": costs, "cells": [c.name for c in cells]})
+    log.info("report: %s", md_path)
+    return {"table": markdown_table(header, rows), "report": str(md_path), "summary": summary}

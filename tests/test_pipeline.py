@@ -1,0 +1,123 @@
+"""nacd run end to end on tiny models: every artifact, the report, numbers from the run, resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from nacd import cli
+from nacd.artifacts import RunDir, read_jsonl
+from nacd.config import load_config
+from nacd.errors import NacdError
+from nacd.pipeline import Cell, model_tag, needed_stages, plan
+from nacd.report import paired_bootstrap, summarize
+
+RUN = (
+    "data.sources=[{path: 'builtin:demo/corpus.jsonl', name: demo, max_examples: 24}]",
+    "data.max_seq_len=48",
+    "select.budget=8",
+    "experts.num_experts=1",
+    "experts.train.epochs=2",
+    "experts.train.batch_size=8",
+    "experts.train.optimizer=sgd",
+    "experts.train.lr=0.5",
+    "experts.train.lr_schedule=constant",
+    "experts.train.warmup_ratio=0",
+    "distill.syn_steps=2",
+    "distill.batch_size=4",
+    "distill.iterations=3",
+    "distill.max_start_epoch=1",
+    "finetune.train.epochs=1",
+    "finetune.train.batch_size=8",
+    "eval.benchmarks=['builtin:demo/mc']",
+    "eval.limits={demo_mc: 12}",
+    "compare.seeds=[0, 1]",
+    "compare.bootstrap_samples=200",
+)
+
+
+def test_paired_bootstrap_is_centered_and_paired():
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 2, size=(2, 400)).astype(float)
+    same = paired_bootstrap(b, b, 300)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0  # paired: identical variants never differ
+    a = b.copy()
+    a[:, :40] = 1 - b[:, :40]  # flip 10% of answers: a known difference
+    res = paired_bootstrap(a, b, 500, 0.9, seed=1)
+    assert res["diff"] == pytest.approx((a - b).mean())
+    assert res["lo"] < res["diff"] < res["hi"]
+    better = np.maximum(a, b)
+    res = paired_bootstrap(better, b, 500)
+    assert res["lo"] > 0 and res["p_le_0"] == 0.0
+    with pytest.raises(ValueError):
+        paired_bootstrap(a[:, :3], b, 10)
+
+
+def test_plan_covers_models_variants_and_seeds(tiny_overrides, tiny_gemma_dir):
+    cfg = load_config(None, [*tiny_overrides, f"compare.receivers=['{tiny_gemma_dir}']", "compare.seeds=[3, 4]"])
+    cells = plan(cfg)
+    assert len(cells) == 2 * (1 + 3 * 2)
+    assert cells[0] == Cell(cfg.model.spec, "distilling", "baseline", None)
+    assert {c.role for c in cells if c.model == str(tiny_gemma_dir)} == {"receiver"}
+    assert cells[1].name == f"{model_tag(cfg.model.spec)}/full/seed3"
+    assert needed_stages(cfg) == ["select", "experts", "distill"]
+    cfg = load_config(None, [*tiny_overrides, "compare.variants=[baseline, full]"])
+    assert needed_stages(cfg) == []
+    with pytest.raises(NacdError, match="compare.variants"):
+        load_config(None, [*tiny_overrides, "compare.variants=[full, nacd]"])
+
+
+def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, capsys):
+    args = [*tiny_overrides, *RUN, f"compare.receivers=['{tiny_gemma_dir}']"]
+    assert cli.main(["run", *args]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(None, args)
+    run_dir = RunDir(cfg.run.out_dir)
+    root = run_dir.root
+    assert (root / "config.yaml").is_file() and not list(root.glob("config.*.yaml"))  # saved once, not per cell
+    assert json.loads((root / "select" / "manifest.json").read_text())["complete"]
+    assert (run_dir.expert_run_dir(0) / "manifest.json").is_file()
+    assert (root / "distill" / "prompts.safetensors").is_file()
+    cells = plan(cfg)
+    for cell in cells:
+        if cell.variant != "baseline":
+            manifest = json.loads((run_dir.finetune_dir(cell.name) / "manifest.json").read_text())
+            assert manifest["complete"] and manifest["seed"] == cell.seed
+            assert (run_dir.finetune_dir(cell.name) / "adapter" / "adapter_config.json").is_file()
+            if cell.variant == "sel_nacd":
+                assert manifest["prompt_mode"] == ("embeddings" if cell.role == "distilling" else "text")
+        assert (run_dir.eval_dir(cell.name) / "samples.jsonl").is_file()
+    costs = json.loads((root / "costs.json").read_text())
+    assert {"select", "experts", "distill"} <= set(costs)
+    assert all(costs[k]["status"] == "ran" and costs[k]["seconds"] > 0 and costs[k]["peak_rss_mb"] > 0 for k in costs)
+    assert len(costs) == 3 + len(cells) + sum(c.variant != "baseline" for c in cells)
+    report = root / "report"
+    for name in ("report.md", "report.html", "results.json", "distill_curves.png", "nearest_distances.png"):
+        assert (report / name).is_file(), name
+    html = (report / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html and 'src="distill' not in html
+    md = (report / "report.md").read_text()
+    for label in ("Baseline (no tuning)", "FULL", "SEL", "SEL+NACD", "paired bootstrap", "Cost of each stage"):
+        assert label in md
+    # the table holds the run's numbers: recompute one cell from samples.jsonl
+    tag = model_tag(cfg.model.spec)
+    accs = []
+    for seed in (0, 1):
+        rows = read_jsonl(run_dir.eval_dir(f"{tag}/sel_nacd/seed{seed}") / "samples.jsonl")
+        assert len(rows) == 12
+        accs.append(100 * sum(r["acc"] for r in rows) / len(rows))
+    summary = json.loads((report / "results.json").read_text())["summary"]
+    entry = summary["table"][cfg.model.spec]["sel_nacd"]["demo_mc"]
+    assert entry["mean"] == pytest.approx(sum(accs) / 2)
+    assert entry["per_seed"] == {"0": pytest.approx(accs[0]), "1": pytest.approx(accs[1])}
+    assert f"{sum(accs) / 2:.2f} ±" in md and f"{sum(accs) / 2:.2f} ±" in out
+    assert "report:" in out and str(report / "report.md") in out
+    assert set(summary["bootstrap"]) == {cfg.model.spec, str(tiny_gemma_dir)}
+
+    # a rerun does no work: every stage's outputs are complete and the recorded costs are kept
+    stamps = {p: p.stat().st_mtime for p in root.rglob("manifest.json")}
+    assert cli.main(["run", *args]) == 0
+    assert {p: p.stat().st_mtime for p in root.rglob("manifest.json")} == stamps
+    again = json.loads((root / "costs.json").read_text())
+    assert all(again[k]["seconds"] == costs[k]["seconds"] and again[k].get("reused") for k in costs)
+    assert summarize(cfg, run_dir, cells)["table"] == summary["table"]
