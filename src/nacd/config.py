@@ -264,11 +264,19 @@ class LessConfig:
     )
     proj_dim: int = f(8192, "Dimension of the random projection of the LoRA gradients.")
     proj_seed: int = f(0, "Seed of the random projection (the same in every process).")
+    projection: Literal["sparse", "gaussian"] = f(
+        "sparse",
+        "sparse: a sparse Johnson-Lindenstrauss transform (proj_nnz +-1 entries per gradient coordinate; fast); "
+        "gaussian: dense N(0, 1/proj_dim) entries generated block by block (slow on CPU: ~50 s per shard for "
+        "SmolLM2-135M).",
+    )
+    proj_nnz: int = f(4, "Nonzeros per gradient coordinate of the sparse projection.")
     grad_batch_size: int = f(8, "Examples per batched forward/backward when computing per-example gradients.")
     shard_size: int = f(
-        64,
-        "Examples per feature shard: their gradients are projected together (memory: shard_size x LoRA "
-        "parameters floats); a shard is the unit of resumption and of the split between processes.",
+        256,
+        "Examples per feature shard: their gradients are projected together, so the random projection is "
+        "generated once per shard (memory: shard_size x LoRA parameters floats, 0.5 GB for SmolLM2-135M "
+        "r=8 q/v); a shard is the unit of resumption and of the split between processes.",
     )
     feature_dtype: Literal["float16", "float32"] = f("float16", "dtype of the stored projected features.")
 
@@ -276,7 +284,7 @@ class LessConfig:
         _check(0.0 < self.warmup_fraction <= 1.0, "warmup_fraction", "must be in (0, 1]")
         _check(self.warmup.optimizer == "adamw", "warmup.optimizer", "LESS preconditions with Adam: must be adamw")
         _check(self.warmup.max_steps is None, "warmup.max_steps", "features are taken at epoch ends: use epochs")
-        for name in ("proj_dim", "grad_batch_size", "shard_size"):
+        for name in ("proj_dim", "grad_batch_size", "shard_size", "proj_nnz"):
             _check(getattr(self, name) > 0, name, "must be positive")
         _check(self.proj_seed >= 0, "proj_seed", "must be >= 0")
 

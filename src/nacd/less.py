@@ -1,0 +1,792 @@
+"""LESS data selection (Xia et al. 2024, "LESS: Selecting Influential Data for Targeted Instruction Tuning").
+
+:func:`less_scores` gives every corpus example a score for ``select.method=less``:
+
+1. **Warm-up.** A fresh LoRA (``config.lora``, seed ``run.seed``) is trained with AdamW on a seeded
+   random ``select.less.warmup_fraction`` of the corpus (at least one batch) for
+   ``select.less.warmup.epochs`` epochs, through the shared :class:`~nacd.train.TrainLoop`. At
+   every epoch end the LoRA parameters, the Adam moments and the epoch's average lr are saved.
+2. **Gradient features.** At each warm-up checkpoint ``c``, for every corpus example ``x`` the
+   Adam update direction of its own loss (:func:`adam_direction`), for every target example ``z``
+   its plain gradient; the loss of an example is its mean token loss over response tokens. Both
+   are projected to ``proj_dim`` by a seeded random projection that is generated block by block
+   from the seed and never held as a dense matrix (``select.less.projection``: a sparse
+   Johnson-Lindenstrauss transform, :class:`SparseProjection`, by default, or a Gaussian one,
+   :class:`GaussianProjection`), then L2-normalized.
+3. **Matching** (:func:`less_match`, as ``less/data_selection/matching.py`` of the LESS code)::
+
+       score(x) = max_s  sum_c  w_c * mean_{z in D_s} < f_c(x), t_c(z) >,   w_c = lr_c / sum_c' lr_c'
+
+   ``f_c``/``t_c``: the normalized projected features (so the inner product is a cosine),
+   ``D_s``: the target examples of subtask ``s`` (their ``Example.source``, e.g. an MMLU
+   subject), ``lr_c``: the average lr of warm-up epoch ``c``. The mean within a subtask and the
+   weighted sum over checkpoints commute; the max over subtasks comes last. Scores lie in [-1, 1].
+
+Per-example gradients come from one batched forward and backward per ``grad_batch_size``
+examples (:func:`batched_grads`): every trainable LoRA weight is a bias-free ``nn.Linear``
+``y = x W^T``, so the gradient of example ``i``'s loss is ``sum_t dL_i/dy[i,t]^T x[i,t]``, read
+from the layer's input and the gradient of its output (examples do not interact in a causal LM,
+so the gradient of the summed loss with respect to ``y[i]`` is example ``i``'s own).
+:func:`per_example_grads_loop` is the one-backward-per-example reference.
+
+Layout of ``workdir``::
+
+    warmup/manifest.json               kind "less_warmup": base model, LoRA config, warm-up config,
+                                       seed, data hash of the warm-up subset, parameter shapes,
+                                       snapshot list (epoch, step, lr_avg, loss), complete
+    warmup/epoch_NNN.safetensors       at the end of epoch NNN: lora/<name>, exp_avg/<name>,
+                                       exp_avg_sq/<name>; metadata epoch, step, adam_step, lr_avg,
+                                       beta1, beta2, eps
+    warmup/metrics.jsonl, warmup/checkpoint/   per-step metrics; resumable state while incomplete
+    features/epoch_NNN/train/manifest.json   kind "less_features": the snapshot's sha256, the
+                                       projection, the data hash, gradient kind (adam / sgd),
+                                       shard size, feature dtype
+    features/epoch_NNN/train/shard_KKKKK.safetensors   "features" [n, proj_dim]: corpus examples
+                                       [start, stop) (metadata start, stop, rank)
+    features/epoch_NNN/target/...      the same for the target examples (plain gradients)
+
+Resumable: a complete warm-up is skipped and an interrupted one resumes from its checkpoint; a
+warm-up folder made with another model, LoRA, data or config is refused. Feature shards are
+written atomically and never recomputed; a features folder made with other settings (projection,
+data, dtype, a redone warm-up) is recomputed, with a warning: new targets recompute only the
+target features. With several processes (``torchrun``) the warm-up is data-parallel and process
+``r`` computes the shards ``k`` with ``k % world == r``; every process then reads all shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from nacd.artifacts import (
+    MetricsWriter,
+    atomic_save_safetensors,
+    read_manifest,
+    read_matching_manifest,
+    sha256_file,
+    write_manifest,
+)
+from nacd.errors import NacdError
+from nacd.train import (
+    IGNORE_INDEX,
+    Callback,
+    SparseLogitsForward,
+    TrainLoop,
+    default_forward,
+    init_lora,
+    load_lora_state,
+    lora_parameters,
+    lora_state,
+    lr_factor,
+    optimizer_tensors,
+    setup_training,
+    tokenized_hash,
+)
+
+log = logging.getLogger(__name__)
+
+WARMUP_KIND = "less_warmup"
+FEATURES_KIND = "less_features"
+
+#: Rows (gradient coordinates) per generated block of the projection; part of its definition.
+PROJ_BLOCK_ROWS = 1024
+
+#: Score of a corpus example that tokenization dropped (no response tokens): below every real score.
+UNSCORED = -2.0
+
+
+class LessError(NacdError):
+    """LESS cannot run with this model, data or workdir."""
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+def block_seed(seed: int, k: int) -> int:
+    """The generator seed of block ``k`` of the projection with seed ``seed``: 32 bits (torch's CPU
+    generator keeps only the low 32 bits of a seed), distinct for distinct ``k < 2**32``."""
+    return (seed * 0x9E3779B1 + k) % 2**32
+
+
+class GaussianProjection:
+    """``x -> x @ R`` for a ``[n, dim]`` matrix ``R`` of iid ``N(0, 1/dim)`` entries, never held in full.
+
+    Rows ``[k * block_rows, (k + 1) * block_rows)`` of ``R`` are drawn by a generator seeded with
+    :func:`block_seed` ``(seed, k)`` on the device's type, so ``R`` depends only on (seed, dim, block_rows,
+    device type): not on ``n`` (a prefix of the coordinates keeps its rows), not on how the
+    coordinates or the examples are chunked, and not on the process. ``E[<xR, yR>] = <x, y>``
+    (Johnson-Lindenstrauss: the error has standard deviation at most ``sqrt(2 / dim) |x| |y|``).
+    """
+
+    def __init__(self, n: int, dim: int, seed: int, device: Any = "cpu", block_rows: int = PROJ_BLOCK_ROWS):
+        import torch
+
+        if n <= 0 or dim <= 0 or block_rows <= 0 or seed < 0:
+            raise ValueError(f"GaussianProjection: bad n={n}, dim={dim}, seed={seed}, block_rows={block_rows}")
+        self.n, self.dim, self.seed, self.block_rows = n, dim, seed, block_rows
+        self.device = torch.device(device)
+        self._cache: tuple[int, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What defines the matrix (for manifests)."""
+        return {
+            "kind": "gaussian",
+            "dim": self.dim,
+            "seed": self.seed,
+            "block_rows": self.block_rows,
+            "device": self.device.type,
+        }
+
+    def block(self, k: int) -> Any:
+        """Rows ``[k * block_rows, (k + 1) * block_rows)`` of ``R`` (float32; the last block is not cut)."""
+        import torch
+
+        if self._cache is not None and self._cache[0] == k:
+            return self._cache[1]
+        gen = torch.Generator(device=self.device).manual_seed(block_seed(self.seed, k))
+        rows = torch.randn(self.block_rows, self.dim, generator=gen, device=self.device, dtype=torch.float32)
+        rows.mul_(1.0 / math.sqrt(self.dim))
+        self._cache = (k, rows)
+        return rows
+
+    def rows(self, start: int, stop: int) -> Any:
+        """Rows ``[start, stop)`` of ``R``, assembled from the blocks they fall in."""
+        import torch
+
+        b = self.block_rows
+        parts = []
+        for k in range(start // b, (stop - 1) // b + 1):
+            lo, hi = max(start, k * b), min(stop, (k + 1) * b)
+            parts.append(self.block(k)[lo - k * b : hi - k * b])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def __call__(self, x: Any, chunk_rows: int | None = None) -> Any:
+        """Project ``x`` (``[m, n]``) to ``[m, dim]`` in ``x``'s dtype, ``chunk_rows`` coordinates at a time."""
+        if x.shape[-1] != self.n:
+            raise ValueError(f"GaussianProjection: input has {x.shape[-1]} coordinates, expected {self.n}")
+        chunk = chunk_rows or self.block_rows
+        out = x.new_zeros(*x.shape[:-1], self.dim)
+        for start in range(0, self.n, chunk):
+            stop = min(self.n, start + chunk)
+            out += x[..., start:stop] @ self.rows(start, stop).to(x.device, x.dtype)
+        return out
+
+
+class SparseProjection:
+    """``x -> x @ R`` for a sparse ``[n, dim]`` matrix ``R`` (a sparse Johnson-Lindenstrauss transform,
+    Kane & Nelson 2014): each coordinate ``j`` (row of ``R``) has ``nnz`` entries ``+-1/sqrt(nnz)`` in
+    columns drawn uniformly (with replacement), with independent random signs.
+
+    ``E[<xR, yR>] = <x, y>`` and, for vectors whose mass is spread over many coordinates (as
+    gradients of many parameters are), the error's spread is that of a Gaussian projection,
+    ``~ sqrt(2 / dim) |x| |y|``. It costs ``nnz`` multiply-adds per coordinate instead of ``dim``, and
+    its definition (columns and signs, ``nnz`` int64 + sign per coordinate) is drawn block by block
+    from the seed exactly as :class:`GaussianProjection`'s rows are: independent of ``n``, of the
+    chunking and of the process. On SmolLM2-135M (460,800 LoRA coordinates -> 8192) projecting a
+    shard takes well under a second where the Gaussian one takes about 50 s on 2 CPU cores.
+    """
+
+    def __init__(
+        self, n: int, dim: int, seed: int, device: Any = "cpu", block_rows: int = PROJ_BLOCK_ROWS, nnz: int = 4
+    ):
+        import torch
+
+        if n <= 0 or dim <= 0 or block_rows <= 0 or seed < 0 or nnz <= 0:
+            raise ValueError(f"SparseProjection: bad n={n}, dim={dim}, seed={seed}, block_rows={block_rows}, nnz={nnz}")
+        self.n, self.dim, self.seed, self.block_rows, self.nnz = n, dim, seed, block_rows, nnz
+        self.device = torch.device(device)
+        self._cols: Any = None
+
+    def describe(self) -> dict[str, Any]:
+        """What defines the matrix (for manifests)."""
+        return {"kind": "sparse", "dim": self.dim, "seed": self.seed, "block_rows": self.block_rows, "nnz": self.nnz}
+
+    def block(self, k: int) -> tuple[Any, Any]:
+        """(columns ``[block_rows, nnz]`` int64, signed values ``[block_rows, nnz]`` float32) of block ``k``."""
+        import torch
+
+        gen = torch.Generator().manual_seed(block_seed(self.seed, k))  # on CPU: the same on every device
+        cols = torch.randint(self.dim, (self.block_rows, self.nnz), generator=gen)
+        signs = torch.randint(2, (self.block_rows, self.nnz), generator=gen).float().mul_(2).sub_(1)
+        return cols, signs.div_(math.sqrt(self.nnz))
+
+    def _columns(self) -> tuple[Any, Any]:
+        """Columns and values of all ``n`` coordinates (``n * nnz`` of each: 15 MB for 460,800 x 4)."""
+        import torch
+
+        if self._cols is None:
+            parts = [self.block(k) for k in range((self.n - 1) // self.block_rows + 1)]
+            cols = torch.cat([c for c, _ in parts])[: self.n].to(self.device)
+            vals = torch.cat([v for _, v in parts])[: self.n].to(self.device)
+            self._cols = (cols, vals)
+        return self._cols
+
+    def dense(self) -> Any:
+        """``R`` in full (``[n, dim]`` float32): for tests on small ``n``."""
+        import torch
+
+        cols, vals = self._columns()
+        r = torch.zeros(self.n, self.dim, device=cols.device)
+        r.index_put_((torch.arange(self.n, device=cols.device)[:, None].expand_as(cols), cols), vals, accumulate=True)
+        return r
+
+    def __call__(self, x: Any, chunk_rows: int | None = None) -> Any:
+        """Project ``x`` (``[m, n]``) to ``[m, dim]`` in ``x``'s dtype, ``chunk_rows`` coordinates at a time."""
+        if x.shape[-1] != self.n:
+            raise ValueError(f"SparseProjection: input has {x.shape[-1]} coordinates, expected {self.n}")
+        cols, vals = self._columns()
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.n)
+        out = x2.new_zeros(x2.shape[0], self.dim)
+        chunk = chunk_rows or 65536
+        for start in range(0, self.n, chunk):
+            stop = min(self.n, start + chunk)
+            c = cols[start:stop].to(x.device)
+            v = vals[start:stop].to(x.device, x.dtype)
+            contrib = x2[:, start:stop, None] * v  # [m, chunk, nnz]
+            out.index_add_(1, c.reshape(-1), contrib.reshape(x2.shape[0], -1))
+        return out.reshape(*lead, self.dim)
+
+
+def make_projection(kind: str, n: int, dim: int, seed: int, device: Any = "cpu", nnz: int = 4) -> Any:
+    """The projection of ``select.less.projection``: ``sparse`` (default) or ``gaussian``."""
+    if kind == "sparse":
+        return SparseProjection(n, dim, seed, device, nnz=nnz)
+    if kind == "gaussian":
+        return GaussianProjection(n, dim, seed, device)
+    raise ValueError(f"select.less.projection={kind!r}: expected sparse or gaussian")
+
+
+@dataclass
+class AdamMoments:
+    """Adam's state at a warm-up checkpoint, flattened in the order of :func:`~nacd.train.lora_parameters`."""
+
+    exp_avg: Any  # m_t, [n]
+    exp_avg_sq: Any  # v_t, [n]
+    step: int  # t: updates done
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def to(self, device: Any) -> AdamMoments:
+        return AdamMoments(
+            self.exp_avg.to(device), self.exp_avg_sq.to(device), self.step, self.beta1, self.beta2, self.eps
+        )
+
+
+def adam_direction(grads: Any, moments: AdamMoments) -> Any:
+    """The direction of the Adam update that gradient(s) ``grads`` (``[..., n]``) would make next.
+
+    With the checkpoint's moments ``m_t, v_t`` after ``t`` updates (the paper's Adam influence)::
+
+        m = b1 m_t + (1 - b1) g          v = b2 v_t + (1 - b2) g^2
+        direction = (m / (1 - b1^(t+1))) / (sqrt(v / (1 - b2^(t+1))) + eps)
+
+    exactly the step ``torch.optim.AdamW`` would take (divided by -lr, no weight decay). Up to a
+    positive factor this is ``m / (sqrt(v) + eps * sqrt(1 - b2^(t+1)))``; the LESS code computes
+    ``m / sqrt(v + eps)`` (no bias correction), so after L2 normalization the two differ only in
+    where eps enters.
+    """
+    t = moments.step + 1
+    b1, b2 = moments.beta1, moments.beta2
+    m = b1 * moments.exp_avg + (1 - b1) * grads
+    v = b2 * moments.exp_avg_sq + (1 - b2) * grads * grads
+    return (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + moments.eps)
+
+
+def normalize_rows(x: Any) -> Any:
+    """Each row divided by its L2 norm (zero rows stay zero)."""
+    import torch.nn.functional as F
+
+    return F.normalize(x, dim=-1)
+
+
+def subtask_means(target_features: Any, subtasks: Sequence[str]) -> tuple[list[str], Any]:
+    """The sorted subtask names and the mean target feature of each (``[K, dim]``)."""
+    import torch
+
+    names = sorted(set(subtasks))
+    index = {s: i for i, s in enumerate(names)}
+    rows = torch.tensor([index[s] for s in subtasks])
+    sums = target_features.new_zeros(len(names), target_features.shape[-1]).index_add_(0, rows, target_features)
+    counts = torch.bincount(rows, minlength=len(names)).to(sums)
+    return names, sums / counts[:, None]
+
+
+def less_match(train_features: Sequence[Any], target_means: Sequence[Any], lrs: Sequence[float]) -> Any:
+    """LESS scores ``max_s sum_c w_c <f_c(x), mean_{z in s} t_c(z)>`` with ``w_c = lr_c / sum lr``.
+
+    ``train_features[c]``: ``[N, dim]`` normalized features of the corpus at checkpoint ``c``;
+    ``target_means[c]``: ``[K, dim]`` per-subtask means of the normalized target features
+    (:func:`subtask_means`); ``lrs[c]``: the checkpoint's average warm-up lr. Returns ``[N]``.
+    """
+    if not (len(train_features) == len(target_means) == len(lrs) > 0):
+        raise ValueError("less_match: one train block, one target block and one lr per checkpoint")
+    total = float(sum(lrs))
+    if not total > 0:
+        raise ValueError(f"less_match: the checkpoint lrs {list(lrs)} must sum to a positive number")
+    score = 0
+    for feats, means, lr in zip(train_features, target_means, lrs, strict=True):
+        score = score + (lr / total) * (feats.float() @ means.float().T)
+    return score.max(dim=-1).values
+
+
+# --------------------------------------------------------------------------- per-example gradients
+
+
+def _grad_modules(model: Any) -> list[tuple[str, Any]]:
+    """(parameter name, module) for every trainable parameter: each must be a bias-free Linear's weight."""
+    import torch
+
+    modules = dict(getattr(model, "module", model).named_modules())  # inside DDP, if wrapped
+    out = []
+    for name in lora_parameters(model):
+        owner, _, leaf = name.rpartition(".")
+        module = modules.get(owner)
+        if leaf != "weight" or not isinstance(module, torch.nn.Linear) or module.bias is not None:
+            raise LessError(
+                f"LESS per-example gradients: trainable parameter {name} is not the weight of a bias-free "
+                "nn.Linear (only LoRA adapters on linear layers are supported)"
+            )
+        out.append((name, module))
+    return out
+
+
+def batched_grads(model: Any, batch: dict[str, Any], forward: Callable = default_forward) -> Any:
+    """Per-example gradients ``[B, n]`` of the mean response-token loss, from one batched backward.
+
+    Forward hooks record each LoRA ``nn.Linear``'s input ``x`` and output ``y``; one
+    ``torch.autograd.grad`` of the summed token loss gives ``dL/dy``; example ``i``'s weight
+    gradient is ``dL/dy[i]^T x[i]`` (summed over positions), divided by its loss-token count.
+    Parameters are in :func:`~nacd.train.lora_parameters` order, each flattened row-major.
+    """
+    import torch
+
+    modules = _grad_modules(model)
+    taps: dict[str, list[tuple[Any, Any]]] = {name: [] for name, _ in modules}
+    handles = [
+        module.register_forward_hook(lambda _m, args, out, name=name: taps[name].append((args[0], out)))
+        for name, module in modules
+    ]
+    try:
+        with torch.enable_grad():
+            loss_sum, _ = forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    reused = [name for name, calls in taps.items() if len(calls) != 1]
+    if reused:
+        raise LessError(f"LESS per-example gradients: {reused[0]} ran {len(taps[reused[0]])} times in one forward")
+    outputs = [taps[name][0][1] for name, _ in modules]
+    grad_outputs = torch.autograd.grad(loss_sum, outputs)
+    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    flat = []
+    for (name, _), g in zip(modules, grad_outputs, strict=True):
+        x = taps[name][0][0].detach()
+        g, x = g.reshape(g.shape[0], -1, g.shape[-1]), x.reshape(x.shape[0], -1, x.shape[-1])
+        acc = torch.promote_types(g.dtype, torch.float32)  # float32, or float64 for a float64 model
+        flat.append(torch.bmm(g.transpose(1, 2).to(acc), x.to(acc)).flatten(1))
+    return torch.cat(flat, dim=1) / counts[:, None].to(flat[0])
+
+
+def per_example_grads_loop(model: Any, examples: Sequence[Any], collate: Callable, device: Any = None) -> Any:
+    """Reference for :func:`batched_grads`: one forward and backward per example, ``[len, n]``."""
+    import torch
+
+    params = list(lora_parameters(model).values())
+    device = device if device is not None else params[0].device
+    rows = []
+    for ex in examples:
+        batch = {k: v.to(device) for k, v in collate([ex]).items()}
+        with torch.enable_grad():
+            loss_sum, count = default_forward(model, batch)
+            grads = torch.autograd.grad(loss_sum / max(1, count), params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def shard_features(
+    model: Any,
+    data: Sequence[Any],
+    collate: Callable,
+    projection: Any,
+    *,
+    adam: AdamMoments | None = None,
+    grad_batch_size: int = 8,
+    forward: Callable = default_forward,
+    loop: bool = False,
+    progress: Any = None,
+) -> Any:
+    """Normalized projected gradient features of ``data`` (``[len(data), dim]`` float32, on CPU).
+
+    Gradients are taken ``grad_batch_size`` examples at a time (sorted by length to pad little),
+    turned into Adam directions when ``adam`` is given, then projected together (one pass over the
+    projection for the whole shard) and normalized. ``loop=True`` uses the one-backward-per-example
+    reference instead of the batched gradients.
+    """
+    import torch
+
+    device = next(iter(lora_parameters(model).values())).device
+    full = torch.empty(len(data), projection.n, device=device, dtype=torch.float32)
+    order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
+    moments = adam.to(device) if adam is not None else None
+    for start in range(0, len(order), grad_batch_size):
+        idx = order[start : start + grad_batch_size]
+        items = [data[i] for i in idx]
+        if loop:
+            grads = per_example_grads_loop(model, items, collate, device).float()
+        else:
+            batch = {k: v.to(device) for k, v in collate(items).items()}
+            grads = batched_grads(model, batch, forward)
+        full[idx] = adam_direction(grads, moments) if moments is not None else grads
+        if progress is not None:
+            progress.update(len(idx))
+    return normalize_rows(projection(full)).cpu()
+
+
+# --------------------------------------------------------------------------- warm-up
+
+
+def warmup_indices(n: int, fraction: float, batch_size: int, seed: int) -> list[int]:
+    """A seeded random ``fraction`` of ``range(n)`` (at least ``batch_size``, at most ``n``), sorted."""
+    import torch
+
+    count = min(n, max(math.ceil(fraction * n), batch_size))
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=gen)[:count].tolist())
+
+
+def epoch_lr_mean(cfg: Any, epoch: int, steps_per_epoch: int, total_steps: int, warmup_steps: int) -> float:
+    """The average lr of the optimizer steps of epoch ``epoch`` (1-based) of a run with TrainConfig ``cfg``."""
+    steps = range((epoch - 1) * steps_per_epoch, min(epoch * steps_per_epoch, total_steps))
+    factors = [lr_factor(s, total_steps, warmup_steps, cfg.lr_schedule) for s in steps]
+    return cfg.lr * sum(factors) / max(1, len(factors))
+
+
+def snapshot_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.safetensors"
+
+
+class WarmupSnapshots(Callback):
+    """At every epoch end: LoRA parameters, Adam moments and the epoch's average lr, and the manifest."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]):
+        self.folder = folder
+        self.manifest = manifest
+
+    def on_epoch_end(self, loop: TrainLoop) -> bool:
+        st = loop.state
+        lr_avg = epoch_lr_mean(loop.cfg, st.epoch, loop.steps_per_epoch, loop.total_steps, loop.warmup_steps)
+        name = snapshot_name(st.epoch)
+        entry = {"file": name, "epoch": st.epoch, "step": st.step, "lr_avg": lr_avg, "loss": st.window_mean()}
+        st.window_loss_sum, st.window_steps = 0.0, 0  # the next entry's loss is over its own epoch
+        snaps = [s for s in self.manifest["snapshots"] if s["file"] != name] + [entry]
+        self.manifest["snapshots"] = sorted(snaps, key=lambda s: s["epoch"])  # on every process
+        if loop.is_main:
+            tensors, metadata = self._snapshot(loop)
+            atomic_save_safetensors(tensors, self.folder / name, {**metadata, "lr_avg": repr(lr_avg)})
+            write_manifest(self.folder, WARMUP_KIND, **self.manifest)
+        return True
+
+    @staticmethod
+    def _snapshot(loop: TrainLoop) -> tuple[dict[str, Any], dict[str, str]]:
+        """LoRA parameters and Adam moments by parameter name, and the Adam hyperparameters."""
+        tensors, meta = optimizer_tensors(loop.optimizer)
+        group = meta["param_groups"][0]
+        out = {f"lora/{k}": v for k, v in lora_state(loop.model).items()}
+        for i, name in enumerate(lora_parameters(loop.model)):  # the optimizer's parameter order
+            out[f"exp_avg/{name}"] = tensors[f"{i}.exp_avg"]
+            out[f"exp_avg_sq/{name}"] = tensors[f"{i}.exp_avg_sq"]
+        adam_step = float(tensors["0.step"]) if "0.step" in tensors else meta["scalars"]["0.step"]
+        metadata = {
+            "epoch": str(loop.state.epoch),
+            "step": str(loop.state.step),
+            "adam_step": str(int(adam_step)),
+            "beta1": repr(float(group["betas"][0])),
+            "beta2": repr(float(group["betas"][1])),
+            "eps": repr(float(group["eps"])),
+        }
+        return out, metadata
+
+
+def run_warmup(config: Any, setup: Any, data: Sequence[Any], folder: Path) -> list[dict[str, Any]]:
+    """Train (resume, or skip when complete) the warm-up LoRA on ``data``; returns its snapshot list."""
+    lc = config.select.less
+    identity = {
+        "base_model": {"spec": config.model.spec, "fingerprint": setup.base_fingerprint},
+        "lora": {**asdict(config.lora), "target_modules": setup.lora_targets},
+        "train": asdict(lc.warmup),
+        "seed": config.run.seed,
+        "warmup_fraction": lc.warmup_fraction,
+        "data_hash": tokenized_hash(data),
+        "parameters": {name: list(p.shape) for name, p in lora_parameters(setup.model).items()},
+    }
+    hint = f"delete {folder} to redo the warm-up (its features are then recomputed) or choose another run.out_dir"
+    existing = read_matching_manifest(folder, WARMUP_KIND, identity, hint)
+    if existing is not None and existing.get("complete"):
+        log.info("LESS warm-up: complete in %s, skipped", folder)
+        return existing["snapshots"]
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {**identity, "n_examples": len(data), "snapshots": (existing or {}).get("snapshots", [])}
+    manifest["complete"] = False
+    init_lora(setup.model, config.run.seed)
+    loop = TrainLoop(
+        model=setup.model,
+        dataset=data,
+        cfg=lc.warmup,
+        collate=setup.collate,
+        seed=config.run.seed,
+        callbacks=[WarmupSnapshots(folder, manifest)],
+        checkpoint_dir=folder / "checkpoint",
+        metrics=MetricsWriter(folder / "metrics.jsonl"),
+        desc="LESS warm-up",
+    )
+    manifest.update(steps_per_epoch=loop.steps_per_epoch, total_steps=loop.total_steps)
+    if loop.is_main:
+        write_manifest(folder, WARMUP_KIND, **manifest)
+    state = loop.run()
+    if loop.is_main:
+        manifest.update(complete=True, seconds=round(state.seconds, 2))
+        write_manifest(folder, WARMUP_KIND, **manifest)
+        shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+    loop.accelerator.wait_for_everyone()
+    return manifest["snapshots"]
+
+
+def load_warmup_snapshot(path: Path, names: Sequence[str]) -> tuple[dict[str, Any], AdamMoments]:
+    """The LoRA parameters and the flattened Adam moments (in the order of ``names``) of a snapshot."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise LessError(f"{path}: warm-up snapshot missing (listed in {path.parent / 'manifest.json'})")
+    tensors = load_file(path)
+    with safe_open(path, "pt") as fh:
+        meta = fh.metadata()
+    missing = [n for n in names if f"exp_avg/{n}" not in tensors or f"lora/{n}" not in tensors]
+    if missing:
+        raise LessError(f"{path}: no LoRA parameter or Adam moment for {missing[0]}; delete {path.parent} to redo")
+    lora = {n: tensors[f"lora/{n}"] for n in names}
+    moments = AdamMoments(
+        exp_avg=torch.cat([tensors[f"exp_avg/{n}"].reshape(-1) for n in names]).float(),
+        exp_avg_sq=torch.cat([tensors[f"exp_avg_sq/{n}"].reshape(-1) for n in names]).float(),
+        step=int(meta["adam_step"]),
+        beta1=float(meta["beta1"]),
+        beta2=float(meta["beta2"]),
+        eps=float(meta["eps"]),
+    )
+    return lora, moments
+
+
+# --------------------------------------------------------------------------- feature shards
+
+
+def shard_path(folder: Path, k: int) -> Path:
+    return folder / f"shard_{k:05d}.safetensors"
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of every shard of ``n`` examples."""
+    return [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
+
+
+def _dist() -> Any:
+    """The process group (accelerate's, as TrainLoop makes it: without CUDA, torchrun means gloo on CPU)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _prepare_features_dir(folder: Path, identity: dict[str, Any]) -> None:
+    """Keep ``folder``'s shards when its manifest matches ``identity``; otherwise empty it (main process)."""
+    state = _dist()
+    if state.is_main_process:
+        existing = read_manifest(folder, FEATURES_KIND)
+        changed = [k for k, v in identity.items() if existing is not None and existing.get(k) != v]
+        if changed:
+            log.warning(
+                "%s: field '%s' was %r, now %r; recomputing these features",
+                folder / "manifest.json",
+                changed[0],
+                existing.get(changed[0]),
+                identity[changed[0]],
+            )
+            shutil.rmtree(folder)
+        if changed or existing is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_manifest(folder, FEATURES_KIND, **identity)
+    state.wait_for_everyone()
+
+
+def compute_features(
+    folder: Path,
+    identity: dict[str, Any],
+    model: Any,
+    data: Sequence[Any],
+    collate: Callable,
+    projection: Any,
+    lc: Any,
+    *,
+    adam: AdamMoments | None,
+    forward: Callable = default_forward,
+    desc: str = "LESS features",
+) -> int:
+    """Write the missing feature shards of ``data`` that fall to this process; returns how many it computed.
+
+    ``identity`` (what the features depend on) is checked against ``folder``'s manifest first; ``lc``
+    is the LessConfig (shard size, gradient batch, dtype). Process ``r`` of ``world`` takes the
+    shards ``k`` with ``k % world == r``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    _prepare_features_dir(folder, identity)
+    state = _dist()
+    ranges = shard_ranges(len(data), lc.shard_size)
+    mine = [k for k in range(len(ranges)) if k % state.num_processes == state.process_index]
+    todo = [k for k in mine if not shard_path(folder, k).is_file()]
+    if len(todo) < len(mine):
+        log.info("%s: %d of %d shard(s) already in %s", desc, len(mine) - len(todo), len(mine), folder)
+    total = sum(ranges[k][1] - ranges[k][0] for k in todo)
+    with tqdm(total=total, desc=desc, unit="ex", disable=not (state.is_main_process and total)) as bar:
+        for k in todo:
+            start, stop = ranges[k]
+            feats = shard_features(
+                model,
+                data[start:stop],
+                collate,
+                projection,
+                adam=adam,
+                grad_batch_size=lc.grad_batch_size,
+                forward=forward,
+                progress=bar,
+            )
+            meta = {"start": str(start), "stop": str(stop), "rank": str(state.process_index)}
+            atomic_save_safetensors(
+                {"features": feats.to(getattr(torch, lc.feature_dtype))}, shard_path(folder, k), meta
+            )
+    return len(todo)
+
+
+def iter_shards(folder: Path, n: int, shard_size: int) -> Iterator[Any]:
+    """The feature shards of ``n`` examples, in order, one at a time (float32); a missing one is an error."""
+    from safetensors.torch import load_file
+
+    for k, (start, stop) in enumerate(shard_ranges(n, shard_size)):
+        path = shard_path(folder, k)
+        if not path.is_file():
+            raise LessError(f"{path}: feature shard missing (examples {start}..{stop - 1}); rerun to compute it")
+        feats = load_file(path)["features"].float()
+        if feats.shape[0] != stop - start:
+            raise LessError(f"{path}: {feats.shape[0]} rows, expected {stop - start}; delete it to recompute")
+        yield feats
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+def less_scores(config: Any, examples: list[Any], targets: list[Any], workdir: Path) -> list[float]:
+    """One LESS score per corpus example, in corpus order (higher = more influential on ``targets``).
+
+    ``examples``: the corpus (:class:`~nacd.data.Example`); ``targets``: target examples whose
+    ``source`` names their subtask; ``workdir``: where the warm-up and the features are kept
+    (reused and resumed across calls). Settings: ``config.select.less``, ``config.model``,
+    ``config.lora``, ``config.data`` (tokenization), ``config.run.seed``. See the module docstring
+    for the formula; examples that tokenization drops score :data:`UNSCORED`.
+    """
+    import torch
+
+    from nacd.data import tokenize_corpus
+
+    lc = config.select.less
+    workdir = Path(workdir)
+    if not examples or not targets:
+        raise LessError(f"LESS needs a corpus and target examples (got {len(examples)} and {len(targets)})")
+    ids = [ex.id for ex in examples]
+    if len(set(ids)) != len(ids):
+        raise LessError(f"LESS: corpus example id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
+
+    setup = setup_training(config, examples)
+    corpus = setup.data
+    target_data = tokenize_corpus(targets, setup.tokenizer, config.data)
+    if len(corpus) < lc.warmup.batch_size:
+        raise LessError(
+            f"select.less.warmup.batch_size={lc.warmup.batch_size} is larger than the corpus "
+            f"({len(corpus)} examples after tokenization); lower it"
+        )
+    warm = warmup_indices(len(corpus), lc.warmup_fraction, lc.warmup.batch_size, config.run.seed)
+    log.info("LESS: warm-up on %d of %d examples, %d target example(s)", len(warm), len(corpus), len(target_data))
+    snapshots = run_warmup(config, setup, [corpus[i] for i in warm], workdir / "warmup")
+    if not snapshots:
+        raise LessError(f"{workdir / 'warmup' / 'manifest.json'}: the warm-up has no epoch snapshot")
+
+    model = setup.model
+    model.eval()
+    params = lora_parameters(model)
+    n_params = sum(p.numel() for p in params.values())
+    device = next(iter(params.values())).device
+    projection = make_projection(lc.projection, n_params, lc.proj_dim, lc.proj_seed, device, lc.proj_nnz)
+    common = {
+        "projection": {**projection.describe(), "n_params": n_params},
+        "shard_size": lc.shard_size,
+        "feature_dtype": lc.feature_dtype,
+        "loss": "mean token loss over response tokens",
+    }
+    data_ids = {
+        "train": {"hash": tokenized_hash(corpus), "n": len(corpus)},
+        "target": {"hash": tokenized_hash(target_data), "n": len(target_data)},
+    }
+    sparse = SparseLogitsForward()
+    probe = {k: v.to(device) for k, v in setup.collate(corpus[:2]).items()}
+    forward = sparse if sparse.install(model, probe) else default_forward
+    folders = []
+    try:
+        for snap in snapshots:
+            snap_path = workdir / "warmup" / snap["file"]
+            lora, moments = load_warmup_snapshot(snap_path, list(params))
+            load_lora_state(model, lora)
+            origin = {"snapshot": {"file": snap["file"], "sha256": sha256_file(snap_path)}, **common}
+            folder = workdir / "features" / Path(snap["file"]).stem
+            for kind, data, adam in (("train", corpus, moments), ("target", target_data, None)):
+                identity = {**origin, "gradient": "adam" if adam else "sgd", "data": data_ids[kind]}
+                desc = f"LESS {kind} features, epoch {snap['epoch']}"
+                compute_features(
+                    folder / kind,
+                    identity,
+                    model,
+                    data,
+                    setup.collate,
+                    projection,
+                    lc,
+                    adam=adam,
+                    forward=forward,
+                    desc=desc,
+                )
+            folders.append(folder)
+    finally:
+        sparse.remove()
+    _dist().wait_for_everyone()
+
+    subtasks = [t.source for t in target_data]
+    target_means = []
+    for folder in folders:
+        feats = torch.cat(list(iter_shards(folder / "target", len(target_data), lc.shard_size)))
+        groups, means = subtask_means(feats, subtasks)
+        target_means.append(means)
+    log.info("LESS: %d checkpoint(s), %d target subtask(s): %s", len(folders), len(groups), ", ".join(groups[:8]))
+    lrs = [s["lr_avg"] for s in snapshots]
+    shards = zip(*(iter_shards(f / "train", len(corpus), lc.shard_size) for f in folders), strict=True)
+    scores = torch.cat([less_match(list(parts), target_means, lrs) for parts in shards])
+    by_id = {ex.id: float(s) for ex, s in zip(corpus, scores.tolist(), strict=True)}
+    if len(by_id) < len(examples):
+        log.warning(
+            "LESS: %d example(s) dropped by tokenization get the score %s", len(examples) - len(by_id), UNSCORED
+        )
+    return [by_id.get(ex.id, UNSCORED) for ex in examples]
