@@ -103,7 +103,6 @@ def main() -> None:
         start = time.perf_counter()
         make_projection(kind, n_params, args.proj_dim, seed=0)(torch.randn(len(data), n_params))
         pass_seconds[kind] = time.perf_counter() - start
-    projection_s = pass_seconds[args.projection]
     for r in range(args.repeats):
         for name, kw in rows.items():
             if kw["forward"] is sparse:  # swaps the head for an identity until removed
