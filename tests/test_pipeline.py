@@ -121,3 +121,17 @@ def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, caps
     again = json.loads((root / "costs.json").read_text())
     assert all(again[k]["seconds"] == costs[k]["seconds"] and again[k].get("reused") for k in costs)
     assert summarize(cfg, run_dir, cells)["table"] == summary["table"]
+
+    # nacd report rebuilds the report from the folder as it is: a cell not done shows as "-"
+    import shutil
+
+    shutil.rmtree(run_dir.eval_dir(f"{model_tag(str(tiny_gemma_dir))}/baseline"))
+    capsys.readouterr()
+    assert cli.main(["report", *args]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| Baseline (no tuning) |"))
+    assert row.endswith("| - |") and not row.endswith("| - | - |")  # the distilling model's cell is still there
+    assert (
+        json.loads((report / "results.json").read_text())["summary"]["table"][str(tiny_gemma_dir)].get("baseline")
+        is None
+    )

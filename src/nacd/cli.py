@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(cfg)
     cfg.add_argument("--explain", action="store_true", help="list every key with its type, default and meaning")
 
+    rep = sub.add_parser(
+        "report",
+        help="Rewrite the report of a run (nacd run) from its folder, done or not.",
+        description=(
+            "Rewrite <run>/report/ (report.md, report.html, plots, results.json) from the run folder as it is: "
+            "cells not done yet show as '-'. Trains and evaluates nothing."
+        ),
+    )
+    _add_config_args(rep)
+
     insp = sub.add_parser(
         "inspect",
         help="Show distilled pseudo tokens beside the data; plot the loss curves.",
@@ -170,6 +180,17 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from nacd.artifacts import RunDir
+    from nacd.config import load_config
+    from nacd.pipeline import report
+
+    cfg = load_config(args.config, args.overrides)
+    result = report(cfg, RunDir(cfg.run.out_dir))
+    print(f"{result['table']}\n\nreport: {result['report']} (and report.html beside it)")
+    return 0
+
+
 def _config_positional(args: argparse.Namespace) -> None:
     """``nacd run configs/demo.yaml k=v``: a first argument without ``=`` is the config file."""
     overrides = getattr(args, "overrides", None)
@@ -190,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_config(args)
         if args.command == "inspect":
             return _cmd_inspect(args)
+        if args.command == "report":
+            return _cmd_report(args)
         return _cmd_stage(args)
     except NacdError as exc:
         print(f"nacd {args.command}: error: {exc}", file=sys.stderr)

@@ -196,7 +196,19 @@ class CostBook:
                 "device": self.device,
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
-        atomic_write_json(self.path, self.entries)
+        self._write(key)
+
+    def read(self) -> dict[str, Any]:
+        """Every entry of the file (of every process that wrote to it)."""
+        return json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else dict(self.entries)
+
+    def _write(self, key: str) -> None:
+        """Merge this call's entry into the file as it is now: pipelines running other cells of the
+        same run folder at the same time keep their entries."""
+        current = json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
+        current[key] = self.entries[key]
+        self.entries = {**self.entries, **current}
+        atomic_write_json(self.path, current)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -258,4 +270,16 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
                 finetune.run(ft, shared)
         with book.measure(f"eval/{cell.name}", run_dir.eval_dir(cell.name)):
             evaluate.run(ev, shared)
-    return write_report(config, run_dir, cells, book.entries)
+    return write_report(config, run_dir, cells, book.read())
+
+
+def report(config: Any, run_dir: RunDir) -> dict[str, Any]:
+    """``nacd report``: (re)write the report from whatever the run folder holds now; cells that
+    are not done yet show as ``-``. Trains and evaluates nothing."""
+    from nacd.report import write_report
+
+    if not run_dir.root.is_dir():
+        raise NacdError(f"run.out_dir={str(run_dir.root)!r}: no run folder; run `nacd run` first")
+    setup_logging(config.run.log_level)
+    book = CostBook(run_dir.root / "costs.json", "")
+    return write_report(config, run_dir, plan(config), book.read())
