@@ -972,7 +972,12 @@ def eval_name(config: Any) -> str:
     if ec.adapter:
         folder = Path(ec.adapter).expanduser()
         return _safe(folder.parent.name if folder.name == "adapter" and folder.parent.name else folder.name)
-    spec = config.model.spec.strip().rstrip("/\\")
+    return model_name(config.model.spec)
+
+
+def model_name(spec: str) -> str:
+    """A folder-safe short name of a model spec (a path's last part, a GGUF's stem, a hub id's name)."""
+    spec = spec.strip().rstrip("/\\")
     return _safe(Path(spec).stem if spec.endswith(".gguf") else Path(spec).name or spec)
 
 

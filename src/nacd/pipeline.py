@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import resource
 import time
 from collections.abc import Iterator
@@ -56,10 +55,10 @@ class Cell:
 
 
 def model_tag(spec: str) -> str:
-    """A folder-safe short name of a model spec (a path's last part, a hub id's name)."""
-    spec = spec.strip().rstrip("/\\")
-    stem = Path(spec).stem if spec.endswith(".gguf") else Path(spec).name or spec
-    return re.sub(r"[^\w.+-]+", "_", stem).strip("._") or "model"
+    """A folder-safe short name of a model spec: the name ``nacd eval`` gives the model's folder."""
+    from nacd.evaluate import model_name
+
+    return model_name(spec)
 
 
 def plan(config: Any) -> list[Cell]:
