@@ -75,18 +75,19 @@ def _setup(student, seed=0):
     return theta0, target, syn, batches
 
 
-def _grads(mode, student, theta0, target, syn, batches, log_alpha=-1.0):
+def _grads(mode, student, theta0, target, syn, batches, log_alpha=-1.0, clip=None):
     syn = syn.clone().requires_grad_(True)
     la = torch.tensor(log_alpha, dtype=syn.dtype, requires_grad=True)
-    theta_n = unroll(mode, student, theta0, la.exp(), syn, batches, fd_eps=1e-4)
+    theta_n = unroll(mode, student, theta0, la.exp(), syn, batches, fd_eps=1e-4, clip=clip)
     loss = matching_loss(theta_n, target, theta0)
     loss.backward()
     return loss.detach(), syn.grad, la.grad
 
 
-def _loss(student, theta0, target, syn, batches, log_alpha):
+def _loss(student, theta0, target, syn, batches, log_alpha, clip=None):
     with torch.no_grad():
-        theta_n = unroll("flat", student, theta0, torch.tensor(log_alpha, dtype=syn.dtype).exp(), syn, batches)
+        alpha = torch.tensor(log_alpha, dtype=syn.dtype).exp()
+        theta_n = unroll("flat", student, theta0, alpha, syn, batches, clip=clip)
         return matching_loss(theta_n, target, theta0).item()
 
 
@@ -122,6 +123,52 @@ def test_modes_agree_and_match_finite_differences(fixture, request):
 
     # the approximate mode is close, not exact
     _, g_fd, a_fd = _grads("fd", student, theta0, target, syn, batches)
+    assert (g_fd - g_naive).norm() / g_naive.norm() < 1e-2
+    assert (a_fd - a_naive).abs() / a_naive.abs() < 1e-2
+
+
+def test_clipped_steps_match_clip_grad_norm_and_differentiate_exactly(tiny_llama_dir):
+    """Student steps clipped like the experts' optimizer: the forward step is clip_grad_norm_'s, and
+    the flat and naive modes agree with each other and with finite differences through the clipping."""
+    student = _student(tiny_llama_dir)
+    theta0, target, syn, batches = _setup(student)
+    th = [t.clone().requires_grad_(True) for t in theta0]
+    loss0 = student.step_loss(th, syn[batches[0]], student.text_batch(batches[0].tolist()))
+    norm = torch.sqrt(sum((g**2).sum() for g in torch.autograd.grad(loss0, th)))
+    clip = 0.5 * float(norm)  # active on (at least) the first step
+    # one clipped step equals SGD after torch.nn.utils.clip_grad_norm_
+    params = [torch.nn.Parameter(t.clone()) for t in theta0]
+    ref_loss = student.step_loss(params, syn[batches[0]], student.text_batch(batches[0].tolist()))
+    ref_loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    with torch.no_grad():
+        one = unroll("flat", student, theta0, torch.tensor(0.3, dtype=syn.dtype), syn, batches[:1], clip=clip)
+    for p, t in zip(params, one, strict=True):
+        torch.testing.assert_close(t, p.detach() - 0.3 * p.grad)
+
+    l_naive, g_naive, a_naive = _grads("naive", student, theta0, target, syn, batches, clip=clip)
+    l_flat, g_flat, a_flat = _grads("flat", student, theta0, target, syn, batches, clip=clip)
+    l_plain = _grads("flat", student, theta0, target, syn, batches)[0]
+    assert abs(l_flat.item() - l_plain.item()) > 1e-6  # the clipping changed the trajectory
+    assert l_naive.item() == pytest.approx(l_flat.item(), rel=1e-12)
+    assert (g_flat - g_naive).norm() / g_naive.norm() < 1e-4
+    assert (a_flat - a_naive).abs() / a_naive.abs() < 1e-4
+    h = 1e-3
+    fd_alpha = (
+        _loss(student, theta0, target, syn, batches, -1.0 + h, clip)
+        - _loss(student, theta0, target, syn, batches, -1.0 - h, clip)
+    ) / (2 * h)
+    assert a_flat.item() == pytest.approx(fd_alpha, rel=1e-4)
+    for row, tok, dim in [(0, 0, 0), (3, 1, 5)]:
+        plus, minus = syn.clone(), syn.clone()
+        plus[row, tok, dim] += h
+        minus[row, tok, dim] -= h
+        fd = (
+            _loss(student, theta0, target, plus, batches, -1.0, clip)
+            - _loss(student, theta0, target, minus, batches, -1.0, clip)
+        ) / (2 * h)
+        assert g_flat[row, tok, dim].item() == pytest.approx(fd, rel=1e-3, abs=1e-7)
+    _, g_fd, a_fd = _grads("fd", student, theta0, target, syn, batches, clip=clip)
     assert (g_fd - g_naive).norm() / g_naive.norm() < 1e-2
     assert (a_fd - a_naive).abs() / a_naive.abs() < 1e-2
 

@@ -351,6 +351,11 @@ class DistillConfig:
     lr_syn: float = f(1e-2, "Adam learning rate of the prompt vectors.")
     lr_lr: float = f(1e-2, "Adam learning rate of log(alpha), the learnable student learning rate.")
     lr_init: float | None = f(None, "alpha_0: initial student learning rate; None = the experts' peak lr.")
+    student_clip: bool = f(
+        True,
+        "Clip each student step's LoRA-gradient norm as the experts' optimizer did (their train.max_grad_norm), "
+        "differentiably, so that N student steps move like N expert steps; false: plain SGD steps.",
+    )
     unroll: Literal["flat", "naive", "fd"] = f(
         "flat",
         "flat: exact, memory flat in N; naive: exact autograd unroll (memory grows with N); "

@@ -165,6 +165,7 @@ def distill(
     folder: Path,
     alpha0: float,
     progress: bool = True,
+    clip: float | None = None,
 ) -> dict[str, Any]:
     """The distillation loop (Algorithm 1) with checkpoints; returns the final tensors and state."""
     import torch
@@ -218,7 +219,7 @@ def distill(
             for opt in opts.values():
                 opt.zero_grad(set_to_none=True)
             student.steps.clear()
-            theta_n = unroll(dc.unroll, student, theta_t, log_alpha.exp(), syn, batches, dc.fd_eps)
+            theta_n = unroll(dc.unroll, student, theta_t, log_alpha.exp(), syn, batches, dc.fd_eps, clip)
             l_distill = matching_loss(theta_n, target, theta_t)
             used = torch.unique(torch.cat(batches))
             l_reg = regularizer(syn[used].reshape(-1, syn.shape[-1]), vocab, dc.vocab_chunk)
@@ -370,8 +371,11 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     shapes = {name: list(p.shape) for name, p in lora_parameters(model).items()}
     lora = {**asdict(config.lora), "target_modules": sorted(model.peft_config["default"].target_modules)}
     check_experts(store, fingerprint, lora, shapes, config)
-    alpha0 = config.distill.lr_init or float(store.manifest(store.runs[0])["train"]["lr"])
+    expert_train = store.manifest(store.runs[0])["train"]
+    alpha0 = config.distill.lr_init or float(expert_train["lr"])
+    clip = expert_train.get("max_grad_norm") if config.distill.student_clip else None
     identity = _identity(config, fingerprint, ids, tokenized_hash(data), alpha0)
+    identity["student_clip_norm"] = clip
     folder = run_dir.distill_dir
     hint = f"delete {folder} to distill again with these settings"
     existing = read_matching_manifest(folder, KIND, identity, hint)
@@ -389,7 +393,7 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
         student.vocab_ids = torch.tensor(text_token_ids(tokenizer, student.vocab.shape[0]))
     model.train()  # LoRA dropout, if any, as the experts had it
     try:
-        result = distill(student, store, config, folder, alpha0)
+        result = distill(student, store, config, folder, alpha0, clip=clip)
     finally:
         student.close()
     # the checkpoint stays: raising distill.iterations and rerunning continues from it

@@ -198,14 +198,42 @@ class Student:
 # --------------------------------------------------------------------------- unrolls
 
 
-def unroll_naive(student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, batches: Sequence[Any]) -> list[Any]:
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: scale = max_norm / (norm + 1e-6), at most 1
+
+
+def clip_scale(norm: Any, clip: float | None) -> Any:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` multiplies a gradient of norm ``norm`` by (differentiable)."""
+    if clip is None:
+        return torch.ones_like(norm)
+    return torch.clamp(clip / (norm + CLIP_EPS), max=1.0)
+
+
+def clip_vjp(grads: Sequence[Any], lam: Sequence[Any], clip: float | None) -> tuple[Any, list[Any]]:
+    """For the clipped step s(g) = g * clip_scale(||g||): ``(<s(g), lam>, (ds/dg)^T lam)``.
+
+    Unclipped, ds/dg = I. Clipped (c / (n + eps) < 1, n = ||g||): s = c g / (n + eps), so
+    ds/dg = c / (n + eps) I - c g g^T / (n (n + eps)^2), a symmetric matrix.
+    """
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    g_lam = sum((g * li).sum() for g, li in zip(grads, lam, strict=True))
+    scale = clip_scale(norm, clip)
+    if clip is None or float(scale) >= 1.0:
+        return g_lam, list(lam)
+    radial = clip * g_lam / (norm * (norm + CLIP_EPS) ** 2)
+    return scale * g_lam, [scale * li - radial * g for g, li in zip(grads, lam, strict=True)]
+
+
+def unroll_naive(
+    student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, batches: Sequence[Any], clip: float | None = None
+) -> list[Any]:
     """N differentiable SGD steps through plain autograd (``create_graph=True``)."""
     theta = [t.detach().requires_grad_(True) for t in theta0]
     for idx in batches:
         loss = student.step_loss(theta, syn[idx], student.text_batch(idx.tolist()))
         grads = torch.autograd.grad(loss, theta, create_graph=True)
         student.record_step(loss, grads)
-        theta = [t - alpha * g for t, g in zip(theta, grads, strict=True)]
+        scale = clip_scale(torch.sqrt(sum((g**2).sum() for g in grads)), clip)
+        theta = [t - alpha * scale * g for t, g in zip(theta, grads, strict=True)]
     return theta
 
 
@@ -217,10 +245,17 @@ def _step_grads(student: Student, theta: Sequence[Any], p: Any, idx: Any, create
 
 
 def _forward_steps(
-    student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, batches: Sequence[Any], with_p: bool
+    student: Student,
+    theta0: Sequence[Any],
+    alpha: Any,
+    syn: Any,
+    batches: Sequence[Any],
+    with_p: bool,
+    clip: float | None = None,
 ) -> tuple[list[list[Any]], list[list[Any]], list[Any]]:
-    """The forward pass of the flat and fd modes: N plain steps, keeping theta_0..theta_{N-1}
-    (and each step's gradients, for fd)."""
+    """The forward pass of the flat and fd modes: N plain (clipped) steps, keeping theta_0..theta_{N-1}
+    and each step's gradients (LoRA-sized; the reverse walk needs them for the clipping Jacobian and
+    fd also for its differences)."""
     thetas, grads = [], []
     theta = [t.detach() for t in theta0]
     for idx in batches:
@@ -231,7 +266,9 @@ def _forward_steps(
             loss, g = _step_grads(student, th, p, idx, create_graph=False)
         grads.append([x.detach() for x in g])
         student.record_step(loss, g[: len(theta)])
-        theta = [t - alpha * gi.detach() for t, gi in zip(theta, g[: len(theta)], strict=True)]
+        step = [gi.detach() for gi in g[: len(theta)]]
+        scale = clip_scale(torch.sqrt(sum((gi**2).sum() for gi in step)), clip)
+        theta = [t - alpha * scale * gi for t, gi in zip(theta, step, strict=True)]
     return thetas, grads, theta
 
 
@@ -240,18 +277,22 @@ def _zeros_if_none(grads: Sequence[Any], like: Sequence[Any]) -> list[Any]:
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
 
 
-def _reverse_walk(thetas, batches, alpha, syn, lam, products) -> tuple[Any, Any, list[Any]]:
+def _reverse_walk(thetas, grads, batches, alpha, syn, lam, products, clip=None) -> tuple[Any, Any, list[Any]]:
     """dL/dalpha, dL/dD_syn and dL/dtheta_0 from lambda_N = dL/dtheta_N, walking the steps backwards.
 
-    ``products(n, theta_prev, idx, lam)`` returns ``(<g_n, lam>, [H_n lam ..., d<g_n, lam>/dp_n])`` for
-    step n: exactly (one double-backward) in flat mode, by finite differences in fd mode.
+    Step n is theta_n = theta_{n-1} - alpha * s(g_n) with s the (optional) norm clipping; with
+    u = (ds/dg)^T lambda_n (:func:`clip_vjp`; u = lambda_n unclipped): dL/dalpha -= <s(g_n), lambda_n>,
+    dL/dp_n -= alpha * d<g_n, u>/dp_n, lambda_{n-1} = lambda_n - alpha * H_n u.
+    ``products(n, theta_prev, idx, u)`` returns ``(<g_n, u>, [H_n u ..., d<g_n, u>/dp_n])``:
+    exactly (one double-backward) in flat mode, by finite differences in fd mode.
     """
     a = alpha.detach()
     lam = _zeros_if_none(lam, thetas[0])
     d_alpha = torch.zeros_like(a)
     d_syn = torch.zeros_like(syn)
     for n in reversed(range(len(batches))):
-        dot, hv = products(n, thetas[n], batches[n], lam)
+        dot, u = clip_vjp(grads[n][: len(lam)], lam, clip)
+        _, hv = products(n, thetas[n], batches[n], u)
         d_alpha = d_alpha - dot
         d_syn.index_add_(0, batches[n], -a * hv[-1])
         lam = [li - a * hi for li, hi in zip(lam, hv[:-1], strict=True)]
@@ -291,9 +332,9 @@ class _Flat(torch.autograd.Function):
     """Exact, memory-flat: N plain steps forward; the reverse walk rebuilds one step's graph at a time."""
 
     @staticmethod
-    def forward(ctx, student, batches, alpha, syn, *theta0):  # type: ignore[override]
-        thetas, _, theta_n = _forward_steps(student, theta0, alpha.detach(), syn, batches, False)
-        ctx.student, ctx.batches, ctx.thetas = student, batches, thetas
+    def forward(ctx, student, batches, alpha, syn, clip, *theta0):  # type: ignore[override]
+        thetas, grads, theta_n = _forward_steps(student, theta0, alpha.detach(), syn, batches, False, clip)
+        ctx.student, ctx.batches, ctx.thetas, ctx.grads, ctx.clip = student, batches, thetas, grads, clip
         ctx.save_for_backward(alpha, syn)
         return tuple(theta_n)
 
@@ -301,17 +342,18 @@ class _Flat(torch.autograd.Function):
     def backward(ctx, *lam):  # type: ignore[override]
         alpha, syn = ctx.saved_tensors
         products = _exact_products(ctx.student, syn)
-        d_alpha, d_syn, lam0 = _reverse_walk(ctx.thetas, ctx.batches, alpha, syn, lam, products)
-        return (None, None, d_alpha, d_syn, *lam0)
+        d_alpha, d_syn, lam0 = _reverse_walk(ctx.thetas, ctx.grads, ctx.batches, alpha, syn, lam, products, ctx.clip)
+        return (None, None, d_alpha, d_syn, None, *lam0)
 
 
 class _FD(torch.autograd.Function):
     """Approximate, memory-flat: the reverse walk with finite-difference Hessian products."""
 
     @staticmethod
-    def forward(ctx, student, batches, alpha, syn, rel_eps, *theta0):  # type: ignore[override]
-        thetas, grads, theta_n = _forward_steps(student, theta0, alpha.detach(), syn, batches, True)
+    def forward(ctx, student, batches, alpha, syn, rel_eps, clip, *theta0):  # type: ignore[override]
+        thetas, grads, theta_n = _forward_steps(student, theta0, alpha.detach(), syn, batches, True, clip)
         ctx.student, ctx.batches, ctx.thetas, ctx.grads, ctx.rel_eps = student, batches, thetas, grads, rel_eps
+        ctx.clip = clip
         ctx.save_for_backward(alpha, syn)
         return tuple(theta_n)
 
@@ -319,8 +361,8 @@ class _FD(torch.autograd.Function):
     def backward(ctx, *lam):  # type: ignore[override]
         alpha, syn = ctx.saved_tensors
         products = _fd_products(ctx.student, syn, ctx.grads, ctx.rel_eps)
-        d_alpha, d_syn, lam0 = _reverse_walk(ctx.thetas, ctx.batches, alpha, syn, lam, products)
-        return (None, None, d_alpha, d_syn, None, *lam0)
+        d_alpha, d_syn, lam0 = _reverse_walk(ctx.thetas, ctx.grads, ctx.batches, alpha, syn, lam, products, ctx.clip)
+        return (None, None, d_alpha, d_syn, None, None, *lam0)
 
 
 def unroll(
@@ -331,13 +373,18 @@ def unroll(
     syn: Any,
     batches: Sequence[Any],
     fd_eps: float = 1e-3,
+    clip: float | None = None,
 ) -> list[Any]:
-    """theta_N after N student steps from ``theta0``, differentiable in ``alpha`` and ``syn``."""
+    """theta_N after N student steps from ``theta0``, differentiable in ``alpha`` and ``syn``.
+
+    Each step is theta - alpha * g, with g's norm clipped to ``clip`` as
+    ``torch.nn.utils.clip_grad_norm_`` does (None: no clipping); the clipping is differentiated too.
+    """
     theta0 = [t.detach() for t in theta0]
     if mode == "naive":
-        return unroll_naive(student, theta0, alpha, syn, batches)
+        return unroll_naive(student, theta0, alpha, syn, batches, clip)
     if mode == "flat":
-        return list(_Flat.apply(student, list(batches), alpha, syn, *theta0))
+        return list(_Flat.apply(student, list(batches), alpha, syn, clip, *theta0))
     if mode == "fd":
-        return list(_FD.apply(student, list(batches), alpha, syn, fd_eps, *theta0))
+        return list(_FD.apply(student, list(batches), alpha, syn, fd_eps, clip, *theta0))
     raise NacdError(f"distill.unroll={mode!r}: expected flat, naive or fd")
