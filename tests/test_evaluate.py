@@ -95,6 +95,21 @@ def test_scores_equal_a_hand_computation(fixture, method, request):
     assert scores[1][1] > 3 and scores[1][0] < scores[0][0]  # many tokens, and less likely
 
 
+def test_plain_scoring_computes_logits_only_where_continuations_are_read(tiny_gemma_dir):
+    model, tok = _load(tiny_gemma_dir)
+    widths = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: widths.append(i[0].shape[1]))
+    try:
+        scores = score_loglikelihood(model, tok, REQUESTS, batch_size=8, method="plain")
+    finally:
+        hook.remove()
+    encoded = [encode_pair(tok, ctx, cont) for ctx, cont in REQUESTS]
+    longest = max(len(c) + len(x) - 1 for c, x in encoded)
+    assert widths and max(widths) < longest  # not every position of the batch
+    for (ctx_ids, cont_ids), (logprob, _) in zip(encoded, scores, strict=True):
+        assert logprob == pytest.approx(hand_logprob(model, ctx_ids, cont_ids), abs=1e-4)
+
+
 def test_shared_few_shot_prefix_runs_once_and_scores_the_same(tiny_llama):
     """Contexts with the same long few-shot preamble share its forward pass (through the KV cache)."""
     model, tok = tiny_llama

@@ -644,10 +644,21 @@ def _score_plain(model: Any, pairs: Sequence[tuple[list[int], list[int]]], max_l
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    # logits only where a continuation token is predicted (the union over rows): a 262k vocabulary
+    # times every position of a 5-shot prompt would be gigabytes
+    needed = sorted({p for r, (_, cont) in zip(rows, pairs, strict=True) for p in range(len(r) - len(cont), len(r))})
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+    try:
+        logits = model(**inputs, logits_to_keep=torch.tensor(needed, device=device)).logits
+    except TypeError as exc:  # a model without logits_to_keep
+        if "logits_to_keep" not in str(exc):
+            raise
+        logits = model(**inputs).logits
+    column = {p: j for j, p in enumerate(needed)} if logits.shape[1] == len(needed) else None
     out = []
     for i, (r, (_, cont)) in enumerate(zip(rows, pairs, strict=True)):
-        picked = logits[i, len(r) - len(cont) : len(r)].float()
+        where = list(range(len(r) - len(cont), len(r)))
+        picked = logits[i, [column[p] for p in where] if column is not None else where].float()
         lp = torch.log_softmax(picked, dim=-1).gather(-1, torch.tensor(cont, device=device)[:, None])
         out.append((float(lp.sum()), len(cont)))
     return out
