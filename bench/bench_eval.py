@@ -216,6 +216,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--also-unshared",
+        action="store_true",
+        help="also time nacd with the shared few-shot prefix turned off (each repeat, alternating)",
+    )
     args = parser.parse_args()
     args.lm_eval_batch_size = args.lm_eval_batch_size or args.batch_size
     if args.threads:
@@ -230,12 +235,21 @@ def main() -> None:
     args.subjects = [x.strip() for x in args.subjects.split(",") if x.strip()]
     with tempfile.TemporaryDirectory(prefix="nacd-bench-eval-") as tmp:
         tasks = write_tasks(Path(tmp), args)
-        times: dict[str, list[float]] = {"lm_eval": [], "nacd": []}
+        times: dict[str, list[float]] = {"lm_eval": [], "nacd": [], "nacd_unshared": []}
         for _ in range(args.repeats):
             ref, ref_lls, t_ref = run_lmeval(folder, Path(tmp), tasks, args)
             ours, our_lls, t_ours = run_nacd(folder, args)
             times["lm_eval"].append(t_ref)
             times["nacd"].append(t_ours)
+            if args.also_unshared:
+                import nacd.evaluate as ev
+
+                shared_min, ev.SHARED_PREFIX_MIN = ev.SHARED_PREFIX_MIN, 10**9  # no context prefix is that long
+                try:
+                    unshared, unshared_lls, t_unshared = run_nacd(folder, args)
+                finally:
+                    ev.SHARED_PREFIX_MIN = shared_min
+                times["nacd_unshared"].append(t_unshared)
     common = sorted(set(ref_lls) & set(our_lls))
     diffs = [abs(a - b) for i in common for a, b in zip(ref_lls[i], our_lls[i], strict=True)]
     same_pred = sum(_argmax(ref_lls[i]) == _argmax(our_lls[i]) for i in common)
@@ -254,6 +268,20 @@ def main() -> None:
         "acc_diff_points": round(100 * (ours["acc"] - ref["acc"]), 3),
         "acc_norm_diff_points": round(100 * (ours["acc_norm"] - ref["acc_norm"]), 3),
         "speedup": round(t_ref / t_ours, 2),
+        **(
+            {
+                "nacd_unshared": {
+                    **unshared,
+                    "seconds": round(statistics.median(times["nacd_unshared"]), 2),
+                    "max_abs_logprob_diff_to_shared": max(
+                        abs(a - b) for i in our_lls for a, b in zip(our_lls[i], unshared_lls[i], strict=True)
+                    ),
+                },
+                "speedup_from_shared_prefix": round(statistics.median(times["nacd_unshared"]) / t_ours, 2),
+            }
+            if args.also_unshared
+            else {}
+        ),
         "questions_compared": len(common),
         "same_argmax": same_pred,
         "max_abs_logprob_diff": max(diffs) if diffs else None,

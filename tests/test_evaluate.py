@@ -141,6 +141,28 @@ def test_packed_scoring_respects_a_sliding_window(tiny_gemma_dir):
     assert abs(score_loglikelihood(wide, tok, REQUESTS[4:5])[0][0] - packed[4][0]) > 1e-3
 
 
+@pytest.mark.parametrize("window", [4096, 40])
+def test_sliding_window_models_share_a_prefix_inside_their_window(tiny_gemma_dir, window, monkeypatch):
+    """Gemma3 shares the few-shot prefix when the batch fits in its window (the window masks nothing
+    then) and not otherwise; both score as the plain forward pass does."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_gemma_dir)
+    config.sliding_window = window
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, config=config, attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_gemma_dir)
+    requests = few_shot_requests()
+    longest = max(len(c) + len(k) - 1 for c, k in (encode_pair(tok, *r) for r in requests))
+    assert (longest < window) == (window == 4096)  # the small window cuts through the few-shot contexts
+    prefixes = []
+    real = ev._score_packed
+    monkeypatch.setattr(ev, "_score_packed", lambda m, g, prefix=0: prefixes.append(prefix) or real(m, g, prefix))
+    scores = score_loglikelihood(model, tok, requests, batch_size=8, method="packed")
+    for (ctx, cont), (logprob, _) in zip(requests, scores, strict=True):
+        assert logprob == pytest.approx(hand_logprob(model, *encode_pair(tok, ctx, cont)), abs=1e-4)
+    assert (max(prefixes) >= ev.SHARED_PREFIX_MIN) == (window == 4096)
+
+
 def test_packed_scoring_on_opt_learned_positions(tiny_llama_tokenizer):
     """OPT (the paper's model family) adds learned position embeddings from position_ids."""
     from transformers import OPTConfig, OPTForCausalLM

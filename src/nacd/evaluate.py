@@ -758,7 +758,7 @@ def score_loglikelihood(
         method = "plain"
     half = param.dtype in (torch.float16, torch.bfloat16)
     verify = {"packed": method == "auto", "shared": method == "auto"}
-    modes = {"packed": method != "plain", "shared": method != "plain" and _sliding(model.config)[0] is None}
+    modes = {"packed": method != "plain", "shared": method != "plain"}
     results: list[tuple[float, int] | None] = [None] * len(requests)
 
     def plain(batch: Sequence[_Group]) -> list[list[tuple[float, int]]]:
@@ -772,8 +772,13 @@ def score_loglikelihood(
             at += len(g.continuations)
         return out
 
+    window = _sliding(model.config)[0]
+
     def packed(batch: list[_Group], prefix: int) -> list[list[tuple[float, int]]]:
-        prefix = prefix if modes["shared"] else 0
+        # a sliding-window model shares a cached prefix only when the whole batch lies inside its window:
+        # the window then masks nothing, and its cache layers keep every prefix token
+        inside = window is None or max(g.fits for g in batch) < window
+        prefix = prefix if modes["shared"] and inside else 0
         if not modes["packed"]:
             return plain(batch)
         kind = "shared" if prefix else "packed"
