@@ -9,7 +9,8 @@ from nacd import cli
 from nacd.artifacts import RunDir, read_jsonl
 from nacd.config import load_config
 from nacd.errors import NacdError
-from nacd.pipeline import Cell, model_tag, needed_stages, plan
+from nacd.evaluate import model_name
+from nacd.pipeline import Cell, needed_stages, plan
 from nacd.report import paired_bootstrap, summarize
 
 RUN = (
@@ -59,7 +60,7 @@ def test_plan_covers_models_variants_and_seeds(tiny_overrides, tiny_gemma_dir):
     assert len(cells) == 2 * (1 + 3 * 2)
     assert cells[0] == Cell(cfg.model.spec, "distilling", "baseline", None)
     assert {c.role for c in cells if c.model == str(tiny_gemma_dir)} == {"receiver"}
-    assert cells[1].name == f"{model_tag(cfg.model.spec)}/full/seed3"
+    assert cells[1].name == f"{model_name(cfg.model.spec)}/full/seed3"
     assert needed_stages(cfg) == ["select", "experts", "distill"]
     cfg = load_config(None, [*tiny_overrides, "compare.variants=[baseline, full]"])
     assert needed_stages(cfg) == []
@@ -100,7 +101,7 @@ def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, caps
     for label in ("Baseline (no tuning)", "FULL", "SEL", "SEL+NACD", "paired bootstrap", "Cost of each stage"):
         assert label in md
     # the table holds the run's numbers: recompute one cell from samples.jsonl
-    tag = model_tag(cfg.model.spec)
+    tag = model_name(cfg.model.spec)
     accs = []
     for seed in (0, 1):
         rows = read_jsonl(run_dir.eval_dir(f"{tag}/sel_nacd/seed{seed}") / "samples.jsonl")
@@ -125,7 +126,7 @@ def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, caps
     # nacd report rebuilds the report from the folder as it is: a cell not done shows as "-"
     import shutil
 
-    shutil.rmtree(run_dir.eval_dir(f"{model_tag(str(tiny_gemma_dir))}/baseline"))
+    shutil.rmtree(run_dir.eval_dir(f"{model_name(str(tiny_gemma_dir))}/baseline"))
     capsys.readouterr()
     assert cli.main(["report", *args]) == 0
     out = capsys.readouterr().out

@@ -144,7 +144,9 @@ def _load_checkpoint(folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any
 # --------------------------------------------------------------------------- the loop
 
 
-def _identity(config: Any, fingerprint: str, ids: list[str], data_hash: str, alpha0: float) -> dict[str, Any]:
+def _identity(
+    config: Any, fingerprint: str, ids: list[str], data_hash: str, alpha0: float, clip: float | None
+) -> dict[str, Any]:
     dc = asdict(config.distill)
     for key in ("iterations", "checkpoint_every", "max_bad_iterations"):  # may change between resumes
         dc.pop(key)
@@ -155,6 +157,7 @@ def _identity(config: Any, fingerprint: str, ids: list[str], data_hash: str, alp
         "ids": ids,
         "data_hash": data_hash,
         "alpha0": alpha0,
+        "student_clip_norm": clip,
     }
 
 
@@ -374,8 +377,7 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     expert_train = store.manifest(store.runs[0])["train"]
     alpha0 = config.distill.lr_init or float(expert_train["lr"])
     clip = expert_train.get("max_grad_norm") if config.distill.student_clip else None
-    identity = _identity(config, fingerprint, ids, tokenized_hash(data), alpha0)
-    identity["student_clip_norm"] = clip
+    identity = _identity(config, fingerprint, ids, tokenized_hash(data), alpha0, clip)
     folder = run_dir.distill_dir
     hint = f"delete {folder} to distill again with these settings"
     existing = read_matching_manifest(folder, KIND, identity, hint)

@@ -596,8 +596,9 @@ def _additive(allowed: Any, dtype: Any, device: Any) -> Any:
     return mask[:, None].to(device)
 
 
-def _forward(model: Any, inputs: dict[str, Any], keep: int) -> Any:
-    """The model's output with logits for the last ``keep`` positions only, where the model allows it."""
+def _forward(model: Any, inputs: dict[str, Any], keep: Any) -> Any:
+    """The model's output with logits for the last ``keep`` positions only (or, a 1D tensor, at those
+    positions), where the model allows it; otherwise at every position."""
     try:
         return model(**inputs, logits_to_keep=keep)
     except TypeError as exc:
@@ -648,12 +649,7 @@ def _score_plain(model: Any, pairs: Sequence[tuple[list[int], list[int]]], max_l
     # times every position of a 5-shot prompt would be gigabytes
     needed = sorted({p for r, (_, cont) in zip(rows, pairs, strict=True) for p in range(len(r) - len(cont), len(r))})
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
-    try:
-        logits = model(**inputs, logits_to_keep=torch.tensor(needed, device=device)).logits
-    except TypeError as exc:  # a model without logits_to_keep
-        if "logits_to_keep" not in str(exc):
-            raise
-        logits = model(**inputs).logits
+    logits = _forward(model, inputs, torch.tensor(needed, device=device)).logits
     column = {p: j for j, p in enumerate(needed)} if logits.shape[1] == len(needed) else None
     out = []
     for i, (r, (_, cont)) in enumerate(zip(rows, pairs, strict=True)):

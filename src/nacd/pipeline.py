@@ -32,6 +32,7 @@ from typing import Any
 
 from nacd.artifacts import RunDir, atomic_write_json, setup_logging
 from nacd.errors import NacdError
+from nacd.evaluate import model_name
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +51,15 @@ class Cell:
 
     @property
     def name(self) -> str:
-        base = f"{model_tag(self.model)}/{self.variant}"
+        base = f"{model_name(self.model)}/{self.variant}"
         return base if self.seed is None else f"{base}/seed{self.seed}"
-
-
-def model_tag(spec: str) -> str:
-    """A folder-safe short name of a model spec: the name ``nacd eval`` gives the model's folder."""
-    from nacd.evaluate import model_name
-
-    return model_name(spec)
 
 
 def plan(config: Any) -> list[Cell]:
     """Every cell of the comparison, in run order (distilling model first, then each receiver)."""
     cc = config.compare
     models = [(config.model.spec, "distilling")] + [(spec, "receiver") for spec in cc.receivers]
-    tags = [model_tag(spec) for spec, _ in models]
+    tags = [model_name(spec) for spec, _ in models]
     if len(set(tags)) != len(tags):
         raise NacdError(f"compare.receivers: two models share the folder name {tags}; give distinct model specs")
     cells = []

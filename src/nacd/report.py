@@ -330,12 +330,12 @@ def _corpus_line(run_dir: Any) -> str:
 def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[str, Any]) -> dict[str, Any]:
     """Write ``<run>/report/`` and return ``{"table": markdown table, "report": path, "summary": ...}``."""
     from nacd.distill import DistilledSet, describe_examples, plot_history
-    from nacd.pipeline import model_tag
+    from nacd.evaluate import model_name
 
     folder = run_dir.root / "report"
     folder.mkdir(parents=True, exist_ok=True)
     summary = summarize(config, run_dir, cells)
-    names = {m: model_tag(m) + (" (distills)" if m == config.model.spec else " (receives)") for m in summary["models"]}
+    names = {m: model_name(m) + (" (distills)" if m == config.model.spec else " (receives)") for m in summary["models"]}
     header, rows = table_rows(summary, names)
     metric = summary["metric"]
     doc = Doc()

@@ -188,7 +188,7 @@ class Student:
 
     def record_step(self, loss: Any, grads: Sequence[Any]) -> None:
         """Keep the loss and LoRA-gradient norm of each student step of the current unroll (for the history)."""
-        norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads))
+        norm = global_norm([g.detach().float() for g in grads])
         self.steps.append((float(loss.detach()), float(norm)))
 
     def close(self) -> None:
@@ -196,6 +196,11 @@ class Student:
 
 
 # --------------------------------------------------------------------------- unrolls
+
+
+def global_norm(tensors: Sequence[Any]) -> Any:
+    """The euclidean norm of a list of tensors taken as one vector (``clip_grad_norm_``'s total norm)."""
+    return torch.sqrt(sum((t**2).sum() for t in tensors))
 
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: scale = max_norm / (norm + 1e-6), at most 1
@@ -214,7 +219,7 @@ def clip_vjp(grads: Sequence[Any], lam: Sequence[Any], clip: float | None) -> tu
     Unclipped, ds/dg = I. Clipped (c / (n + eps) < 1, n = ||g||): s = c g / (n + eps), so
     ds/dg = c / (n + eps) I - c g g^T / (n (n + eps)^2), a symmetric matrix.
     """
-    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    norm = global_norm(grads)
     g_lam = sum((g * li).sum() for g, li in zip(grads, lam, strict=True))
     scale = clip_scale(norm, clip)
     if clip is None or float(scale) >= 1.0:
@@ -232,7 +237,7 @@ def unroll_naive(
         loss = student.step_loss(theta, syn[idx], student.text_batch(idx.tolist()))
         grads = torch.autograd.grad(loss, theta, create_graph=True)
         student.record_step(loss, grads)
-        scale = clip_scale(torch.sqrt(sum((g**2).sum() for g in grads)), clip)
+        scale = clip_scale(global_norm(grads), clip)
         theta = [t - alpha * scale * g for t, g in zip(theta, grads, strict=True)]
     return theta
 
@@ -267,7 +272,7 @@ def _forward_steps(
         grads.append([x.detach() for x in g])
         student.record_step(loss, g[: len(theta)])
         step = [gi.detach() for gi in g[: len(theta)]]
-        scale = clip_scale(torch.sqrt(sum((gi**2).sum() for gi in step)), clip)
+        scale = clip_scale(global_norm(step), clip)
         theta = [t - alpha * scale * gi for t, gi in zip(theta, step, strict=True)]
     return thetas, grads, theta
 
@@ -283,7 +288,7 @@ def _reverse_walk(thetas, grads, batches, alpha, syn, lam, products, clip=None) 
     Step n is theta_n = theta_{n-1} - alpha * s(g_n) with s the (optional) norm clipping; with
     u = (ds/dg)^T lambda_n (:func:`clip_vjp`; u = lambda_n unclipped): dL/dalpha -= <s(g_n), lambda_n>,
     dL/dp_n -= alpha * d<g_n, u>/dp_n, lambda_{n-1} = lambda_n - alpha * H_n u.
-    ``products(n, theta_prev, idx, u)`` returns ``(<g_n, u>, [H_n u ..., d<g_n, u>/dp_n])``:
+    ``products(n, theta_prev, idx, u)`` returns ``[H_n u ..., d<g_n, u>/dp_n]``:
     exactly (one double-backward) in flat mode, by finite differences in fd mode.
     """
     a = alpha.detach()
@@ -292,7 +297,7 @@ def _reverse_walk(thetas, grads, batches, alpha, syn, lam, products, clip=None) 
     d_syn = torch.zeros_like(syn)
     for n in reversed(range(len(batches))):
         dot, u = clip_vjp(grads[n][: len(lam)], lam, clip)
-        _, hv = products(n, thetas[n], batches[n], u)
+        hv = products(n, thetas[n], batches[n], u)
         d_alpha = d_alpha - dot
         d_syn.index_add_(0, batches[n], -a * hv[-1])
         lam = [li - a * hi for li, hi in zip(lam, hv[:-1], strict=True)]
@@ -300,30 +305,29 @@ def _reverse_walk(thetas, grads, batches, alpha, syn, lam, products, clip=None) 
 
 
 def _exact_products(student: Student, syn: Any):
-    def products(n: int, theta_prev: Sequence[Any], idx: Any, lam: Sequence[Any]) -> tuple[Any, list[Any]]:
+    def products(n: int, theta_prev: Sequence[Any], idx: Any, lam: Sequence[Any]) -> list[Any]:
         with torch.enable_grad():
             th = [t.clone().requires_grad_(True) for t in theta_prev]
             p = syn[idx].detach().clone().requires_grad_(True)
             _, g = _step_grads(student, th, p, idx, create_graph=True)
             dot = sum((gi * li).sum() for gi, li in zip(g[: len(th)], lam, strict=True))
             hv = torch.autograd.grad(dot, [*th, p], allow_unused=True)
-        return dot.detach(), _zeros_if_none(hv, [*th, p])
+        return _zeros_if_none(hv, [*th, p])
 
     return products
 
 
 def _fd_products(student: Student, syn: Any, grads: Sequence[Sequence[Any]], rel_eps: float):
-    def products(n: int, theta_prev: Sequence[Any], idx: Any, lam: Sequence[Any]) -> tuple[Any, list[Any]]:
+    def products(n: int, theta_prev: Sequence[Any], idx: Any, lam: Sequence[Any]) -> list[Any]:
         g0 = grads[n]
-        lam_norm = torch.sqrt(sum((li**2).sum() for li in lam))
-        th_norm = torch.sqrt(sum((t**2).sum() for t in theta_prev))
+        lam_norm = global_norm(lam)
+        th_norm = global_norm(theta_prev)
         eps = rel_eps * torch.clamp(th_norm, min=1.0) / torch.clamp(lam_norm, min=1e-30)
         with torch.enable_grad():
             th = [(t + eps * li).requires_grad_(True) for t, li in zip(theta_prev, lam, strict=True)]
             p = syn[idx].detach().clone().requires_grad_(True)
             _, g1 = _step_grads(student, th, p, idx, create_graph=False)
-        dot = sum((gi * li).sum() for gi, li in zip(g0[: len(lam)], lam, strict=True))
-        return dot, [(x1 - x0) / eps for x1, x0 in zip(g1, g0, strict=True)]
+        return [(x1 - x0) / eps for x1, x0 in zip(g1, g0, strict=True)]
 
     return products
 
