@@ -235,9 +235,9 @@ def distill(
                 "iteration": state.iteration,
                 "run": run,
                 "start_epoch": t,
-                "l_distill": float(l_distill),
-                "l_reg": float(l_reg),
-                "loss": float(loss),
+                "l_distill": float(l_distill.detach()),
+                "l_reg": float(l_reg.detach()),
+                "loss": float(loss.detach()),
                 # the student's own N steps (forward pass): their losses and LoRA-gradient norms
                 "student_losses": [round(x, 5) for x, _ in student.steps[: dc.syn_steps]],
                 "student_grad_norms": [round(x, 5) for _, x in student.steps[: dc.syn_steps]],

@@ -182,7 +182,7 @@ class CostBook:
         else:
             self.entries[key] = {
                 "status": "ran" if ran else "reused",
-                "seconds": round(seconds, 2),
+                "seconds": round(seconds, 6),
                 "peak_rss_mb": round(_peak_rss_mb(), 1),
                 "peak_rss_scope": "stage" if exact else "process",
                 "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
