@@ -51,9 +51,9 @@ def test_initial_prompts():
 # ---------------------------------------------------------------- the unroll modes
 
 
-def _student(model_dir, dtype=torch.float64, n=6, seed=0):
+def _student(model_dir, dtype=torch.float64, n=6, seed=0, dropout=0.0):
     model, tok = load_model(ModelConfig(spec=str(model_dir)), torch.device("cpu"), needs_double_backward=True)
-    model = add_lora(model, LoraConfig(r=2, alpha=4)).to(dtype)
+    model = add_lora(model, LoraConfig(r=2, alpha=4, dropout=dropout)).to(dtype)
     init_lora(model, seed)
     g = torch.Generator().manual_seed(5)
     data = []
@@ -125,6 +125,32 @@ def test_modes_agree_and_match_finite_differences(fixture, request):
     _, g_fd, a_fd = _grads("fd", student, theta0, target, syn, batches)
     assert (g_fd - g_naive).norm() / g_naive.norm() < 1e-2
     assert (a_fd - a_naive).abs() / a_naive.abs() < 1e-2
+
+
+def test_lora_dropout_masks_are_replayed_in_the_reverse_walk(tiny_llama_dir):
+    # with LoRA dropout every student step draws masks; flat and fd rebuild each step in the reverse
+    # walk and must draw the same masks as the forward step, or their gradients belong to another loss
+    student = _student(tiny_llama_dir, dropout=0.3)
+    student.model.train()
+    theta0, target, syn, batches = _setup(student)
+
+    def grads(mode, seed):
+        torch.manual_seed(seed)
+        out = _grads(mode, student, theta0, target, syn, batches, clip=0.05)
+        return (*out, torch.rand(1))  # where the caller's random stream stands afterwards
+
+    grads("naive", 0)  # the student's first step runs a check forward (drawing masks): done before comparing
+    l_naive, g_naive, a_naive, after_naive = grads("naive", 7)
+    assert grads("naive", 8)[0] != l_naive  # the masks are random: another seed, another loss
+    l_flat, g_flat, a_flat, after_flat = grads("flat", 7)
+    assert l_flat.item() == pytest.approx(l_naive.item(), rel=1e-12)
+    assert (g_flat - g_naive).norm() / g_naive.norm() < 1e-4 and g_naive.norm() > 0
+    assert (a_flat - a_naive).abs() / a_naive.abs() < 1e-4
+    assert torch.equal(after_flat, after_naive)  # the walk's replays leave the stream untouched
+    _, g_fd, a_fd, after_fd = grads("fd", 7)
+    assert (g_fd - g_naive).norm() / g_naive.norm() < 1e-2
+    assert (a_fd - a_naive).abs() / a_naive.abs() < 1e-2
+    assert torch.equal(after_fd, after_naive)
 
 
 def test_clipped_steps_match_clip_grad_norm_and_differentiate_exactly(tiny_llama_dir):

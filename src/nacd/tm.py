@@ -24,7 +24,8 @@ only when it runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -242,6 +243,30 @@ def unroll_naive(
     return theta
 
 
+def _rng_state(device: Any) -> tuple[Any, Any]:
+    """The random state a student step draws its dropout masks from (CPU, and the accelerator's)."""
+    device = torch.device(device)
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextmanager
+def _replayed_rng(state: tuple[Any, Any], device: Any) -> Iterator[None]:
+    """Run the block with the random state ``state`` (the one a forward step saw), leaving the
+    caller's state as it was: a step rebuilt in the reverse walk draws the same LoRA-dropout masks
+    as the step it rebuilds, as ``torch.utils.checkpoint`` does for activation recomputation."""
+    device = torch.device(device)
+    caller = _rng_state(device)
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(caller[0])
+        if caller[1] is not None:
+            torch.cuda.set_rng_state(caller[1], device)
+
+
 def _step_grads(student: Student, theta: Sequence[Any], p: Any, idx: Any, create_graph: bool) -> tuple[Any, list[Any]]:
     """Loss of one student step and its gradients w.r.t. theta, and w.r.t. p when p requires grad."""
     loss = student.step_loss(theta, p, student.text_batch(idx.tolist()))
@@ -257,14 +282,15 @@ def _forward_steps(
     batches: Sequence[Any],
     with_p: bool,
     clip: float | None = None,
-) -> tuple[list[list[Any]], list[list[Any]], list[Any]]:
-    """The forward pass of the flat and fd modes: N plain (clipped) steps, keeping theta_0..theta_{N-1}
-    and each step's gradients (LoRA-sized; the reverse walk needs them for the clipping Jacobian and
-    fd also for its differences)."""
-    thetas, grads = [], []
+) -> tuple[list[list[Any]], list[list[Any]], list[Any], list[Any]]:
+    """The forward pass of the flat and fd modes: N plain (clipped) steps, keeping theta_0..theta_{N-1},
+    each step's gradients (LoRA-sized; the reverse walk needs them for the clipping Jacobian and
+    fd also for its differences) and the random state each step started from (its dropout masks)."""
+    thetas, grads, rngs = [], [], []
     theta = [t.detach() for t in theta0]
     for idx in batches:
         thetas.append(theta)
+        rngs.append(_rng_state(student.device))
         with torch.enable_grad():
             th = [t.clone().requires_grad_(True) for t in theta]
             p = syn[idx].detach().clone().requires_grad_(with_p)
@@ -274,7 +300,7 @@ def _forward_steps(
         step = [gi.detach() for gi in g[: len(theta)]]
         scale = clip_scale(global_norm(step), clip)
         theta = [t - alpha * scale * gi for t, gi in zip(theta, step, strict=True)]
-    return thetas, grads, theta
+    return thetas, grads, theta, rngs
 
 
 def _zeros_if_none(grads: Sequence[Any], like: Sequence[Any]) -> list[Any]:
@@ -304,9 +330,9 @@ def _reverse_walk(thetas, grads, batches, alpha, syn, lam, products, clip=None) 
     return d_alpha, d_syn, lam
 
 
-def _exact_products(student: Student, syn: Any):
+def _exact_products(student: Student, syn: Any, rngs: Sequence[Any]):
     def products(n: int, theta_prev: Sequence[Any], idx: Any, lam: Sequence[Any]) -> list[Any]:
-        with torch.enable_grad():
+        with torch.enable_grad(), _replayed_rng(rngs[n], student.device):
             th = [t.clone().requires_grad_(True) for t in theta_prev]
             p = syn[idx].detach().clone().requires_grad_(True)
             _, g = _step_grads(student, th, p, idx, create_graph=True)
@@ -317,13 +343,13 @@ def _exact_products(student: Student, syn: Any):
     return products
 
 
-def _fd_products(student: Student, syn: Any, grads: Sequence[Sequence[Any]], rel_eps: float):
+def _fd_products(student: Student, syn: Any, grads: Sequence[Sequence[Any]], rel_eps: float, rngs: Sequence[Any]):
     def products(n: int, theta_prev: Sequence[Any], idx: Any, lam: Sequence[Any]) -> list[Any]:
         g0 = grads[n]
         lam_norm = global_norm(lam)
         th_norm = global_norm(theta_prev)
         eps = rel_eps * torch.clamp(th_norm, min=1.0) / torch.clamp(lam_norm, min=1e-30)
-        with torch.enable_grad():
+        with torch.enable_grad(), _replayed_rng(rngs[n], student.device):
             th = [(t + eps * li).requires_grad_(True) for t, li in zip(theta_prev, lam, strict=True)]
             p = syn[idx].detach().clone().requires_grad_(True)
             _, g1 = _step_grads(student, th, p, idx, create_graph=False)
@@ -337,15 +363,22 @@ class _Flat(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, batches, alpha, syn, clip, *theta0):  # type: ignore[override]
-        thetas, grads, theta_n = _forward_steps(student, theta0, alpha.detach(), syn, batches, False, clip)
-        ctx.student, ctx.batches, ctx.thetas, ctx.grads, ctx.clip = student, batches, thetas, grads, clip
+        thetas, grads, theta_n, rngs = _forward_steps(student, theta0, alpha.detach(), syn, batches, False, clip)
+        ctx.student, ctx.batches, ctx.thetas, ctx.grads, ctx.clip, ctx.rngs = (
+            student,
+            batches,
+            thetas,
+            grads,
+            clip,
+            rngs,
+        )
         ctx.save_for_backward(alpha, syn)
         return tuple(theta_n)
 
     @staticmethod
     def backward(ctx, *lam):  # type: ignore[override]
         alpha, syn = ctx.saved_tensors
-        products = _exact_products(ctx.student, syn)
+        products = _exact_products(ctx.student, syn, ctx.rngs)
         d_alpha, d_syn, lam0 = _reverse_walk(ctx.thetas, ctx.grads, ctx.batches, alpha, syn, lam, products, ctx.clip)
         return (None, None, d_alpha, d_syn, None, *lam0)
 
@@ -355,16 +388,16 @@ class _FD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, batches, alpha, syn, rel_eps, clip, *theta0):  # type: ignore[override]
-        thetas, grads, theta_n = _forward_steps(student, theta0, alpha.detach(), syn, batches, True, clip)
+        thetas, grads, theta_n, rngs = _forward_steps(student, theta0, alpha.detach(), syn, batches, True, clip)
         ctx.student, ctx.batches, ctx.thetas, ctx.grads, ctx.rel_eps = student, batches, thetas, grads, rel_eps
-        ctx.clip = clip
+        ctx.clip, ctx.rngs = clip, rngs
         ctx.save_for_backward(alpha, syn)
         return tuple(theta_n)
 
     @staticmethod
     def backward(ctx, *lam):  # type: ignore[override]
         alpha, syn = ctx.saved_tensors
-        products = _fd_products(ctx.student, syn, ctx.grads, ctx.rel_eps)
+        products = _fd_products(ctx.student, syn, ctx.grads, ctx.rel_eps, ctx.rngs)
         d_alpha, d_syn, lam0 = _reverse_walk(ctx.thetas, ctx.grads, ctx.batches, alpha, syn, lam, products, ctx.clip)
         return (None, None, d_alpha, d_syn, None, None, *lam0)
 

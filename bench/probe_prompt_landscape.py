@@ -1,0 +1,156 @@
+"""Can the prompt vectors lower L_distill on one fixed sample? A sanity probe of the distillation.
+
+Fixes everything a distillation iteration draws at random (the expert run, the start epoch, the N
+student batches) and takes ``--iterations`` Adam steps on the prompt vectors alone (beta = 0,
+alpha fixed at the experts' lr, the student clipped as in ``nacd distill``). On a smooth objective
+L_distill on that one sample falls step after step; the probe prints L_distill, the norm of its
+gradient w.r.t. the prompts and the mean prompt norm per step, as JSON lines.
+
+``--placement start`` is the library's placement (the prompt before the text). ``after_first``
+puts the prompt after the first text token instead (``<|im_start|>`` or BOS, the position most
+models use as an attention sink); it is a probe of an alternative, not a library option.
+
+Needs a run folder with ``select/`` and ``experts/`` (``nacd run configs/demo.yaml`` makes one)::
+
+    .venv/bin/python bench/probe_prompt_landscape.py -c configs/demo.yaml --run-dir runs/demo \\
+        --lr-syn 1e-3 --iterations 10 --placement start
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+
+def after_first_token(embed, scale, prompts, text):
+    """``prompted_inputs`` with the k prompt positions after the first text token."""
+    import torch
+
+    from nacd.data import IGNORE_INDEX
+
+    b, k = prompts.shape[:2]
+    with torch.no_grad():
+        e = embed(text["input_ids"])
+    m, lab = text["attention_mask"], text["labels"]
+    return {
+        "inputs_embeds": torch.cat([e[:, :1], (prompts * scale).to(e.dtype), e[:, 1:]], dim=1),
+        "attention_mask": torch.cat([m[:, :1], m.new_ones(b, k), m[:, 1:]], dim=1),
+        "labels": torch.cat([lab[:, :1], lab.new_full((b, k), IGNORE_INDEX), lab[:, 1:]], dim=1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-c", "--config", required=True)
+    ap.add_argument("--run-dir", required=True, help="a run folder with select/ and experts/")
+    ap.add_argument("--lr-syn", type=float, default=1e-3)
+    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--start-epoch", type=int, default=0)
+    ap.add_argument("--placement", choices=("start", "after_first"), default="start")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the fixed student batches")
+    ap.add_argument(
+        "--steps-along-gradient",
+        type=float,
+        nargs="*",
+        default=[],
+        help="before the Adam steps: central differences of L_distill along -grad/|grad| at these step norms, "
+        "against the directional derivative the unroll's gradient predicts (how far the loss is linear)",
+    )
+    args = ap.parse_args()
+
+    import torch
+
+    import nacd.tm as tm
+    from nacd.artifacts import RunDir
+    from nacd.config import load_config
+    from nacd.data import load_corpus, tokenize_corpus
+    from nacd.distill import candidate_rows, selected_ids
+    from nacd.experts import ExpertStore
+    from nacd.finetune import select_examples
+    from nacd.models import load_model, resolve_device
+    from nacd.train import add_lora
+
+    if args.placement == "after_first":
+        tm.prompted_inputs = after_first_token
+    cfg = load_config(args.config, [f"run.out_dir={args.run_dir}"])
+    run_dir = RunDir(cfg.run.out_dir)
+    ids, ids_path = selected_ids(cfg, run_dir)
+    store = ExpertStore(run_dir.experts_dir)
+    device = resolve_device(cfg.run.device)
+    model, tok = load_model(cfg.model, device, needs_double_backward=True)
+    corpus, _ = load_corpus(cfg.data)
+    data = tokenize_corpus(select_examples(corpus, ids, str(ids_path)), tok, cfg.data)
+    model = add_lora(model, cfg.lora)
+    student = tm.Student(model, data, tok.pad_token_id)
+    student.vocab_ids = torch.tensor(tm.text_token_ids(tok, student.vocab.shape[0]))
+    vocab = candidate_rows(student)
+    dc = cfg.distill
+    n = len(data)
+    syn = torch.nn.Parameter(tm.initial_prompts(dc.init, vocab, n, dc.num_prompt_tokens, cfg.run.seed).to(device))
+    opt = torch.optim.Adam([syn], lr=args.lr_syn)
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = [torch.randperm(n, generator=gen)[: min(dc.batch_size, n)].to(device) for _ in range(dc.syn_steps)]
+    run = store.runs[0]
+    train = store.manifest(run)["train"]
+
+    def snapshot(epoch):
+        snap = store.snapshot(run, epoch, device=device)
+        return [snap[name].to(dtype) for name, dtype in zip(student.names, student.dtypes, strict=True)]
+
+    theta0, target = snapshot(args.start_epoch), snapshot(args.start_epoch + dc.expert_epochs)
+    alpha = torch.tensor(float(dc.lr_init or train["lr"]), device=device)
+    clip = train.get("max_grad_norm") if dc.student_clip else None
+    print(json.dumps({"machine": platform.processor() or platform.machine(), **vars(args), "examples": n}))
+
+    def l_distill(prompts):
+        with torch.no_grad():
+            return float(
+                tm.matching_loss(
+                    tm.unroll(dc.unroll, student, theta0, alpha, prompts, batches, dc.fd_eps, clip), target, theta0
+                )
+            )
+
+    if args.steps_along_gradient:
+        x = syn.detach().clone().requires_grad_(True)
+        tm.matching_loss(
+            tm.unroll(dc.unroll, student, theta0, alpha, x, batches, dc.fd_eps, clip), target, theta0
+        ).backward()
+        direction = -x.grad / x.grad.norm()
+        predicted = -float(x.grad.norm())
+        for h in args.steps_along_gradient:
+            plus, minus = l_distill(syn.detach() + h * direction), l_distill(syn.detach() - h * direction)
+            fd = (plus - minus) / (2 * h)
+            print(
+                json.dumps(
+                    {
+                        "step_norm": h,
+                        "central_difference": round(fd, 4),
+                        "predicted": round(predicted, 4),
+                        "l_distill_after_step": round(plus, 5),
+                    }
+                ),
+                flush=True,
+            )
+    for i in range(args.iterations):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        theta_n = tm.unroll(dc.unroll, student, theta0, alpha, syn, batches, dc.fd_eps, clip)
+        loss = tm.matching_loss(theta_n, target, theta0)
+        loss.backward()
+        grad_norm = float(syn.grad.norm())
+        opt.step()
+        row = {
+            "step": i,
+            "l_distill": round(float(loss.detach()), 5),
+            "grad_norm": float(f"{grad_norm:.4g}"),
+            "prompt_norm": round(float(syn.detach().norm(dim=-1).mean()), 4),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        print(json.dumps(row), flush=True)
+    student.close()
+
+
+if __name__ == "__main__":
+    main()
