@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--lr-syn", type=float, default=1e-3)
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--start-epoch", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. distill.lr_init=0.1)")
     ap.add_argument("--placement", choices=("start", "after_first"), default="start")
     ap.add_argument("--seed", type=int, default=1, help="seed of the fixed student batches")
     ap.add_argument(
@@ -74,7 +75,7 @@ def main() -> None:
 
     if args.placement == "after_first":
         tm.prompted_inputs = after_first_token
-    cfg = load_config(args.config, [f"run.out_dir={args.run_dir}"])
+    cfg = load_config(args.config, [*args.overrides, f"run.out_dir={args.run_dir}"])
     run_dir = RunDir(cfg.run.out_dir)
     ids, ids_path = selected_ids(cfg, run_dir)
     store = ExpertStore(run_dir.experts_dir)
