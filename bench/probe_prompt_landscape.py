@@ -84,6 +84,7 @@ def main() -> None:
     corpus, _ = load_corpus(cfg.data)
     data = tokenize_corpus(select_examples(corpus, ids, str(ids_path)), tok, cfg.data)
     model = add_lora(model, cfg.lora)
+    model.train()  # as nacd distill runs the student (LoRA dropout, if any)
     student = tm.Student(model, data, tok.pad_token_id)
     student.vocab_ids = torch.tensor(tm.text_token_ids(tok, student.vocab.shape[0]))
     vocab = candidate_rows(student)
@@ -105,19 +106,19 @@ def main() -> None:
     clip = train.get("max_grad_norm") if dc.student_clip else None
     print(json.dumps({"machine": platform.processor() or platform.machine(), **vars(args), "examples": n}))
 
+    def matching(prompts):
+        """L_distill on the fixed draw, differentiable in ``prompts``."""
+        return tm.matching_loss(
+            tm.unroll(dc.unroll, student, theta0, alpha, prompts, batches, dc.fd_eps, clip), target, theta0
+        )
+
     def l_distill(prompts):
         with torch.no_grad():
-            return float(
-                tm.matching_loss(
-                    tm.unroll(dc.unroll, student, theta0, alpha, prompts, batches, dc.fd_eps, clip), target, theta0
-                )
-            )
+            return float(matching(prompts))
 
     if args.steps_along_gradient:
         x = syn.detach().clone().requires_grad_(True)
-        tm.matching_loss(
-            tm.unroll(dc.unroll, student, theta0, alpha, x, batches, dc.fd_eps, clip), target, theta0
-        ).backward()
+        matching(x).backward()
         direction = -x.grad / x.grad.norm()
         predicted = -float(x.grad.norm())
         for h in args.steps_along_gradient:
@@ -137,8 +138,7 @@ def main() -> None:
     for i in range(args.iterations):
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        theta_n = tm.unroll(dc.unroll, student, theta0, alpha, syn, batches, dc.fd_eps, clip)
-        loss = tm.matching_loss(theta_n, target, theta0)
+        loss = matching(syn)
         loss.backward()
         grad_norm = float(syn.grad.norm())
         opt.step()

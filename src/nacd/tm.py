@@ -252,19 +252,14 @@ def _rng_state(device: Any) -> tuple[Any, Any]:
 @contextmanager
 def _replayed_rng(state: tuple[Any, Any], device: Any) -> Iterator[None]:
     """Run the block with the random state ``state`` (the one a forward step saw), leaving the
-    caller's state as it was: a step rebuilt in the reverse walk draws the same LoRA-dropout masks
-    as the step it rebuilds, as ``torch.utils.checkpoint`` does for activation recomputation."""
+    caller's state as it was (``torch.random.fork_rng``): a step rebuilt in the reverse walk draws
+    the same LoRA-dropout masks as the step it rebuilds, as ``torch.utils.checkpoint`` does."""
     device = torch.device(device)
-    caller = _rng_state(device)
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-    try:
+    with torch.random.fork_rng(devices=[device] if state[1] is not None else [], device_type=device.type):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
         yield
-    finally:
-        torch.set_rng_state(caller[0])
-        if caller[1] is not None:
-            torch.cuda.set_rng_state(caller[1], device)
 
 
 def _step_grads(student: Student, theta: Sequence[Any], p: Any, idx: Any, create_graph: bool) -> tuple[Any, list[Any]]:
@@ -364,14 +359,8 @@ class _Flat(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, batches, alpha, syn, clip, *theta0):  # type: ignore[override]
         thetas, grads, theta_n, rngs = _forward_steps(student, theta0, alpha.detach(), syn, batches, False, clip)
-        ctx.student, ctx.batches, ctx.thetas, ctx.grads, ctx.clip, ctx.rngs = (
-            student,
-            batches,
-            thetas,
-            grads,
-            clip,
-            rngs,
-        )
+        ctx.student, ctx.batches, ctx.thetas, ctx.grads = student, batches, thetas, grads
+        ctx.clip, ctx.rngs = clip, rngs
         ctx.save_for_backward(alpha, syn)
         return tuple(theta_n)
 
