@@ -56,8 +56,10 @@ def test_distillation_learns_and_writes_a_self_describing_set(prepared, capsys):
     last = sum(h["l_distill"] for h in hist[-5:]) / 5
     assert last < 0.8 * first, (first, last)
     assert all(not h["skipped"] for h in hist)
-    assert all(len(h["student_grad_norms"]) == len(h["student_losses"]) == 2 for h in hist)  # N = 2 steps
-    assert all(g > 0 for h in hist for g in h["student_grad_norms"])
+    draws = [d for h in hist for d in h["draws"]]
+    assert len(draws) == 30 and {d["run"] for d in draws} == {0}  # run 1 is held out for the panel
+    assert all(len(d["student_grad_norms"]) == len(d["student_losses"]) == 2 for d in draws)  # N = 2 steps
+    assert all(g > 0 for d in draws for g in d["student_grad_norms"])
     assert hist[-1]["alpha"] != pytest.approx(0.2)  # the learnable lr moved
 
     # the artifact
@@ -149,7 +151,10 @@ def test_start_epochs_beyond_the_experts_are_refused(prepared):
 
 def test_non_finite_iterations_are_skipped_then_stop(prepared, monkeypatch):
     cfg, run_dir, overrides = prepared
-    cfg = load_config(None, [*overrides, *REACHABLE, "distill.iterations=20", "distill.max_bad_iterations=3"])
+    cfg = load_config(
+        None,
+        [*overrides, *REACHABLE, "distill.iterations=20", "distill.max_bad_iterations=3", "distill.panel_size=0"],
+    )
     from nacd import tm
 
     real = tm.matching_loss
@@ -216,3 +221,121 @@ def test_finetune_on_the_distilled_set_same_and_other_architecture(prepared, tin
     )
     with pytest.raises(NacdError, match="is not the model that distilled"):
         finetune.run(forced, run_dir)
+
+
+# --------------------------------------------------------------------------- the prompt-gain panel
+
+
+def _gain(cfg, run_dir):
+    ds = distill.run(cfg, run_dir)
+    return ds, ds.manifest["prompt_gain"], ds.panel()
+
+
+def test_prompt_gain_is_positive_when_prompts_learn_and_zero_when_frozen(prepared):
+    """The diagnostic: on held-out draws (expert run 1, never trained on), learned prompts beat their
+    initialisation at the same alpha with the interval above 0; frozen prompts give an interval with 0."""
+    cfg, run_dir, overrides = prepared
+    common = [*overrides, *REACHABLE, "distill.iterations=30", "distill.eval_every=15"]
+    recipe = ["distill.alpha_mode=fixed", "distill.init=example_tokens", "distill.regularizer=spacing_squared"]
+    ds, gain, panel = _gain(load_config(None, [*common, *recipe]), run_dir)
+    assert [r["iteration"] for r in panel] == [0, 15, 30]
+    assert panel[0]["prompt_gain"]["mean"] == 0 and panel[0]["prompt_gain"]["ci_low"] == 0
+    assert {d["run"] for d in panel[-1]["per_draw"]} == {1}  # the held-out expert run
+    assert sorted({d["start_epoch"] for d in panel[-1]["per_draw"]}) == [0, 1]  # stratified
+    assert gain["draws"] == 16 and gain["ci_low"] > 0 and gain["mean"] > 0 and gain["relative"] > 0.01, gain
+    assert gain["ci_low"] <= gain["mean"] <= gain["ci_high"]
+    assert set(panel[-1]["residual_share"]) == {"lora_A", "lora_B"}
+    assert sum(panel[-1]["residual_share"].values()) == pytest.approx(1.0)
+    assert "prompt gain on 16 held-out draws at iteration 30" in ds.gain_line() and "above 0" in ds.gain_line()
+
+    shutil_rm(run_dir.distill_dir)
+    frozen = load_config(None, [*common, "distill.lr_syn=1e-12"])  # the paper's shared, learned alpha
+    ds2, gain2, _ = _gain(frozen, run_dir)
+    assert gain2["ci_low"] <= 0 <= gain2["ci_high"], gain2
+    assert abs(gain2["mean"]) < 1e-6
+    assert ds2.alpha != pytest.approx(0.2)  # alpha learned all the same: the panel is blind to it
+
+
+def test_meta_batch_gradient_is_the_mean_of_single_draw_gradients(prepared):
+    cfg, run_dir, _ = prepared
+    from nacd import tm
+    from nacd.config import ModelConfig
+    from nacd.data import tokenize_corpus
+    from nacd.experts import ExpertStore
+    from nacd.finetune import read_ids, select_examples
+    from nacd.models import load_model
+    from nacd.panel import sample_draw
+    from nacd.train import add_lora
+
+    model, tok = load_model(ModelConfig(spec=cfg.model.spec), torch.device("cpu"), needs_double_backward=True)
+    model = add_lora(model, cfg.lora)
+    ids = read_ids(run_dir.select_dir / "selection.json")
+    data = tokenize_corpus(select_examples(load_config_corpus(cfg), ids, "sel"), tok, cfg.data)
+    student = tm.Student(model, data, tok.pad_token_id)
+    store = ExpertStore(run_dir.experts_dir)
+
+    def snapshot(run, epoch):
+        snap = store.snapshot(run, epoch)
+        return [snap[name] for name in student.names]
+
+    vocab = distill.candidate_rows(student)
+    syn = torch.nn.Parameter(tm.initial_prompts("random_vocab", vocab, len(data), 2, 0))
+    log_alpha = torch.nn.Parameter(torch.tensor([-1.0]))
+
+    def alpha_of(epoch):
+        return log_alpha[0].exp()
+
+    alpha_of.leaf = log_alpha
+    gen = torch.Generator().manual_seed(3)
+    draws = [sample_draw(gen, [0, 1], 2, len(data), 8, 2) for _ in range(3)]
+    dc = cfg.distill
+
+    def grads(chosen, skip_above=None):
+        syn.grad = log_alpha.grad = None
+        d = type(dc)(**{**dc.__dict__, "skip_above": skip_above})
+        rows, accepted, finite = distill.meta_gradient(
+            student, chosen, syn, alpha_of, snapshot, vocab, d, 1.0, 1.0, None
+        )
+        assert finite
+        return syn.grad.clone(), log_alpha.grad.clone(), rows, accepted
+
+    singles = [grads([d]) for d in draws]
+    both, alpha_both, rows, accepted = grads(draws)
+    assert accepted == 3 and len(rows) == 3
+    torch.testing.assert_close(both, sum(s[0] for s in singles) / 3, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(alpha_both, sum(s[1] for s in singles) / 3, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(singles[0][0], singles[1][0])  # the draws really differ
+    # a threshold between the draws' losses keeps only those below it, averaged over them
+    losses = [r["l_distill"] for r in rows]
+    cut = sorted(losses)[1] + 1e-6
+    kept, _, rows2, accepted2 = grads(draws, skip_above=cut)
+    below = [s for s, x in zip(singles, losses, strict=True) if x <= cut]
+    assert accepted2 == 2 and [r["above_threshold"] for r in rows2] == [x > cut for x in losses]
+    torch.testing.assert_close(kept, sum(s[0] for s in below) / 2, rtol=1e-5, atol=1e-7)
+    student.close()
+
+
+def load_config_corpus(cfg):
+    from nacd.data import load_corpus
+
+    return load_corpus(cfg.data)[0]
+
+
+def test_alpha_modes_and_token_inits(prepared):
+    cfg, run_dir, overrides = prepared
+    base = [*overrides, *REACHABLE, "distill.iterations=4", "distill.panel_size=2", "distill.meta_batch=2"]
+    fixed = distill.run(load_config(None, [*base, "distill.alpha_mode=fixed", "distill.init=example_tokens"]), run_dir)
+    assert fixed.alpha == pytest.approx(0.2) and all(h["alpha"] == pytest.approx(0.2) for h in fixed.history())
+    assert all(len(h["draws"]) == 2 and h["accepted"] == 2 for h in fixed.history())
+    assert fixed.manifest["distinct_prompts"] > 8  # each example starts at its own tokens
+    shutil_rm(run_dir.distill_dir)
+    per = distill.run(
+        load_config(None, [*base, "distill.alpha_mode=per_epoch", "distill.init=frequent_vocab"]), run_dir
+    )
+    alphas = per.manifest["alphas"]
+    assert len(alphas) == 2 and alphas[0] != alphas[1] and per.alpha == pytest.approx(sum(alphas) / 2)
+    assert per.history()[-1]["alphas"] == pytest.approx(alphas)
+    shutil_rm(run_dir.distill_dir)
+    none = distill.run(load_config(None, [*base, "distill.skip_above=1e-9"]), run_dir)  # every draw skipped
+    assert all(h["accepted"] == 0 and not h["skipped"] for h in none.history())
+    assert none.manifest["prompt_gain"]["mean"] == 0  # nothing moved

@@ -11,7 +11,8 @@ from nacd.config import load_config
 from nacd.errors import NacdError
 from nacd.evaluate import model_name
 from nacd.pipeline import Cell, CostBook, needed_stages, plan
-from nacd.report import paired_bootstrap, summarize
+from nacd.report import summarize
+from nacd.stats import paired_bootstrap
 
 RUN = (
     "data.sources=[{path: 'builtin:demo/corpus.jsonl', name: demo, max_examples: 24}]",

@@ -211,3 +211,60 @@ def test_prompt_positions_carry_no_loss_and_scale_like_tokens(tiny_gemma_dir):
     token7 = student.embed(torch.tensor([[7]]))[0, 0]
     torch.testing.assert_close(batch["inputs_embeds"][0, 0], token7)
     assert student.embed_scale != 1.0  # Gemma scales its embeddings by sqrt(hidden)
+
+
+def test_scale_free_regularizers_by_hand():
+    from nacd.tm import vocab_spacing
+
+    vocab = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [5.0, 5.0]])
+    # nearest other row: 1, 1, 3, sqrt(29); median of the four (torch: the lower middle) = 1
+    assert vocab_spacing(vocab) == pytest.approx(1.0)
+    assert vocab_spacing(vocab, chunk=1) == pytest.approx(1.0)  # chunking does not change it
+    wide = vocab * 4
+    assert vocab_spacing(wide) == pytest.approx(4.0)
+    p = torch.tensor([[0.5, 0.0], [0.0, 2.0]], requires_grad=True)  # distances 0.5 (to row 0 or 1), 1 (row 2)
+    assert float(regularizer(p.detach(), vocab)) == pytest.approx(0.75)
+    assert float(regularizer(p, vocab, kind="spacing", spacing=0.5)) == pytest.approx(1.5)
+    sq = regularizer(p, vocab, kind="spacing_squared", spacing=0.5)
+    assert float(sq) == pytest.approx((1.0**2 + 2.0**2) / 2)
+    sq.backward()  # d/dp mean((d/s)^2) = (p - e) * 2 / (s^2 n)
+    torch.testing.assert_close(p.grad[1], torch.tensor([0.0, -1.0]) * 2 / (0.25 * 2))
+    # the same prompts in a 4x wider embedding space give the same scaled penalty
+    same = float(regularizer(p.detach(), vocab, kind="spacing", spacing=vocab_spacing(vocab)))
+    assert float(regularizer(p.detach() * 4, wide, kind="spacing", spacing=vocab_spacing(wide))) == pytest.approx(same)
+    with pytest.raises(Exception, match="distill.regularizer='cube'"):
+        regularizer(p, vocab, kind="cube")
+
+
+def test_token_inits_are_distinct_real_tokens():
+    from nacd.tm import token_init_rows
+
+    vocab = torch.arange(40.0).reshape(20, 2)
+    rows = [[1, 2, 3, 4, 0], [5, 6, 7, 0], [8, 9, 10, 0], [11, 12, 0]]  # row 0: in every example (template)
+    own = initial_prompts("example_tokens", vocab, 4, 2, seed=0, example_rows=rows)
+    assert own.shape == (4, 2, 2)
+    picked = token_init_rows("example_tokens", rows, 2, torch.Generator().manual_seed(0))
+    for mine, pool in zip(picked, rows, strict=True):
+        assert len(set(mine)) == 2 and set(mine) <= set(pool) - {0}  # own, distinctive, distinct
+    torch.testing.assert_close(own, vocab[torch.tensor(picked)])
+    freq = token_init_rows("frequent_vocab", [[1, 1, 2], [1, 3, 6], [4, 5]], 2, torch.Generator().manual_seed(0))
+    flat = [r for ex in freq for r in ex]
+    assert len(flat) == len(set(flat)) == 6  # distinct across examples while the pool lasts
+    with pytest.raises(Exception, match="needs the instruction tokens"):
+        initial_prompts("example_tokens", vocab, 4, 2, seed=0)
+    with pytest.raises(Exception, match="no instruction token"):
+        initial_prompts("example_tokens", vocab, 1, 2, seed=0, example_rows=[[]])
+
+
+def test_endpoint_is_the_unrolls_point(tiny_llama_dir):
+    """The panel's first-order student reaches the same theta_N as the differentiable unroll."""
+    from nacd.tm import endpoint
+
+    student = _student(tiny_llama_dir)
+    theta0, _, syn, batches = _setup(student)
+    alpha = torch.tensor(0.3, dtype=torch.float64)
+    flat = unroll("flat", student, theta0, alpha, syn, batches, clip=0.5)
+    plain = endpoint(student, theta0, alpha, syn, batches, clip=0.5)
+    for a, b in zip(flat, plain, strict=True):
+        torch.testing.assert_close(a.detach(), b)
+    student.close()

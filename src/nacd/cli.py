@@ -153,13 +153,17 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from nacd.artifacts import RunDir
     from nacd.config import load_config
-    from nacd.distill import DistilledSet, describe_examples, plot_history
+    from nacd.distill import DistilledSet
+    from nacd.inspection import describe_examples, plot_history, plot_panel
 
     cfg = load_config(args.config, args.overrides)
     ds = DistilledSet.load(RunDir(cfg.run.out_dir).distill_dir)
     print(describe_examples(ds, args.examples, args.ids))
     if not args.no_plot:
         print(f"\nloss curves: {plot_history(ds)}")
+        gain = plot_panel(ds.folder, ds.folder / "prompt_gain.png")
+        if gain is not None:
+            print(f"prompt gain: {gain}")
     return 0
 
 
@@ -176,7 +180,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"nacd.{STAGE_COMMANDS[args.command][0]}")
     result = module.run(cfg, RunDir(cfg.run.out_dir))
     if args.command == "run":
-        print(f"\n{result['table']}\n\nreport: {result['report']} (and report.html beside it)")
+        _print_report(result, "\n")
     return 0
 
 
@@ -186,9 +190,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from nacd.pipeline import report
 
     cfg = load_config(args.config, args.overrides)
-    result = report(cfg, RunDir(cfg.run.out_dir))
-    print(f"{result['table']}\n\nreport: {result['report']} (and report.html beside it)")
+    _print_report(report(cfg, RunDir(cfg.run.out_dir)))
     return 0
+
+
+def _print_report(result: dict, lead: str = "") -> None:
+    """The table, the distillation's prompt gain and the report's path."""
+    gain = f"\n{result['prompt_gain']}\n" if result.get("prompt_gain") else ""
+    print(f"{lead}{result['table']}\n{gain}\nreport: {result['report']} (and report.html beside it)")
 
 
 def _config_positional(args: argparse.Namespace) -> None:

@@ -345,12 +345,38 @@ class DistillConfig:
     max_start_epoch: int = f(2, "T^m: start epochs t are drawn from [0, T^m).")
     beta: float = f(100.0, "Weight of the nearest-vocabulary regularizer.")
     batch_size: int = f(8, "Examples per student step.")
-    init: Literal["mean_vocab", "random_vocab", "random"] = f(
-        "mean_vocab", "Initialisation of the prompt vectors (mean_vocab: the paper's, most stable)."
+    init: Literal["mean_vocab", "random_vocab", "random", "frequent_vocab", "example_tokens"] = f(
+        "mean_vocab",
+        "Initialisation of the prompt vectors: mean_vocab (the paper's: all at the mean embedding), random_vocab, "
+        "random, frequent_vocab (distinct frequent tokens of the data), example_tokens (each example's own "
+        "distinctive instruction tokens).",
     )
+    regularizer: Literal["distance", "spacing", "spacing_squared"] = f(
+        "distance",
+        "L_reg: distance (Eq. 3, mean euclidean distance to the nearest token), spacing (the same divided by the "
+        "vocabulary's median nearest-neighbour distance: beta means the same for every model), spacing_squared "
+        "(mean squared scaled distance: a pull that fades near a token).",
+    )
+    beta_warmup: int = f(0, "Iterations over which beta ramps linearly from 0 to its value (0: no warm-up).")
     lr_syn: float = f(1e-2, "Adam learning rate of the prompt vectors.")
     lr_lr: float = f(1e-2, "Adam learning rate of log(alpha), the learnable student learning rate.")
     lr_init: float | None = f(None, "alpha_0: initial student learning rate; None = the experts' peak lr.")
+    alpha_mode: Literal["shared", "per_epoch", "fixed"] = f(
+        "shared",
+        "The student lr: shared (one learned alpha, the paper's), per_epoch (one learned alpha per start epoch), "
+        "fixed (alpha_0 throughout: the prompts alone lower L_distill).",
+    )
+    meta_batch: int = f(1, "Draws (expert run, start epoch, N batches) whose meta-gradients are averaged per update.")
+    skip_above: float | None = f(
+        None, "Skip draws whose L_distill exceeds this (DATM's threshold, ~1.0); None: use every draw."
+    )
+    panel_size: int = f(
+        16, "P: held-out draws of the prompt-gain diagnostic (docs/DISTILL.md); 0 turns the diagnostic off."
+    )
+    eval_every: int = f(50, "Evaluate the prompt gain every this many iterations (and at the start and the end).")
+    holdout_run: bool = f(
+        True, "With 2+ expert runs and panel_size > 0, keep the last run out of training: the panel draws from it."
+    )
     student_clip: bool = f(
         True,
         "Clip each student step's LoRA-gradient norm as the experts' optimizer did (their train.max_grad_norm), "
@@ -376,13 +402,16 @@ class DistillConfig:
     def __post_init__(self) -> None:
         for name in ("syn_steps", "expert_epochs", "iterations", "num_prompt_tokens", "max_start_epoch", "batch_size"):
             _check(getattr(self, name) > 0, name, "must be at least 1")
-        for name in ("max_bad_iterations", "checkpoint_every", "vocab_chunk"):
+        for name in ("max_bad_iterations", "checkpoint_every", "vocab_chunk", "meta_batch", "eval_every"):
             _check(getattr(self, name) > 0, name, "must be at least 1")
         _check(self.beta >= 0, "beta", "must be >= 0")
         for name in ("lr_syn", "lr_lr", "fd_eps"):
             _check(getattr(self, name) > 0, name, "must be positive")
         _check(self.lr_init is None or self.lr_init > 0, "lr_init", "must be positive or null")
         _check(self.clip_syn is None or self.clip_syn > 0, "clip_syn", "must be positive or null")
+        _check(self.beta_warmup >= 0, "beta_warmup", "must be >= 0")
+        _check(self.panel_size >= 0, "panel_size", "must be >= 0")
+        _check(self.skip_above is None or self.skip_above > 0, "skip_above", "must be positive or null")
 
 
 @dataclass

@@ -15,7 +15,8 @@ Output, ``<run>/distill/``::
     prompts.safetensors  "prompts" (n, k, d) float32, "nearest_ids" (n, k), "nearest_dist" (n, k)
     records.jsonl        per example: id, source, nearest token ids and pieces, decoded prompt text,
                          the original messages (plain text: usable by any tokenizer)
-    history.jsonl        per iteration: L_distill, L_reg, L, alpha, expert run, start epoch, seconds
+    history.jsonl        per iteration: L_distill, L_reg, L, alpha, the draws (expert run, start epoch), seconds
+    panel.jsonl          per evaluation of the held-out panel: the prompt gain (:mod:`nacd.panel`)
     manifest.json        kind "distilled": ids in order, alpha, model fingerprint, config, dims
     checkpoint/          D_syn, alpha, optimizer and RNG state every distill.checkpoint_every iterations
                          (kept at the end: a rerun with more iterations continues from it)
@@ -109,7 +110,7 @@ def _save_checkpoint(
 
     from nacd.train import optimizer_tensors
 
-    tensors = {"syn": syn.detach(), "log_alpha": log_alpha.detach().reshape(1), "generator": gen.get_state()}
+    tensors = {"syn": syn.detach(), "log_alpha": log_alpha.detach().reshape(-1), "generator": gen.get_state()}
     tensors["torch_rng"] = torch.get_rng_state()
     meta = {}
     for name, opt in opts.items():
@@ -131,7 +132,7 @@ def _load_checkpoint(folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any
     tensors = load_file(folder / "state.safetensors")
     with torch.no_grad():
         syn.copy_(tensors["syn"])
-        log_alpha.copy_(tensors["log_alpha"][0])
+        log_alpha.copy_(tensors["log_alpha"].reshape(log_alpha.shape))
     gen.set_state(tensors["generator"])
     torch.set_rng_state(tensors["torch_rng"])
     for name, opt in opts.items():
@@ -141,6 +142,12 @@ def _load_checkpoint(folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any
     return DistillState(**body["state"])
 
 
+def _trim_jsonl(path: Path, iteration: int) -> None:
+    """Keep the rows of ``path`` up to ``iteration`` (a resume continues from its checkpoint)."""
+    rows = [r for r in read_jsonl(path) if r["iteration"] <= iteration] if path.is_file() else []
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -148,7 +155,7 @@ def _identity(
     config: Any, fingerprint: str, ids: list[str], data_hash: str, alpha0: float, clip: float | None
 ) -> dict[str, Any]:
     dc = asdict(config.distill)
-    for key in ("iterations", "checkpoint_every", "max_bad_iterations"):  # may change between resumes
+    for key in ("iterations", "checkpoint_every", "max_bad_iterations", "eval_every"):  # may change between resumes
         dc.pop(key)
     return {
         "base_model": {"spec": config.model.spec, "fingerprint": fingerprint},
@@ -161,6 +168,72 @@ def _identity(
     }
 
 
+def beta_at(dc: Any, iteration: int) -> float:
+    """beta for the iteration after ``iteration`` done: linear from 0 over ``distill.beta_warmup`` iterations."""
+    if dc.beta_warmup <= 0:
+        return dc.beta
+    return dc.beta * min(1.0, (iteration + 1) / dc.beta_warmup)
+
+
+def meta_gradient(
+    student: Any,
+    draws: list[Any],
+    syn: Any,
+    alpha_of: Any,
+    snapshot: Any,
+    vocab: Any,
+    dc: Any,
+    beta: float,
+    spacing: float,
+    clip: float | None,
+) -> tuple[list[dict[str, Any]], int, bool]:
+    """Accumulate into ``syn.grad`` (and log alpha's) the mean over ``draws`` of the gradient of
+    L_distill + beta * L_reg, one draw's unroll at a time; draws above ``distill.skip_above`` are left
+    out of the mean. Returns the per-draw history rows, the number of draws used and whether every
+    loss and gradient was finite. ``alpha_of(start_epoch)`` gives the student lr, its ``leaf``
+    attribute the learnable tensor behind it (None when alpha is fixed)."""
+    import torch
+
+    from nacd import tm
+
+    rows, accepted, finite = [], 0, True
+    for draw in draws:
+        batches = [b.to(student.device) for b in draw.batches]
+        theta_t = snapshot(draw.run, draw.start_epoch)
+        target = snapshot(draw.run, draw.start_epoch + dc.expert_epochs)
+        student.steps.clear()
+        theta_n = tm.unroll(dc.unroll, student, theta_t, alpha_of(draw.start_epoch), syn, batches, dc.fd_eps, clip)
+        l_distill = tm.matching_loss(theta_n, target, theta_t)
+        used = torch.unique(torch.cat(batches))
+        l_reg = tm.regularizer(syn[used].reshape(-1, syn.shape[-1]), vocab, dc.vocab_chunk, dc.regularizer, spacing)
+        loss = l_distill + beta * l_reg
+        above = dc.skip_above is not None and float(l_distill.detach()) > dc.skip_above
+        rows.append(
+            {
+                "run": draw.run,
+                "start_epoch": draw.start_epoch,
+                "l_distill": float(l_distill.detach()),
+                "l_reg": float(l_reg.detach()),
+                "above_threshold": above,
+                # the student's own N steps (forward pass): their losses and LoRA-gradient norms
+                "student_losses": [round(x, 5) for x, _ in student.steps[: dc.syn_steps]],
+                "student_grad_norms": [round(x, 5) for _, x in student.steps[: dc.syn_steps]],
+            }
+        )
+        finite = finite and bool(torch.isfinite(loss))
+        if not above and finite:
+            (loss / len(draws)).backward()  # the mean over the draws, one draw's graph at a time
+            accepted += 1
+    leaf = getattr(alpha_of, "leaf", None)
+    params = [p for p in (syn, leaf) if p is not None and p.requires_grad]
+    if accepted:
+        finite = finite and all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params)
+    if accepted and finite and accepted < len(draws):
+        for p in params:
+            p.grad.mul_(len(draws) / accepted)  # the mean over the accepted draws
+    return rows, accepted, finite
+
+
 def distill(
     student: Any,
     store: Any,
@@ -169,37 +242,44 @@ def distill(
     alpha0: float,
     progress: bool = True,
     clip: float | None = None,
+    example_rows: list[list[int]] | None = None,
 ) -> dict[str, Any]:
-    """The distillation loop (Algorithm 1) with checkpoints; returns the final tensors and state."""
+    """The distillation loop (Algorithm 1) with checkpoints and the prompt-gain panel; returns the final
+    tensors, alpha(s), state and the last panel evaluation."""
     import torch
     from tqdm.auto import tqdm
 
-    from nacd.tm import initial_prompts, matching_loss, regularizer, unroll
+    from nacd import tm
+    from nacd.panel import Panel, gain_line, panel_draws, sample_draw, split_runs
 
     dc = config.distill
     device = student.device
     n, k = len(student.data), dc.num_prompt_tokens
     vocab = candidate_rows(student)
-    syn = torch.nn.Parameter(initial_prompts(dc.init, vocab, n, k, config.run.seed).to(device))
-    log_alpha = torch.nn.Parameter(torch.tensor(math.log(alpha0), device=device))
-    opts = {"syn": torch.optim.Adam([syn], lr=dc.lr_syn), "lr": torch.optim.Adam([log_alpha], lr=dc.lr_lr)}
+    initial = tm.initial_prompts(dc.init, vocab, n, k, config.run.seed, example_rows).to(device)
+    syn = torch.nn.Parameter(initial.clone())
+    n_alpha = dc.max_start_epoch if dc.alpha_mode == "per_epoch" else 1
+    log_alpha = torch.nn.Parameter(
+        torch.full((n_alpha,), math.log(alpha0), device=device), requires_grad=dc.alpha_mode != "fixed"
+    )
+    opts = {"syn": torch.optim.Adam([syn], lr=dc.lr_syn)}
+    if dc.alpha_mode != "fixed":
+        opts["lr"] = torch.optim.Adam([log_alpha], lr=dc.lr_lr)
+    spacing = tm.vocab_spacing(vocab, chunk=dc.vocab_chunk) if dc.regularizer != "distance" else 1.0
     gen = torch.Generator().manual_seed(config.run.seed)
-    history_path = folder / "history.jsonl"
-    ckpt = folder / "checkpoint"
+    history_path, panel_path, ckpt = folder / "history.jsonl", folder / "panel.jsonl", folder / "checkpoint"
     state = DistillState()
     if (ckpt / "state.json").is_file():
         state = _load_checkpoint(ckpt, syn, log_alpha, opts, gen)
-        rows = (
-            [r for r in read_jsonl(history_path) if r["iteration"] <= state.iteration] if history_path.is_file() else []
-        )
-        atomic_write_text(history_path, "".join(json.dumps(r) + "\n" for r in rows))
+        _trim_jsonl(history_path, state.iteration)
+        _trim_jsonl(panel_path, state.iteration)
         log.info("distill: resumed from %s at iteration %d", ckpt, state.iteration)
     else:
         history_path.unlink(missing_ok=True)
-    history = MetricsWriter(history_path)
-    runs = store.runs
+        panel_path.unlink(missing_ok=True)
+    history, panel_log = MetricsWriter(history_path), MetricsWriter(panel_path)
+    train_runs, held_runs = split_runs(store.runs, dc.holdout_run and dc.panel_size > 0)
     batch = min(dc.batch_size, n)
-    bar = tqdm(total=dc.iterations, initial=state.iteration, desc="distill", disable=not progress, dynamic_ncols=True)
     cache: dict[tuple[int, int], list[Any]] = {}
 
     def snapshot(run: int, epoch: int) -> list[Any]:
@@ -212,53 +292,70 @@ def distill(
             ]
         return cache[(run, epoch)]
 
+    def alpha_of(epoch: int) -> Any:
+        return log_alpha[epoch if n_alpha > 1 else 0].exp()
+
+    alpha_of.leaf = log_alpha  # type: ignore[attr-defined]
+
+    panel = None
+    if dc.panel_size:
+        draws = panel_draws(held_runs, dc.max_start_epoch, n, batch, dc.syn_steps, dc.panel_size, config.run.seed)
+        panel = Panel(student, draws, snapshot, dc.expert_epochs, initial, clip, config.run.seed)
+    last_panel = read_jsonl(panel_path)[-1] if panel_path.is_file() and read_jsonl(panel_path) else None
+
+    def evaluate_panel() -> None:
+        nonlocal last_panel
+        start = time.perf_counter()
+        row = {"iteration": state.iteration, **panel.evaluate(syn, lambda t: float(alpha_of(t).detach()))}
+        row["seconds"] = round(time.perf_counter() - start, 3)
+        panel_log.write(**row)
+        log.info("distill: %s (%.1f s)", gain_line(row), row["seconds"])
+        last_panel = row
+
+    if panel is not None and state.iteration == 0:
+        evaluate_panel()
+    bar = tqdm(total=dc.iterations, initial=state.iteration, desc="distill", disable=not progress, dynamic_ncols=True)
     try:
         while state.iteration < dc.iterations:
             start = time.perf_counter()
-            run = runs[int(torch.randint(len(runs), (1,), generator=gen))]
-            t = int(torch.randint(dc.max_start_epoch, (1,), generator=gen))
-            batches = [torch.randperm(n, generator=gen)[:batch].to(device) for _ in range(dc.syn_steps)]
-            theta_t, target = snapshot(run, t), snapshot(run, t + dc.expert_epochs)
             for opt in opts.values():
                 opt.zero_grad(set_to_none=True)
-            student.steps.clear()
-            theta_n = unroll(dc.unroll, student, theta_t, log_alpha.exp(), syn, batches, dc.fd_eps, clip)
-            l_distill = matching_loss(theta_n, target, theta_t)
-            used = torch.unique(torch.cat(batches))
-            l_reg = regularizer(syn[used].reshape(-1, syn.shape[-1]), vocab, dc.vocab_chunk)
-            loss = l_distill + dc.beta * l_reg
-            loss.backward()
-            grads = [syn.grad, log_alpha.grad]
-            finite = bool(torch.isfinite(loss)) and all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+            beta = beta_at(dc, state.iteration)
+            draws = [
+                sample_draw(gen, train_runs, dc.max_start_epoch, n, batch, dc.syn_steps) for _ in range(dc.meta_batch)
+            ]
+            rows, accepted, finite = meta_gradient(
+                student, draws, syn, alpha_of, snapshot, vocab, dc, beta, spacing, clip
+            )
             state.iteration += 1
+            l_mean, reg_mean = (sum(r[key] for r in rows) / len(rows) for key in ("l_distill", "l_reg"))
             record = {
                 "iteration": state.iteration,
-                "run": run,
-                "start_epoch": t,
-                "l_distill": float(l_distill.detach()),
-                "l_reg": float(l_reg.detach()),
-                "loss": float(loss.detach()),
-                # the student's own N steps (forward pass): their losses and LoRA-gradient norms
-                "student_losses": [round(x, 5) for x, _ in student.steps[: dc.syn_steps]],
-                "student_grad_norms": [round(x, 5) for _, x in student.steps[: dc.syn_steps]],
+                "l_distill": l_mean,
+                "l_reg": reg_mean,
+                "beta": beta,
+                "loss": l_mean + beta * reg_mean,
+                "accepted": accepted,
+                "draws": rows,
             }
             if not finite:
                 state.bad_in_a_row += 1
                 state.skipped += 1
                 log.warning("distill: iteration %d has a non-finite loss or gradient; skipped", state.iteration)
-                for opt in opts.values():
-                    opt.zero_grad(set_to_none=True)
-            else:
+            elif accepted:
                 state.bad_in_a_row = 0
-                grad_norm = float(syn.grad.norm())
+                record["grad_norm_syn"] = float(syn.grad.norm())
                 if dc.clip_syn is not None:
                     torch.nn.utils.clip_grad_norm_([syn], dc.clip_syn)
                 for opt in opts.values():
                     opt.step()
-                record["grad_norm_syn"] = grad_norm
+            for opt in opts.values():
+                opt.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - start
             state.seconds += elapsed
-            record.update(alpha=float(log_alpha.exp()), skipped=not finite, seconds=round(elapsed, 3))
+            record.update(alpha=float(alpha_of(0).detach()), skipped=not finite, seconds=round(elapsed, 3))
+            if n_alpha > 1:
+                record["alphas"] = [float(a) for a in log_alpha.detach().exp()]
             history.write(**record)
             bar.update(1)
             bar.set_postfix(
@@ -270,11 +367,20 @@ def distill(
                     f"(last: iteration {state.iteration}); lower distill.lr_syn / distill.lr_lr or "
                     f"distill.lr_init. D_syn was not changed by them; the last checkpoint is kept"
                 )
+            if panel is not None and (state.iteration % dc.eval_every == 0 or state.iteration == dc.iterations):
+                evaluate_panel()
             if state.iteration % dc.checkpoint_every == 0 or state.iteration == dc.iterations:
                 _save_checkpoint(ckpt, syn, log_alpha, opts, gen, state)
     finally:
         bar.close()
-    return {"syn": syn.detach(), "alpha": float(log_alpha.exp()), "state": state}
+    alphas = [float(a) for a in log_alpha.detach().exp()]
+    return {
+        "syn": syn.detach(),
+        "alpha": sum(alphas) / len(alphas),
+        "alphas": alphas,
+        "state": state,
+        "panel": last_panel,
+    }
 
 
 # --------------------------------------------------------------------------- outputs
@@ -285,6 +391,20 @@ def candidate_rows(student: Any) -> Any:
     (``distill.nearest``: the text tokens, or every row)."""
     vocab = student.vocab.detach()
     return vocab if student.vocab_ids is None else vocab[student.vocab_ids.to(vocab.device)]
+
+
+TOKEN_INITS = ("frequent_vocab", "example_tokens")
+
+
+def instruction_rows(data: list[Any], vocab_ids: Any) -> list[list[int]]:
+    """Per tokenized example, the candidate-row indices of its instruction tokens (no loss on them),
+    for the token initialisations; tokens that are not candidate rows (special tokens) are left out."""
+    row_of = None if vocab_ids is None else {int(t): r for r, t in enumerate(vocab_ids.tolist())}
+    out = []
+    for ex in data:
+        toks = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab == -100]
+        out.append([t if row_of is None else row_of[t] for t in toks if row_of is None or t in row_of])
+    return out
 
 
 def write_distilled(
@@ -329,11 +449,19 @@ def write_distilled(
         )
     atomic_write_text(folder / "records.jsonl", "\n".join(lines) + "\n")
     st = result["state"]
+    panel = result.get("panel")
+    gain = None
+    if panel is not None:
+        gain = {key: panel["prompt_gain"][key] for key in ("mean", "relative", "ci_low", "ci_high", "draws")}
+        gain.update(iteration=panel["iteration"], cosine=panel["cosine"], l_initial_mean=panel["l_initial_mean"])
     write_manifest(
         folder,
         KIND,
         **identity,
         alpha=result["alpha"],
+        alphas=result.get("alphas", [result["alpha"]]),
+        prompt_gain=gain,
+        distinct_prompts=len({tuple(row) for row in idx.tolist()}),
         n_examples=n,
         num_prompt_tokens=k,
         hidden_size=d,
@@ -394,8 +522,9 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
 
         student.vocab_ids = torch.tensor(text_token_ids(tokenizer, student.vocab.shape[0]))
     model.train()  # LoRA dropout, if any, as the experts had it
+    rows = instruction_rows(data, student.vocab_ids) if config.distill.init in TOKEN_INITS else None
     try:
-        result = distill(student, store, config, folder, alpha0, clip=clip)
+        result = distill(student, store, config, folder, alpha0, clip=clip, example_rows=rows)
     finally:
         student.close()
     # the checkpoint stays: raising distill.iterations and rerunning continues from it
@@ -451,75 +580,14 @@ class DistilledSet:
     def history(self) -> list[dict[str, Any]]:
         return read_jsonl(self.folder / "history.jsonl")
 
+    def panel(self) -> list[dict[str, Any]]:
+        """The prompt-gain evaluations (``panel.jsonl``; empty when the diagnostic was off)."""
+        path = self.folder / "panel.jsonl"
+        return read_jsonl(path) if path.is_file() else []
 
-# --------------------------------------------------------------------------- inspection
+    def gain_line(self) -> str:
+        """The final prompt gain in one line (or why there is none)."""
+        from nacd.panel import gain_line
 
-
-def _short(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def describe_examples(ds: DistilledSet, count: int = 5, ids: list[str] | None = None, width: int = 160) -> str:
-    """The decoded pseudo tokens of chosen examples beside their original data (paper Figure 3)."""
-    chosen = [r for r in ds.records if r["id"] in ids] if ids else ds.records[:count]
-    if ids and len(chosen) != len(set(ids)):
-        missing = sorted(set(ids) - {r["id"] for r in chosen})
-        raise NacdError(f"{ds.folder}: no distilled example with id(s) {', '.join(missing)}")
-    lines = [
-        f"{ds.folder}: {len(ds.records)} examples x {ds.prompts.shape[1]} prompt vectors, alpha {ds.alpha:.4g}, "
-        f"mean distance to the nearest token {float(ds.nearest_dist.mean()):.4f}"
-    ]
-    for rec in chosen:
-        pieces = " ".join(
-            f"{tok!r}({dist:.3f})" for tok, dist in zip(rec["prompt_tokens"], rec["nearest_distance"], strict=True)
-        )
-        user = next((m["content"] for m in rec["messages"] if m["role"] == "user"), "")
-        answer = rec["messages"][-1]["content"]
-        lines += [
-            "",
-            f"[{rec['id']}] ({rec['source']})",
-            f"  pseudo tokens : {pieces}",
-            f"  prompt text   : {rec['prompt_text']!r}",
-            f"  instruction   : {_short(user, width)}",
-            f"  response      : {_short(answer, width)}",
-        ]
-    return "\n".join(lines)
-
-
-def plot_history(ds_or_folder: DistilledSet | Path, out: Path | None = None) -> Path:
-    """L_distill, L_reg and alpha per iteration as a PNG beside the data set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder = ds_or_folder.folder if isinstance(ds_or_folder, DistilledSet) else Path(ds_or_folder)
-    rows = read_jsonl(folder / "history.jsonl")
-    if not rows:
-        raise NacdError(f"{folder / 'history.jsonl'}: no iterations recorded")
-    it = [r["iteration"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    # L_distill depends strongly on the start epoch (later epochs move less): one line per start epoch
-    for t in sorted({r["start_epoch"] for r in rows}):
-        sub = [r for r in rows if r["start_epoch"] == t]
-        axes[0].plot(
-            [r["iteration"] for r in sub], [r["l_distill"] for r in sub], "o-", ms=3, lw=1, label=f"start epoch {t}"
-        )
-    axes[0].legend(fontsize=8)
-    axes[0].set_yscale("log")  # unstable student steps give rare spikes two orders of magnitude up
-    axes[1].plot(it, [r["l_reg"] for r in rows], lw=1.2)
-    axes[2].plot(it, [r["alpha"] for r in rows], lw=1.2)
-    for ax, title in zip(axes, ("L_distill (Eq. 2)", "L_reg (Eq. 3)", "alpha (student lr)"), strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-    skipped = [r["iteration"] for r in rows if r.get("skipped")]
-    if skipped:
-        axes[0].scatter(skipped, [rows[i - 1]["l_distill"] for i in skipped], color="red", s=12, label="skipped")
-        axes[0].legend()
-    fig.tight_layout()
-    out = out or folder / "loss.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+        rows = self.panel()
+        return gain_line(rows[-1]) if rows else "prompt gain: not measured (distill.panel_size=0)"

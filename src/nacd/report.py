@@ -10,7 +10,7 @@ Everything is computed from the run folder's artifacts (``eval/*/samples.jsonl``
     results.json   the numbers behind the table
     *.png          the plots
 
-The paired bootstrap (:func:`paired_bootstrap`) resamples questions, and seeds when there are
+The paired bootstrap (:func:`nacd.stats.paired_bootstrap`) resamples questions, and seeds when there are
 several, with the same indices for both variants, and reports the percentile interval of the
 difference of the mean metric.
 """
@@ -21,63 +21,17 @@ import base64
 import html
 import json
 import logging
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nacd.artifacts import atomic_write_json, atomic_write_text, read_jsonl, read_manifest
+from nacd.stats import mean_std, paired_bootstrap
 
 log = logging.getLogger(__name__)
 
 LABELS = {"baseline": "Baseline (no tuning)", "full": "FULL", "sel": "SEL", "sel_nacd": "SEL+NACD"}
-
-
-# --------------------------------------------------------------------------- statistics (pure)
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for a single value)."""
-    mean = sum(values) / len(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def paired_bootstrap(a: Any, b: Any, samples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
-    """Bootstrap interval of mean(a) - mean(b) for paired score matrices of shape (seeds, questions).
-
-    Each resample draws seeds (when there are several) and questions with replacement, the same
-    indices for ``a`` and ``b``. Returns the observed difference, the percentile interval
-    ``[lo, hi]`` at ``confidence``, and ``p_le_0``, the fraction of resamples with a difference <= 0
-    (a one-sided bootstrap p-value for "a beats b").
-    """
-    import numpy as np
-
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.ndim == 1:
-        a, b = a[None], b[None]
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"paired_bootstrap: shapes {a.shape} and {b.shape} must be equal and non-empty")
-    n_seeds, n_q = a.shape
-    rng = np.random.default_rng(seed)
-    diff = a - b  # paired: the mean difference of resampled cells is the difference of the means
-    stats = np.empty(samples)
-    for i in range(samples):
-        rows = rng.integers(0, n_seeds, n_seeds) if n_seeds > 1 else np.zeros(1, dtype=np.int64)
-        cols = rng.integers(0, n_q, n_q)
-        stats[i] = diff[np.ix_(rows, cols)].mean()
-    tail = (1 - confidence) / 2
-    return {
-        "diff": float(diff.mean()),
-        "lo": float(np.quantile(stats, tail)),
-        "hi": float(np.quantile(stats, 1 - tail)),
-        "p_le_0": float((stats <= 0).mean()),
-        "n_questions": int(n_q),
-        "n_seeds": int(n_seeds),
-        "samples": int(samples),
-        "confidence": float(confidence),
-    }
 
 
 # --------------------------------------------------------------------------- collecting the run
@@ -329,8 +283,9 @@ def _corpus_line(run_dir: Any) -> str:
 
 def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[str, Any]) -> dict[str, Any]:
     """Write ``<run>/report/`` and return ``{"table": markdown table, "report": path, "summary": ...}``."""
-    from nacd.distill import DistilledSet, describe_examples, plot_history
+    from nacd.distill import DistilledSet
     from nacd.evaluate import model_name
+    from nacd.inspection import describe_examples, plot_history, plot_panel
 
     folder = run_dir.root / "report"
     folder.mkdir(parents=True, exist_ok=True)
@@ -380,6 +335,10 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
             f"({m.get('skipped_iterations', 0)} skipped), learned student lr alpha = {ds.alpha:.4g}, "
             f"mean distance to the nearest vocabulary embedding {float(ds.nearest_dist.mean()):.4f}."
         )
+        doc.p(ds.gain_line() + " (docs/DISTILL.md: the held-out panel; alpha cannot move this figure).")
+        gain_plot = plot_panel(ds.folder, folder / "prompt_gain.png")
+        if gain_plot is not None:
+            doc.img(gain_plot, "Prompt gain on the held-out panel per evaluation, with its 95% paired-bootstrap band")
         curves = plot_history(ds, folder / "distill_curves.png")
         doc.img(curves, "L_distill (Eq. 2), L_reg (Eq. 3) and alpha over iterations")
         doc.img(_plot_distances(ds, folder / "nearest_distances.png"), "Nearest-token distances of the prompt vectors")
@@ -400,4 +359,9 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
     atomic_write_text(folder / "report.html", doc.html(f"nacd run {run_dir.root}"))
     atomic_write_json(folder / "results.json", {"summary": summary, "costs": costs, "cells": [c.name for c in cells]})
     log.info("report: %s", md_path)
-    return {"table": markdown_table(header, rows), "report": str(md_path), "summary": summary}
+    return {
+        "table": markdown_table(header, rows),
+        "report": str(md_path),
+        "summary": summary,
+        "prompt_gain": ds.gain_line() if ds is not None else None,
+    }

@@ -82,15 +82,54 @@ def text_token_ids(tokenizer: Any, n_rows: int) -> list[int]:
     return [i for i in range(min(len(tokenizer), n_rows)) if i not in special]
 
 
-def regularizer(vectors: Any, vocab: Any, chunk: int = 8192) -> Any:
-    """Eq. 3: mean euclidean distance of the prompt vectors (n, d) to their nearest vocabulary row."""
+def regularizer(vectors: Any, vocab: Any, chunk: int = 8192, kind: str = "distance", spacing: float = 1.0) -> Any:
+    """The nearest-vocabulary penalty over prompt vectors (n, d).
+
+    ``distance``: Eq. 3, the mean euclidean distance to the nearest vocabulary row (its gradient has
+    norm 1/n per vector everywhere, so a large beta snaps every vector to its nearest row at once).
+    ``spacing``: the same distance divided by ``spacing``, the vocabulary's typical nearest-neighbour
+    distance (:func:`vocab_spacing`), so beta means the same for every model's embedding scale.
+    ``spacing_squared``: the mean of (distance / spacing)^2: its pull fades near a token, so prompts
+    stay near real tokens without all collapsing onto one.
+    """
     dist, _ = nearest_vocab(vectors, vocab, chunk)
-    return dist.mean()
+    if kind == "distance":
+        return dist.mean()
+    if kind == "spacing":
+        return (dist / spacing).mean()
+    if kind == "spacing_squared":
+        return ((dist / spacing) ** 2).mean()
+    raise NacdError(f"distill.regularizer={kind!r}: expected distance, spacing or spacing_squared")
 
 
-def initial_prompts(kind: str, vocab: Any, n: int, k: int, seed: int) -> Any:
-    """D_syn of shape (n, k, d): the mean vocabulary embedding (the paper's choice), random
-    vocabulary rows, or Gaussian noise with the vocabulary's mean and std."""
+def vocab_spacing(vocab: Any, sample: int = 1024, seed: int = 0, chunk: int = 8192) -> float:
+    """The median distance from a vocabulary row to its nearest *other* row, over ``sample`` rows
+    drawn with ``seed`` (all rows when the vocabulary is smaller): the embedding space's own length
+    scale, which the ``spacing`` regularizers divide by."""
+    w = vocab.detach().float()
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(w.shape[0], generator=gen)[: min(sample, w.shape[0])].to(w.device)
+    best = torch.full((rows.shape[0],), float("inf"), device=w.device)
+    for start in range(0, w.shape[0], chunk):
+        d = torch.cdist(w[rows], w[start : start + chunk])
+        own = (rows >= start) & (rows < start + d.shape[1])
+        d[own.nonzero().squeeze(1), (rows[own] - start)] = float("inf")
+        best = torch.minimum(best, d.min(dim=1).values)
+    return float(best.median())
+
+
+def initial_prompts(
+    kind: str, vocab: Any, n: int, k: int, seed: int, example_rows: Sequence[Sequence[int]] | None = None
+) -> Any:
+    """D_syn of shape (n, k, d).
+
+    ``mean_vocab``: every vector at the mean vocabulary embedding (the paper's choice);
+    ``random_vocab``: random vocabulary rows; ``random``: Gaussian noise with the vocabulary's mean
+    and std; ``frequent_vocab``: distinct rows drawn from the tokens most frequent in the data
+    (prompt tuning's "sampled vocab" init); ``example_tokens``: each example's own tokens, k distinct
+    rows drawn from the distinctive tokens of its instruction. ``example_rows`` (per example, the
+    candidate-row indices of its instruction tokens) is needed by the last two.
+    """
 
     gen = torch.Generator().manual_seed(seed)
     w = vocab.detach().float().cpu()
@@ -100,7 +139,47 @@ def initial_prompts(kind: str, vocab: Any, n: int, k: int, seed: int) -> Any:
         return w[torch.randint(0, w.shape[0], (n, k), generator=gen)].clone()
     if kind == "random":
         return w.mean(0) + w.std(0) * torch.randn(n, k, w.shape[1], generator=gen)
-    raise NacdError(f"distill.init={kind!r}: expected mean_vocab, random_vocab or random")
+    if kind in ("frequent_vocab", "example_tokens"):
+        if example_rows is None or len(example_rows) != n:
+            raise NacdError(f"distill.init={kind!r} needs the instruction tokens of each of the {n} examples")
+        return w[torch.tensor(token_init_rows(kind, example_rows, k, gen))]
+    raise NacdError(
+        f"distill.init={kind!r}: expected mean_vocab, random_vocab, random, frequent_vocab or example_tokens"
+    )
+
+
+def _pick(pool: Sequence[int], k: int, gen: Any) -> list[int]:
+    """k entries of ``pool`` drawn without replacement (with replacement when the pool is smaller)."""
+    if len(pool) >= k:
+        return [pool[i] for i in torch.randperm(len(pool), generator=gen)[:k].tolist()]
+    return [pool[i] for i in torch.randint(0, len(pool), (k,), generator=gen).tolist()]
+
+
+def token_init_rows(kind: str, example_rows: Sequence[Sequence[int]], k: int, gen: Any) -> list[list[int]]:
+    """Row indices (n, k) for the token initialisations (see :func:`initial_prompts`).
+
+    ``example_tokens`` draws from the example's own instruction tokens that occur in at most half of
+    the examples (template words such as ``User`` are shared by all and carry nothing; if none are
+    left, from all its tokens). ``frequent_vocab`` draws, for every example, from the 64 (or k x n
+    when larger) tokens most frequent over all the instructions, without repeats across examples
+    as long as the pool lasts.
+    """
+    from collections import Counter
+
+    if any(len(rows) == 0 for rows in example_rows):
+        raise NacdError("distill.init: an example has no instruction token among the candidate rows")
+    df = Counter(r for rows in example_rows for r in set(rows))
+    if kind == "example_tokens":
+        out = []
+        for rows in example_rows:
+            own = sorted(set(rows))
+            rare = [r for r in own if df[r] <= max(1, len(example_rows) // 2)]
+            out.append(_pick(rare or own, k, gen))
+        return out
+    counts = Counter(r for rows in example_rows for r in rows)
+    pool = [r for r, _ in counts.most_common(max(64, k * len(example_rows)))]
+    flat = _pick(pool, k * len(example_rows), gen)
+    return [flat[i * k : (i + 1) * k] for i in range(len(example_rows))]
 
 
 # --------------------------------------------------------------------------- the student
@@ -269,6 +348,33 @@ def _step_grads(student: Student, theta: Sequence[Any], p: Any, idx: Any, create
     return loss, list(torch.autograd.grad(loss, wrt, create_graph=create_graph))
 
 
+def _plain_step(
+    student: Student, theta: Sequence[Any], p: Any, idx: Any, alpha: Any, clip: float | None, with_p: bool = False
+) -> tuple[list[Any], Any, list[Any]]:
+    """One plain (first-order) clipped student step from ``theta``: (theta_next, loss, gradients
+    w.r.t. theta and, when ``with_p``, the prompts ``p``), all detached."""
+    with torch.enable_grad():
+        th = [t.detach().clone().requires_grad_(True) for t in theta]
+        p = p.detach().clone().requires_grad_(with_p)
+        loss, g = _step_grads(student, th, p, idx, create_graph=False)
+    g = [x.detach() for x in g]
+    step = g[: len(th)]
+    scale = clip_scale(global_norm(step), clip)
+    return [t.detach() - alpha * scale * gi for t, gi in zip(theta, step, strict=True)], loss.detach(), g
+
+
+def endpoint(
+    student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, batches: Sequence[Any], clip: float | None = None
+) -> list[Any]:
+    """theta_N after the N plain clipped student steps of an unroll, without any graph: what the
+    student reaches (for evaluation; the unrolls give the same point, differentiably)."""
+    theta = [t.detach() for t in theta0]
+    alpha = torch.as_tensor(alpha).detach()
+    for idx in batches:
+        theta, _, _ = _plain_step(student, theta, syn[idx], idx, alpha, clip)
+    return theta
+
+
 def _forward_steps(
     student: Student,
     theta0: Sequence[Any],
@@ -286,15 +392,10 @@ def _forward_steps(
     for idx in batches:
         thetas.append(theta)
         rngs.append(_rng_state(student.device))
-        with torch.enable_grad():
-            th = [t.clone().requires_grad_(True) for t in theta]
-            p = syn[idx].detach().clone().requires_grad_(with_p)
-            loss, g = _step_grads(student, th, p, idx, create_graph=False)
-        grads.append([x.detach() for x in g])
+        nxt, loss, g = _plain_step(student, theta, syn[idx], idx, alpha, clip, with_p)
+        grads.append(g)
         student.record_step(loss, g[: len(theta)])
-        step = [gi.detach() for gi in g[: len(theta)]]
-        scale = clip_scale(global_norm(step), clip)
-        theta = [t - alpha * scale * gi for t, gi in zip(theta, step, strict=True)]
+        theta = nxt
     return thetas, grads, theta, rngs
 
 

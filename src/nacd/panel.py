@@ -1,0 +1,232 @@
+"""Did the prompts learn? The held-out prompt-gain panel of ``nacd distill``.
+
+L_distill falls when alpha grows toward its best value for the draws, whatever the prompts
+are; a fall of the training curve says nothing about the prompts. The panel measures what
+alpha cannot fake:
+
+- **Draws held out.** P draws (an expert run, a start epoch, the N student batches), sampled
+  once from a generator seeded apart from training (:data:`PANEL_SEED_OFFSET`) and never used
+  to update anything. With two or more expert runs, the last run is kept out of training
+  altogether (``distill.holdout_run``) and the panel draws from it, so the prompts must help on
+  a trajectory they never matched. Start epochs are stratified (draw i starts at epoch
+  i mod T^m) so every start epoch weighs the same.
+- **Paired, at the same alpha.** For every draw, L_distill of the student with the current
+  prompts and with the initial prompts, both at the current alpha (the per-epoch alpha when
+  alpha is per start epoch), with the same dropout masks. The **prompt gain** is the mean
+  paired difference L(initial) - L(current); the relative gain divides it by mean L(initial);
+  its 95% interval is a paired bootstrap over draws (:func:`nacd.stats.paired_bootstrap`).
+- **Direction.** The cosine between the student's displacement theta_N - theta_t and the
+  expert's theta*_{t+M} - theta*_t, for both prompt sets: with clipped student steps alpha sets
+  only the length of the student's path, the prompts its direction.
+- **Where the residual sits.** The share of ||theta_N - theta*_{t+M}||^2 (current prompts) in
+  the LoRA A and B tensors.
+
+Cost per evaluation: 2 x P x N first-order student steps (P x N when the initial prompts'
+endpoints are cached: alpha fixed); ``distill.eval_every`` sets how often. Results go to
+``<run>/distill/panel.jsonl`` (one row per evaluation) and the final one to the manifest's
+``prompt_gain``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+PANEL_SEED_OFFSET = 1_000_003  # the panel's generator: run.seed + this, apart from training's run.seed
+
+
+@dataclass(frozen=True)
+class Draw:
+    """What one distillation iteration samples: an expert run, a start epoch, N student batches."""
+
+    run: int
+    start_epoch: int
+    batches: tuple[Any, ...]  # N LongTensors of example indices into D_sel
+
+
+def split_runs(runs: Sequence[int], holdout: bool) -> tuple[list[int], list[int]]:
+    """(training runs, panel runs): with ``holdout`` and two or more runs, the last run is the
+    panel's alone; otherwise both use every run (the panel then differs in epochs and batches)."""
+    runs = list(runs)
+    if holdout and len(runs) >= 2:
+        return runs[:-1], runs[-1:]
+    return runs, runs
+
+
+def sample_draw(gen: Any, runs: Sequence[int], max_start_epoch: int, n: int, batch: int, steps: int) -> Draw:
+    """One training draw from ``gen``: a run and a start epoch uniformly, then N batches of
+    ``batch`` examples of D_sel without replacement (the order :func:`nacd.distill.distill` draws in)."""
+    import torch
+
+    run = runs[int(torch.randint(len(runs), (1,), generator=gen))]
+    t = int(torch.randint(max_start_epoch, (1,), generator=gen))
+    batches = tuple(torch.randperm(n, generator=gen)[:batch] for _ in range(steps))
+    return Draw(run, t, batches)
+
+
+def panel_draws(
+    runs: Sequence[int], max_start_epoch: int, n: int, batch: int, steps: int, size: int, seed: int
+) -> list[Draw]:
+    """The panel: ``size`` draws from the panel runs, start epochs stratified, from their own generator."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + PANEL_SEED_OFFSET)
+    draws = []
+    for i in range(size):
+        run = runs[int(torch.randint(len(runs), (1,), generator=gen))]
+        batches = tuple(torch.randperm(n, generator=gen)[:batch] for _ in range(steps))
+        draws.append(Draw(run, i % max_start_epoch, batches))
+    return draws
+
+
+# --------------------------------------------------------------------------- the math (pure)
+
+
+def flat_cosine(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Cosine between two lists of tensors taken as one vector each."""
+    dot = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b, strict=True))
+    na = sum(float((x.double() ** 2).sum()) for x in a) ** 0.5
+    nb = sum(float((y.double() ** 2).sum()) for y in b) ** 0.5
+    return dot / (na * nb) if na > 0 and nb > 0 else 0.0
+
+
+def residual_shares(theta_n: Sequence[Any], target: Sequence[Any], names: Sequence[str]) -> dict[str, float]:
+    """Shares of ||theta_N - target||^2 in the LoRA A and B tensors (and anything else)."""
+    parts: dict[str, float] = {}
+    for name, a, b in zip(names, theta_n, target, strict=True):
+        group = "lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "other"
+        parts[group] = parts.get(group, 0.0) + float(((a.double() - b.double()) ** 2).sum())
+    total = sum(parts.values()) or 1.0
+    return {k: v / total for k, v in sorted(parts.items())}
+
+
+def prompt_gain(l_initial: Sequence[float], l_current: Sequence[float], seed: int = 0) -> dict[str, float]:
+    """The prompt gain over the panel: mean of L(initial) - L(current), relative to mean L(initial),
+    and its 95% paired-bootstrap interval over draws (2000 resamples)."""
+    from nacd.stats import paired_bootstrap
+
+    res = paired_bootstrap(list(l_initial), list(l_current), 2000, 0.95, seed)
+    base = sum(l_initial) / len(l_initial)
+    return {
+        "mean": res["diff"],
+        "relative": res["diff"] / base if base else 0.0,
+        "ci_low": res["lo"],
+        "ci_high": res["hi"],
+        "draws": len(l_initial),
+    }
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+class Panel:
+    """Evaluates the prompt gain on fixed held-out draws (see the module docstring)."""
+
+    def __init__(
+        self,
+        student: Any,
+        draws: Sequence[Draw],
+        snapshot: Callable[[int, int], list[Any]],
+        expert_epochs: int,
+        initial: Any,
+        clip: float | None,
+        seed: int,
+    ):
+        self.student, self.draws, self.snapshot = student, list(draws), snapshot
+        self.expert_epochs, self.clip, self.seed = expert_epochs, clip, seed
+        self.initial = initial.detach().clone()
+        self._initial_cache: dict[tuple[int, float], tuple[float, float]] = {}
+
+    def _endpoint(self, i: int, draw: Draw, alpha: float, syn: Any) -> list[Any]:
+        """theta_N of draw ``i`` with prompts ``syn``; the random stream is forked and seeded per draw, so
+        both prompt sets see the same dropout masks and training's stream is untouched."""
+        import torch
+
+        from nacd.tm import endpoint
+
+        device = torch.device(self.student.device)
+        theta_t = self.snapshot(draw.run, draw.start_epoch)
+        batches = [b.to(device) for b in draw.batches]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            torch.manual_seed(self.seed + PANEL_SEED_OFFSET + i)
+            return endpoint(self.student, theta_t, torch.tensor(alpha, device=device), syn, batches, self.clip)
+
+    def _measure(self, i: int, draw: Draw, alpha: float, syn: Any) -> tuple[float, float, list[Any]]:
+        from nacd.tm import matching_loss
+
+        theta_t = self.snapshot(draw.run, draw.start_epoch)
+        target = self.snapshot(draw.run, draw.start_epoch + self.expert_epochs)
+        theta_n = self._endpoint(i, draw, alpha, syn)
+        loss = float(matching_loss(theta_n, target, theta_t))
+        cos = flat_cosine(
+            [a - b for a, b in zip(theta_n, theta_t, strict=True)],
+            [a - b for a, b in zip(target, theta_t, strict=True)],
+        )
+        return loss, cos, theta_n
+
+    def evaluate(self, syn: Any, alpha_of: Callable[[int], float]) -> dict[str, Any]:
+        """One evaluation: per-draw losses and cosines for both prompt sets, the gain and its interval."""
+        import torch
+
+        l_init, l_cur, c_init, c_cur, shares = [], [], [], [], []
+        with torch.no_grad():
+            syn = syn.detach()
+            same = torch.equal(syn, self.initial.to(syn.device))
+            for i, draw in enumerate(self.draws):
+                alpha = float(alpha_of(draw.start_epoch))
+                loss, cos, theta_n = self._measure(i, draw, alpha, syn)
+                key = (i, alpha)
+                if same:
+                    self._initial_cache[key] = (loss, cos)
+                elif key not in self._initial_cache:
+                    li, ci, _ = self._measure(i, draw, alpha, self.initial.to(syn.device))
+                    self._initial_cache[key] = (li, ci)
+                li, ci = self._initial_cache[key]
+                target = self.snapshot(draw.run, draw.start_epoch + self.expert_epochs)
+                shares.append(residual_shares(theta_n, target, self.student.names))
+                l_init.append(li)
+                l_cur.append(loss)
+                c_init.append(ci)
+                c_cur.append(cos)
+        if len(self._initial_cache) > 4 * len(self.draws):  # alpha moves: keep only the latest values
+            self._initial_cache = {k: v for k, v in list(self._initial_cache.items())[-len(self.draws) :]}
+        groups = sorted({g for s in shares for g in s})
+        return {
+            "prompt_gain": prompt_gain(l_init, l_cur, self.seed),
+            "cosine": {"initial": _mean(c_init), "current": _mean(c_cur), "gain": _mean(c_cur) - _mean(c_init)},
+            "l_initial_mean": _mean(l_init),
+            "l_current_mean": _mean(l_cur),
+            "residual_share": {g: _mean([s.get(g, 0.0) for s in shares]) for g in groups},
+            "per_draw": [
+                {
+                    "run": d.run,
+                    "start_epoch": d.start_epoch,
+                    "l_initial": round(a, 6),
+                    "l_current": round(b, 6),
+                    "cos_initial": round(c, 6),
+                    "cos_current": round(e, 6),
+                }
+                for d, a, b, c, e in zip(self.draws, l_init, l_cur, c_init, c_cur, strict=True)
+            ],
+        }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def gain_line(row: dict[str, Any]) -> str:
+    """One line for logs, ``nacd inspect`` and ``nacd run``: the gain, its interval, the cosine."""
+    g = row["prompt_gain"]
+    verdict = (
+        "above 0: the prompts learned"
+        if g["ci_low"] > 0
+        else ("below 0: the prompts hurt" if g["ci_high"] < 0 else "contains 0: no evidence the prompts learned")
+    )
+    return (
+        f"prompt gain on {g['draws']} held-out draws at iteration {row['iteration']}: "
+        f"{g['mean']:+.4g} ({100 * g['relative']:+.2f}% of L_distill {row['l_initial_mean']:.4f}), "
+        f"95% CI [{g['ci_low']:+.4g}, {g['ci_high']:+.4g}] ({verdict}); "
+        f"cosine to the expert {row['cosine']['initial']:.4f} -> {row['cosine']['current']:.4f}"
+    )

@@ -1,0 +1,50 @@
+"""The prompt-gain panel's pure parts: draws, statistics, cosines, residual shares."""
+
+import pytest
+import torch
+
+from nacd.panel import flat_cosine, gain_line, panel_draws, prompt_gain, residual_shares, sample_draw, split_runs
+
+
+def test_one_run_is_held_out_when_there_are_two_or_more():
+    assert split_runs([0, 1, 2], holdout=True) == ([0, 1], [2])
+    assert split_runs([0], holdout=True) == ([0], [0])
+    assert split_runs([0, 1], holdout=False) == ([0, 1], [0, 1])
+
+
+def test_panel_draws_are_fixed_stratified_and_apart_from_training():
+    a = panel_draws([1], max_start_epoch=3, n=10, batch=4, steps=2, size=7, seed=0)
+    b = panel_draws([1], max_start_epoch=3, n=10, batch=4, steps=2, size=7, seed=0)
+    assert [d.start_epoch for d in a] == [0, 1, 2, 0, 1, 2, 0]
+    assert all(d.run == 1 and len(d.batches) == 2 and len(set(d.batches[0].tolist())) == 4 for d in a)
+    assert all(
+        torch.equal(x, y) for da, db in zip(a, b, strict=True) for x, y in zip(da.batches, db.batches, strict=True)
+    )
+    train = sample_draw(torch.Generator().manual_seed(0), [1], 3, 10, 4, 2)  # training's stream, same seed
+    assert not torch.equal(train.batches[0], a[0].batches[0])
+
+
+def test_prompt_gain_statistics():
+    init = [1.0, 0.9, 1.1, 1.0, 0.95, 1.05]
+    better = [x - 0.1 for x in init]
+    g = prompt_gain(init, better)
+    assert g["mean"] == pytest.approx(0.1) and g["relative"] == pytest.approx(0.1)
+    assert g["ci_low"] == pytest.approx(0.1) and g["ci_high"] == pytest.approx(0.1) and g["draws"] == 6
+    same = prompt_gain(init, init)
+    assert same["mean"] == 0 and same["ci_low"] <= 0 <= same["ci_high"]
+    noisy = prompt_gain(init, [x + d for x, d in zip(init, [0.05, -0.05, 0.04, -0.04, 0.03, -0.03], strict=True)])
+    assert noisy["ci_low"] < 0 < noisy["ci_high"]
+    row = {"iteration": 5, "prompt_gain": g, "l_initial_mean": 1.0, "cosine": {"initial": 0.3, "current": 0.4}}
+    assert "above 0" in gain_line(row) and "+10.00%" in gain_line(row)
+    assert "contains 0" in gain_line({**row, "prompt_gain": noisy})
+
+
+def test_cosine_and_residual_shares_by_hand():
+    a = [torch.tensor([1.0, 0.0]), torch.tensor([[0.0]])]
+    b = [torch.tensor([1.0, 1.0]), torch.tensor([[0.0]])]
+    assert flat_cosine(a, b) == pytest.approx(2**-0.5)
+    assert flat_cosine(a, [torch.zeros(2), torch.zeros(1, 1)]) == 0.0
+    names = ["layer.0.lora_A.default.weight", "layer.0.lora_B.default.weight"]
+    theta = [torch.tensor([3.0]), torch.tensor([1.0])]
+    shares = residual_shares(theta, [torch.tensor([0.0]), torch.tensor([0.0])], names)
+    assert shares == {"lora_A": pytest.approx(0.9), "lora_B": pytest.approx(0.1)}
