@@ -12,6 +12,10 @@ the markdown table at the end (docs/DISTILL.md records them).
     .venv/bin/python bench/ablate_distill.py -c configs/demo.yaml --run-dir runs/demo --out runs/ablate \\
         --common distill.iterations=60 distill.eval_every=30 \\
         --setting paper "" --setting fixed "distill.alpha_mode=fixed distill.beta=0"
+
+``--tiny ../shared/data`` runs the settings on the tests' tiny reachable target instead (a random
+tiny Llama whose experts a 2-step student can imitate): seconds per setting, a lab for the
+mechanics, not evidence about real models.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def run_setting(config: str | None, run_dir: Path, out: Path, name: str, overrid
         "ci_high": gain.get("ci_high"),
         "relative": gain.get("relative"),
         "l_initial": gain.get("l_initial_mean"),
+        "l_final": gain.get("l_current_mean", (gain.get("l_initial_mean") or 0) - (gain.get("mean") or 0)),
         "cos_initial": (gain.get("cosine") or {}).get("initial"),
         "cos_final": (gain.get("cosine") or {}).get("current"),
         "distinct_prompts": ds.manifest.get("distinct_prompts"),
@@ -60,18 +65,42 @@ def run_setting(config: str | None, run_dir: Path, out: Path, name: str, overrid
     }
 
 
+def prepare_tiny(folder: Path, data_root: str) -> list[str]:
+    """The tiny reachable target of ``tests/test_distill.py`` as a lab: build the tiny random Llama, select
+    and record its experts under ``folder``; returns the overrides that describe it (seconds on a CPU)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import TINY_RUN_OVERRIDES  # noqa: PLC0415 (the test suite's sizes, kept in one place)
+    from test_distill import REACHABLE  # noqa: PLC0415
+
+    from nacd import experts
+    from nacd import select as selection
+    from nacd.artifacts import RunDir
+    from nacd.config import load_config
+    from nacd.testing import build_tiny_model
+
+    model = build_tiny_model("llama", folder / "model", seed=0)
+    overrides = [f"model.spec={model}", f"data.root={data_root}", *TINY_RUN_OVERRIDES, *REACHABLE]
+    cfg = load_config(None, [*overrides, f"run.out_dir={folder / 'run'}", "run.log_level=WARNING"])
+    run_dir = RunDir(cfg.run.out_dir)
+    selection.run(cfg, run_dir)
+    experts.run(cfg, run_dir)
+    return overrides
+
+
 def table(rows: list[dict]) -> str:
     def f(x, spec):
         return "-" if x is None else format(x, spec)
 
     lines = [
-        "| setting | prompt gain [95% CI] | relative | cosine initial -> final | distinct prompts | L_reg | alpha | "
-        "wall s |",
-        "| --- | --- | --: | --- | --: | --: | --: | --: |",
+        "| setting | held-out L_distill initial -> final | prompt gain [95% CI] | relative | cosine initial -> final | "
+        "distinct prompts | L_reg | alpha | wall s |",
+        "| --- | --- | --- | --: | --- | --: | --: | --: | --: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['setting']} | {f(r['gain'], '+.4f')} [{f(r['ci_low'], '+.4f')}, {f(r['ci_high'], '+.4f')}] | "
+            f"| {r['setting']} | {f(r['l_initial'], '.4f')} -> {f(r['l_final'], '.4f')} | {f(r['gain'], '+.4f')} [{f(r['ci_low'], '+.4f')}, {f(r['ci_high'], '+.4f')}] | "
             f"{f(100 * r['relative'] if r['relative'] is not None else None, '+.2f')}% | "
             f"{f(r['cos_initial'], '.4f')} -> {f(r['cos_final'], '.4f')} | {r['distinct_prompts']}/{r['n_examples']} | "
             f"{f(r['l_reg'], '.3f')} | {f(r['alpha'], '.3g')} | {r['seconds']:.0f} |"
@@ -82,7 +111,12 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-c", "--config", default=None)
-    ap.add_argument("--run-dir", required=True, type=Path, help="a run folder with select/ and experts/")
+    ap.add_argument("--run-dir", type=Path, help="a run folder with select/ and experts/")
+    ap.add_argument(
+        "--tiny",
+        metavar="DATA_ROOT",
+        help="instead of --run-dir/-c: the tests' tiny reachable target on the shared data at DATA_ROOT, built under --out",
+    )
     ap.add_argument("--out", required=True, type=Path, help="one folder per setting goes here")
     ap.add_argument("--common", nargs="*", default=[], help="overrides every setting gets")
     ap.add_argument(
@@ -105,9 +139,15 @@ def main() -> None:
         ),
         flush=True,
     )
+    common = list(args.common)
+    if args.tiny:
+        common = [*prepare_tiny(args.out / "tiny", args.tiny), *common]
+        args.run_dir = args.out / "tiny" / "run"
+    elif args.run_dir is None:
+        ap.error("give --run-dir (a run folder with select/ and experts/) or --tiny DATA_ROOT")
     rows = []
     for name, extra in args.setting:
-        row = run_setting(args.config, args.run_dir, args.out, name, [*args.common, *shlex.split(extra)])
+        row = run_setting(args.config, args.run_dir, args.out, name, [*common, *shlex.split(extra)])
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(table(rows))

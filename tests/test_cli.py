@@ -54,7 +54,7 @@ def test_config_prints_resolved_yaml(capsys):
     assert "syn_steps: 8" in out and "spec: smollm2-135m" in out
     assert main(["config", "--explain"]) == 0
     out = capsys.readouterr().out
-    assert "distill.beta (float) = 100.0" in out
+    assert "distill.beta (float) = 1.0" in out
 
 
 def test_models_list_and_errors(capsys, tmp_path):

@@ -35,6 +35,10 @@ REACHABLE = (
     "distill.lr_syn=0.05",
     "distill.lr_lr=0.05",
     "distill.lr_init=0.2",
+    # the paper's recipe (learned alpha, mean-vocabulary init, Eq. 3): the tests of the loop's mechanics
+    "distill.alpha_mode=shared",
+    "distill.init=mean_vocab",
+    "distill.regularizer=distance",
 )
 
 

@@ -343,26 +343,26 @@ class DistillConfig:
     iterations: int = f(3000, "S: distillation iterations.")
     num_prompt_tokens: int = f(2, "k: learnable prompt vectors per selected example.")
     max_start_epoch: int = f(2, "T^m: start epochs t are drawn from [0, T^m).")
-    beta: float = f(100.0, "Weight of the nearest-vocabulary regularizer.")
+    beta: float = f(1.0, "Weight of the nearest-vocabulary regularizer (the paper's: 100 with regularizer=distance).")
     batch_size: int = f(8, "Examples per student step.")
     init: Literal["mean_vocab", "random_vocab", "random", "frequent_vocab", "example_tokens"] = f(
-        "mean_vocab",
+        "example_tokens",
         "Initialisation of the prompt vectors: mean_vocab (the paper's: all at the mean embedding), random_vocab, "
         "random, frequent_vocab (distinct frequent tokens of the data), example_tokens (each example's own "
         "distinctive instruction tokens).",
     )
     regularizer: Literal["distance", "spacing", "spacing_squared"] = f(
-        "distance",
+        "spacing_squared",
         "L_reg: distance (Eq. 3, mean euclidean distance to the nearest token), spacing (the same divided by the "
         "vocabulary's median nearest-neighbour distance: beta means the same for every model), spacing_squared "
         "(mean squared scaled distance: a pull that fades near a token).",
     )
     beta_warmup: int = f(0, "Iterations over which beta ramps linearly from 0 to its value (0: no warm-up).")
-    lr_syn: float = f(1e-2, "Adam learning rate of the prompt vectors.")
+    lr_syn: float = f(1e-3, "Adam learning rate of the prompt vectors (the paper's recipe in nacd: 1e-2).")
     lr_lr: float = f(1e-2, "Adam learning rate of log(alpha), the learnable student learning rate.")
     lr_init: float | None = f(None, "alpha_0: initial student learning rate; None = the experts' peak lr.")
     alpha_mode: Literal["shared", "per_epoch", "fixed"] = f(
-        "shared",
+        "fixed",
         "The student lr: shared (one learned alpha, the paper's), per_epoch (one learned alpha per start epoch), "
         "fixed (alpha_0 throughout: the prompts alone lower L_distill).",
     )

@@ -453,7 +453,12 @@ def write_distilled(
     gain = None
     if panel is not None:
         gain = {key: panel["prompt_gain"][key] for key in ("mean", "relative", "ci_low", "ci_high", "draws")}
-        gain.update(iteration=panel["iteration"], cosine=panel["cosine"], l_initial_mean=panel["l_initial_mean"])
+        gain.update(
+            iteration=panel["iteration"],
+            cosine=panel["cosine"],
+            l_initial_mean=panel["l_initial_mean"],
+            l_current_mean=panel["l_current_mean"],
+        )
     write_manifest(
         folder,
         KIND,
