@@ -62,35 +62,21 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from _student import load_student
 
     import nacd.tm as tm
-    from nacd.artifacts import RunDir
-    from nacd.config import load_config
-    from nacd.data import load_corpus, tokenize_corpus
-    from nacd.distill import candidate_rows, selected_ids
-    from nacd.experts import ExpertStore
-    from nacd.finetune import select_examples
-    from nacd.models import load_model, resolve_device
-    from nacd.train import add_lora
+    from nacd.distill import TOKEN_INITS, candidate_rows, instruction_rows
 
     if args.placement == "after_first":
         tm.prompted_inputs = after_first_token
-    cfg = load_config(args.config, [*args.overrides, f"run.out_dir={args.run_dir}"])
-    run_dir = RunDir(cfg.run.out_dir)
-    ids, ids_path = selected_ids(cfg, run_dir)
-    store = ExpertStore(run_dir.experts_dir)
-    device = resolve_device(cfg.run.device)
-    model, tok = load_model(cfg.model, device, needs_double_backward=True)
-    corpus, _ = load_corpus(cfg.data)
-    data = tokenize_corpus(select_examples(corpus, ids, str(ids_path)), tok, cfg.data)
-    model = add_lora(model, cfg.lora)
-    model.train()  # as nacd distill runs the student (LoRA dropout, if any)
-    student = tm.Student(model, data, tok.pad_token_id)
-    student.vocab_ids = torch.tensor(tm.text_token_ids(tok, student.vocab.shape[0]))
+    cfg, store, student, device = load_student(args.config, args.run_dir, args.overrides)
+    data = student.data
     vocab = candidate_rows(student)
     dc = cfg.distill
     n = len(data)
-    syn = torch.nn.Parameter(tm.initial_prompts(dc.init, vocab, n, dc.num_prompt_tokens, cfg.run.seed).to(device))
+    rows = instruction_rows(data, student.vocab_ids) if dc.init in TOKEN_INITS else None
+    init = tm.initial_prompts(dc.init, vocab, n, dc.num_prompt_tokens, cfg.run.seed, rows)
+    syn = torch.nn.Parameter(init.to(device))
     opt = torch.optim.Adam([syn], lr=args.lr_syn)
     gen = torch.Generator().manual_seed(args.seed)
     batches = [torch.randperm(n, generator=gen)[: min(dc.batch_size, n)].to(device) for _ in range(dc.syn_steps)]

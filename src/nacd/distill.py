@@ -301,7 +301,8 @@ def distill(
     if dc.panel_size:
         draws = panel_draws(held_runs, dc.max_start_epoch, n, batch, dc.syn_steps, dc.panel_size, config.run.seed)
         panel = Panel(student, draws, snapshot, dc.expert_epochs, initial, clip, config.run.seed)
-    last_panel = read_jsonl(panel_path)[-1] if panel_path.is_file() and read_jsonl(panel_path) else None
+    done = read_jsonl(panel_path) if panel_path.is_file() else []
+    last_panel = done[-1] if done else None
 
     def evaluate_panel() -> None:
         nonlocal last_panel
