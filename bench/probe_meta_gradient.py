@@ -36,8 +36,8 @@ def main() -> None:
     from _student import load_student
 
     import nacd.tm as tm
-    from nacd.distill import TOKEN_INITS, candidate_rows, instruction_rows
     from nacd.panel import sample_draw, split_runs
+    from nacd.tm import TOKEN_INITS, candidate_rows, instruction_rows
 
     cfg, store, student, device = load_student(args.config, args.run_dir, args.overrides)
     data = student.data

@@ -65,7 +65,7 @@ def main() -> None:
     from _student import load_student
 
     import nacd.tm as tm
-    from nacd.distill import TOKEN_INITS, candidate_rows, instruction_rows
+    from nacd.tm import TOKEN_INITS, candidate_rows, instruction_rows
 
     if args.placement == "after_first":
         tm.prompted_inputs = after_first_token

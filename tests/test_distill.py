@@ -1,6 +1,7 @@
 """nacd distill end to end on the tiny model: learning, the artifact, resume, failures."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -282,7 +283,7 @@ def test_meta_batch_gradient_is_the_mean_of_single_draw_gradients(prepared):
         snap = store.snapshot(run, epoch)
         return [snap[name] for name in student.names]
 
-    vocab = distill.candidate_rows(student)
+    vocab = tm.candidate_rows(student)
     syn = torch.nn.Parameter(tm.initial_prompts("random_vocab", vocab, len(data), 2, 0))
     log_alpha = torch.nn.Parameter(torch.tensor([-1.0]))
 
@@ -339,6 +340,15 @@ def test_alpha_modes_and_token_inits(prepared):
     alphas = per.manifest["alphas"]
     assert len(alphas) == 2 and alphas[0] != alphas[1] and per.alpha == pytest.approx(sum(alphas) / 2)
     assert per.history()[-1]["alphas"] == pytest.approx(alphas)
+    shutil_rm(run_dir.distill_dir)
+    fit = distill.run(load_config(None, [*base, "distill.alpha_mode=fitted", "distill.alpha_fit_draws=4"]), run_dir)
+    alphas, curves = fit.manifest["alpha_fit"]["alphas"], fit.manifest["alpha_fit"]["curves"]
+    assert fit.manifest["alphas"] == pytest.approx(alphas) and len(alphas) == 2
+    for alpha, curve in zip(alphas, curves, strict=True):  # the best of its curve, on the x2 grid from alpha_0
+        assert alpha == pytest.approx(min(curve, key=lambda c: c[1])[0])
+        assert math.log2(alpha / 0.2) == pytest.approx(round(math.log2(alpha / 0.2)))
+        assert len(curve) >= 2
+    assert all(h["alphas"] == pytest.approx(alphas) for h in fit.history())  # frozen once fitted
     shutil_rm(run_dir.distill_dir)
     none = distill.run(load_config(None, [*base, "distill.skip_above=1e-9"]), run_dir)  # every draw skipped
     assert all(h["accepted"] == 0 and not h["skipped"] for h in none.history())

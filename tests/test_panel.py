@@ -48,3 +48,28 @@ def test_cosine_and_residual_shares_by_hand():
     theta = [torch.tensor([3.0]), torch.tensor([1.0])]
     shares = residual_shares(theta, [torch.tensor([0.0]), torch.tensor([0.0])], names)
     assert shares == {"lora_A": pytest.approx(0.9), "lora_B": pytest.approx(0.1)}
+
+
+def test_fit_alpha_walks_the_grid_to_the_minimum():
+    import math
+
+    from nacd.panel import fit_alpha
+
+    calls = []
+
+    def bowl(center):
+        def loss(a):
+            calls.append(a)
+            return (math.log2(a) - math.log2(center)) ** 2
+
+        return loss
+
+    best, curve = fit_alpha(bowl(8.0), 1.0)  # up: 1, 2, 4, 8, 16 (worse: stop); no walk down
+    assert best == pytest.approx(8.0) and [a for a, _ in curve] == pytest.approx([1, 2, 4, 8, 16])
+    calls.clear()
+    best, curve = fit_alpha(bowl(0.25), 1.0)  # up once (worse), then down: 0.5, 0.25, 0.125 (worse)
+    assert best == pytest.approx(0.25) and calls == pytest.approx([1, 2, 0.5, 0.25, 0.125])
+    best, curve = fit_alpha(bowl(1.0), 1.0)  # alpha_0 is best: one step each way
+    assert best == 1.0 and [a for a, _ in curve] == pytest.approx([0.5, 1, 2])
+    best, _ = fit_alpha(bowl(1e6), 1.0, max_steps=3)  # the walk is bounded
+    assert best == pytest.approx(8.0)

@@ -361,11 +361,13 @@ class DistillConfig:
     lr_syn: float = f(1e-3, "Adam learning rate of the prompt vectors (the paper's recipe in nacd: 1e-2).")
     lr_lr: float = f(1e-2, "Adam learning rate of log(alpha), the learnable student learning rate.")
     lr_init: float | None = f(None, "alpha_0: initial student learning rate; None = the experts' peak lr.")
-    alpha_mode: Literal["shared", "per_epoch", "fixed"] = f(
+    alpha_mode: Literal["shared", "per_epoch", "fixed", "fitted"] = f(
         "fixed",
         "The student lr: shared (one learned alpha, the paper's), per_epoch (one learned alpha per start epoch), "
-        "fixed (alpha_0 throughout: the prompts alone lower L_distill).",
+        "fixed (alpha_0 throughout: the prompts alone lower L_distill), fitted (one alpha per start epoch, the "
+        "best of a x2 grid from alpha_0 for the initial prompts on alpha_fit_draws training draws, then fixed).",
     )
+    alpha_fit_draws: int = f(8, "alpha_mode=fitted: training draws (start epochs stratified) alpha is fitted on.")
     meta_batch: int = f(1, "Draws (expert run, start epoch, N batches) whose meta-gradients are averaged per update.")
     skip_above: float | None = f(
         None, "Skip draws whose L_distill exceeds this (DATM's threshold, ~1.0); None: use every draw."
@@ -402,7 +404,14 @@ class DistillConfig:
     def __post_init__(self) -> None:
         for name in ("syn_steps", "expert_epochs", "iterations", "num_prompt_tokens", "max_start_epoch", "batch_size"):
             _check(getattr(self, name) > 0, name, "must be at least 1")
-        for name in ("max_bad_iterations", "checkpoint_every", "vocab_chunk", "meta_batch", "eval_every"):
+        for name in (
+            "max_bad_iterations",
+            "checkpoint_every",
+            "vocab_chunk",
+            "meta_batch",
+            "eval_every",
+            "alpha_fit_draws",
+        ):
             _check(getattr(self, name) > 0, name, "must be at least 1")
         _check(self.beta >= 0, "beta", "must be >= 0")
         for name in ("lr_syn", "lr_lr", "fd_eps"):
@@ -412,6 +421,8 @@ class DistillConfig:
         _check(self.beta_warmup >= 0, "beta_warmup", "must be >= 0")
         _check(self.panel_size >= 0, "panel_size", "must be >= 0")
         _check(self.skip_above is None or self.skip_above > 0, "skip_above", "must be positive or null")
+        _check(self.alpha_mode != "fitted" or self.alpha_fit_draws >= self.max_start_epoch, "alpha_fit_draws",
+               "must be >= max_start_epoch with alpha_mode fitted (each start epoch fits its alpha on its draws)")  # fmt: skip
 
 
 @dataclass

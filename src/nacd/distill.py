@@ -2,7 +2,7 @@
 
 Paper Section 3.2, Algorithm 1, Eqs. 1-4; the math and the unroll modes are in
 :mod:`nacd.tm`. Each example of D_sel gets ``k`` vectors in the input-embedding
-space (D_syn, initialised to the mean vocabulary embedding). An iteration
+space (D_syn, initialised per ``distill.init``). An iteration
 samples an expert run and a start epoch ``t < T^m``, starts the student at the
 expert snapshot theta*_t, takes N differentiable SGD steps on
 concat(prompt, text) mini-batches of D_sel with the learnable lr alpha, and
@@ -17,6 +17,7 @@ Output, ``<run>/distill/``::
                          the original messages (plain text: usable by any tokenizer)
     history.jsonl        per iteration: L_distill, L_reg, L, alpha, the draws (expert run, start epoch), seconds
     panel.jsonl          per evaluation of the held-out panel: the prompt gain (:mod:`nacd.panel`)
+    alpha_fit.json       alpha_mode=fitted: the alphas chosen and every (alpha, L_distill) tried
     manifest.json        kind "distilled": ids in order, alpha, model fingerprint, config, dims
     checkpoint/          D_syn, alpha, optimizer and RNG state every distill.checkpoint_every iterations
                          (kept at the end: a rerun with more iterations continues from it)
@@ -38,6 +39,7 @@ from nacd.artifacts import (
     RunDir,
     atomic_dir,
     atomic_save_safetensors,
+    atomic_write_json,
     atomic_write_text,
     check_identity,
     read_jsonl,
@@ -250,20 +252,19 @@ def distill(
     from tqdm.auto import tqdm
 
     from nacd import tm
-    from nacd.panel import Panel, gain_line, panel_draws, sample_draw, split_runs
+    from nacd.panel import FIT_SEED_OFFSET, Panel, fit_alphas, gain_line, panel_draws, sample_draw, split_runs
 
     dc = config.distill
     device = student.device
     n, k = len(student.data), dc.num_prompt_tokens
-    vocab = candidate_rows(student)
+    vocab = tm.candidate_rows(student)
     initial = tm.initial_prompts(dc.init, vocab, n, k, config.run.seed, example_rows).to(device)
     syn = torch.nn.Parameter(initial.clone())
-    n_alpha = dc.max_start_epoch if dc.alpha_mode == "per_epoch" else 1
-    log_alpha = torch.nn.Parameter(
-        torch.full((n_alpha,), math.log(alpha0), device=device), requires_grad=dc.alpha_mode != "fixed"
-    )
+    n_alpha = dc.max_start_epoch if dc.alpha_mode in ("per_epoch", "fitted") else 1
+    learned = dc.alpha_mode in ("shared", "per_epoch")
+    log_alpha = torch.nn.Parameter(torch.full((n_alpha,), math.log(alpha0), device=device), requires_grad=learned)
     opts = {"syn": torch.optim.Adam([syn], lr=dc.lr_syn)}
-    if dc.alpha_mode != "fixed":
+    if learned:
         opts["lr"] = torch.optim.Adam([log_alpha], lr=dc.lr_lr)
     spacing = tm.vocab_spacing(vocab, chunk=dc.vocab_chunk) if dc.regularizer != "distance" else 1.0
     gen = torch.Generator().manual_seed(config.run.seed)
@@ -275,10 +276,11 @@ def distill(
         _trim_jsonl(panel_path, state.iteration)
         log.info("distill: resumed from %s at iteration %d", ckpt, state.iteration)
     else:
-        history_path.unlink(missing_ok=True)
-        panel_path.unlink(missing_ok=True)
+        for path in (history_path, panel_path, folder / "alpha_fit.json"):
+            path.unlink(missing_ok=True)
     history, panel_log = MetricsWriter(history_path), MetricsWriter(panel_path)
     train_runs, held_runs = split_runs(store.runs, dc.holdout_run and dc.panel_size > 0)
+    fit_seed = config.run.seed + FIT_SEED_OFFSET
     batch = min(dc.batch_size, n)
     cache: dict[tuple[int, int], list[Any]] = {}
 
@@ -301,6 +303,17 @@ def distill(
     if dc.panel_size:
         draws = panel_draws(held_runs, dc.max_start_epoch, n, batch, dc.syn_steps, dc.panel_size, config.run.seed)
         panel = Panel(student, draws, snapshot, dc.expert_epochs, initial, clip, config.run.seed)
+    fit_path = folder / "alpha_fit.json"
+    if dc.alpha_mode == "fitted" and state.iteration == 0:  # before the first update; a resume keeps the checkpoint's
+        fit_panel = Panel(
+            student,
+            panel_draws(train_runs, dc.max_start_epoch, n, batch, dc.syn_steps, dc.alpha_fit_draws, fit_seed),
+            snapshot, dc.expert_epochs, initial, clip, config.run.seed,
+        )  # fmt: skip
+        fitted, curves = fit_alphas(fit_panel, alpha0, n_alpha)
+        log_alpha.data.copy_(torch.tensor(fitted, device=device).log())
+        atomic_write_json(fit_path, {"alphas": fitted, "curves": curves})
+        log.info("distill: alpha fitted with the initial prompts: %s (alpha, L: %s)", fitted, curves)
     done = read_jsonl(panel_path) if panel_path.is_file() else []
     last_panel = done[-1] if done else None
 
@@ -381,31 +394,11 @@ def distill(
         "alphas": alphas,
         "state": state,
         "panel": last_panel,
+        "alpha_fit": json.loads(fit_path.read_text()) if fit_path.is_file() else None,
     }
 
 
 # --------------------------------------------------------------------------- outputs
-
-
-def candidate_rows(student: Any) -> Any:
-    """The vocabulary rows prompt vectors are initialised from, regularized toward and decoded as
-    (``distill.nearest``: the text tokens, or every row)."""
-    vocab = student.vocab.detach()
-    return vocab if student.vocab_ids is None else vocab[student.vocab_ids.to(vocab.device)]
-
-
-TOKEN_INITS = ("frequent_vocab", "example_tokens")
-
-
-def instruction_rows(data: list[Any], vocab_ids: Any) -> list[list[int]]:
-    """Per tokenized example, the candidate-row indices of its instruction tokens (no loss on them),
-    for the token initialisations; tokens that are not candidate rows (special tokens) are left out."""
-    row_of = None if vocab_ids is None else {int(t): r for r, t in enumerate(vocab_ids.tolist())}
-    out = []
-    for ex in data:
-        toks = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab == -100]
-        out.append([t if row_of is None else row_of[t] for t in toks if row_of is None or t in row_of])
-    return out
 
 
 def write_distilled(
@@ -418,7 +411,7 @@ def write_distilled(
     chunk: int,
 ) -> None:
     """The self-describing distilled data set (see the module docstring)."""
-    from nacd.tm import nearest_vocab
+    from nacd.tm import candidate_rows, nearest_vocab
 
     syn = result["syn"].float().cpu()
     n, k, d = syn.shape
@@ -467,6 +460,7 @@ def write_distilled(
         alpha=result["alpha"],
         alphas=result.get("alphas", [result["alpha"]]),
         prompt_gain=gain,
+        alpha_fit=result.get("alpha_fit"),
         distinct_prompts=len({tuple(row) for row in idx.tolist()}),
         n_examples=n,
         num_prompt_tokens=k,
@@ -485,7 +479,7 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     from nacd.experts import ExpertStore
     from nacd.finetune import select_examples
     from nacd.models import load_model, model_fingerprint, resolve_device
-    from nacd.tm import Student
+    from nacd.tm import TOKEN_INITS, Student, instruction_rows
     from nacd.train import add_lora, lora_parameters, tokenized_hash
 
     check(config)

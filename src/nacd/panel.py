@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 PANEL_SEED_OFFSET = 1_000_003  # the panel's generator: run.seed + this, apart from training's run.seed
+FIT_SEED_OFFSET = 2_000_029  # the fitted alpha's draws (training runs): run.seed + this
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,43 @@ class Panel:
                 for d, a, b, c, e in zip(self.draws, l_init, l_cur, c_init, c_cur, strict=True)
             ],
         }
+
+
+# --------------------------------------------------------------------------- alpha fitted with the initial prompts
+
+
+def fit_alpha(
+    loss_at: Callable[[float], float], alpha0: float, factor: float = 2.0, max_steps: int = 8
+) -> tuple[float, list[tuple[float, float]]]:
+    """The best alpha of the geometric grid ``alpha0 * factor**j`` for ``loss_at`` (assumed unimodal in
+    log alpha): walk up from alpha0 while the loss falls; if the first step up does not improve, walk
+    down instead; at most ``max_steps`` steps. Returns (best alpha, every (alpha, loss) evaluated, sorted)."""
+    curve = {alpha0: float(loss_at(alpha0))}
+    for direction in (factor, 1.0 / factor):
+        alpha = alpha0
+        for _ in range(max_steps):
+            alpha *= direction
+            curve[alpha] = float(loss_at(alpha))
+            if curve[alpha] >= curve[alpha / direction]:
+                break
+        if min(curve, key=curve.get) != alpha0:  # the walk up found a better alpha: no need to go down
+            break
+    best = min(curve, key=curve.get)
+    return best, sorted(curve.items())
+
+
+def fit_alphas(panel: Panel, alpha0: float, n_alpha: int) -> tuple[list[float], list[list[tuple[float, float]]]]:
+    """``distill.alpha_mode=fitted``: alpha fitted to ``panel``'s draws (training draws, never the held-out
+    panel's) with the initial prompts, one per start epoch when ``n_alpha`` > 1 (each on its epoch's draws),
+    then frozen: what L_distill then loses is the prompts' doing alone."""
+    alphas, curves = [], []
+    for epoch in range(n_alpha):
+        draws = [d for d in panel.draws if n_alpha == 1 or d.start_epoch == epoch]
+        sub = Panel(panel.student, draws, panel.snapshot, panel.expert_epochs, panel.initial, panel.clip, panel.seed)
+        best, curve = fit_alpha(lambda a, sub=sub: sub.evaluate(sub.initial, lambda _t: a)["l_current_mean"], alpha0)
+        alphas.append(best)
+        curves.append(curve)
+    return alphas, curves
 
 
 def _mean(values: Sequence[float]) -> float:

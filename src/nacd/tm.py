@@ -182,6 +182,27 @@ def token_init_rows(kind: str, example_rows: Sequence[Sequence[int]], k: int, ge
     return [flat[i * k : (i + 1) * k] for i in range(len(example_rows))]
 
 
+def candidate_rows(student: Any) -> Any:
+    """The vocabulary rows prompt vectors are initialised from, regularized toward and decoded as
+    (``distill.nearest``: the text tokens, or every row)."""
+    vocab = student.vocab.detach()
+    return vocab if student.vocab_ids is None else vocab[student.vocab_ids.to(vocab.device)]
+
+
+TOKEN_INITS = ("frequent_vocab", "example_tokens")
+
+
+def instruction_rows(data: list[Any], vocab_ids: Any) -> list[list[int]]:
+    """Per tokenized example, the candidate-row indices of its instruction tokens (no loss on them),
+    for the token initialisations; tokens that are not candidate rows (special tokens) are left out."""
+    row_of = None if vocab_ids is None else {int(t): r for r, t in enumerate(vocab_ids.tolist())}
+    out = []
+    for ex in data:
+        toks = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab == -100]
+        out.append([t if row_of is None else row_of[t] for t in toks if row_of is None or t in row_of])
+    return out
+
+
 # --------------------------------------------------------------------------- the student
 
 
