@@ -10,6 +10,11 @@ batches: the reference of the targets "flat <= 2.0x the time of N plain steps"
 and "flat peak memory <= 1.5x one plain step, flat in N".
 
     .venv/bin/python bench/bench_unroll.py --model smollm2-135m --steps 2 4 8 16 --batch-size 2 --max-seq-len 64
+
+``--attns eager sdpa`` runs every mode with each attention (``model.attn_implementation``): with sdpa the
+forward student steps and ``plain`` use the fast kernel and only the graphs differentiated twice run on
+SDPA's math backend (:func:`nacd.models.double_backward_attention`); the ratios are against ``plain`` on
+the first fast attention listed (sdpa), else on the same attention.
 """
 
 from __future__ import annotations
@@ -25,6 +30,31 @@ import time
 from pathlib import Path
 
 MODES = ("plain", "flat", "naive", "fd")
+#: Model shapes built with random weights (``--shape``), for the paper's scale without a download.
+SHAPES = {
+    "opt-1.3b": {
+        "model_type": "opt",
+        "hidden_size": 2048,
+        "num_hidden_layers": 24,
+        "ffn_dim": 8192,
+        "num_attention_heads": 32,
+        "vocab_size": 50272,
+        "max_position_embeddings": 2048,
+        "word_embed_proj_dim": 2048,
+        "pad_token_id": 1,
+    },
+    "opt-tiny": {  # the same architecture in miniature, to try the flag on a CPU in seconds
+        "model_type": "opt",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "ffn_dim": 128,
+        "num_attention_heads": 4,
+        "vocab_size": 512,
+        "max_position_embeddings": 256,
+        "word_embed_proj_dim": 64,
+        "pad_token_id": 1,
+    },
+}
 
 
 def _vm(field: str) -> float:
@@ -45,24 +75,47 @@ def worker(args: argparse.Namespace) -> dict:
     from nacd.config import LoraConfig, ModelConfig, load_config
     from nacd.data import load_corpus, tokenize_corpus
     from nacd.models import load_model
-    from nacd.tm import Student, matching_loss, unroll
+    from nacd.tm import Student, matching_loss
     from nacd.train import add_lora, init_lora, lora_parameters
+    from nacd.unrolls import unroll
 
     torch.manual_seed(0)
-    model, tok = load_model(ModelConfig(spec=args.model), torch.device("cpu"), needs_double_backward=True)
+    device = torch.device(args.device)
+    if args.shape:  # a paper-scale shape with random weights (speed does not depend on the values): no download
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from nacd.data import TokenizedExample
+
+        mc = AutoConfig.for_model(**SHAPES[args.shape])
+        dtype = getattr(torch, args.dtype)
+        model = AutoModelForCausalLM.from_config(mc, attn_implementation=args.attn, torch_dtype=dtype).to(device)
+        pad_id = mc.pad_token_id if mc.pad_token_id is not None else 0
+        gen = torch.Generator().manual_seed(0)
+        data = []
+        for i in range(args.batch_size * args.n_steps):
+            ids = torch.randint(3, mc.vocab_size, (args.max_seq_len,), generator=gen).tolist()
+            half = args.max_seq_len // 2
+            data.append(TokenizedExample(f"x/{i}", "x", ids, [-100] * half + ids[half:], False))
+    else:
+        mcfg = ModelConfig(spec=args.model, attn_implementation=args.attn, dtype=args.dtype)
+        model, tok = load_model(mcfg, device, needs_double_backward=True)
+        cfg = load_config(None, [f"data.root={args.data_root}", f"data.max_seq_len={args.max_seq_len}"])
+        examples, _ = load_corpus(cfg.data)
+        data = [ex for ex in tokenize_corpus(examples, tok, cfg.data) if len(ex.input_ids) == args.max_seq_len]
+        data = data[: args.batch_size * args.n_steps]  # full-length examples: every batch costs the same
+        pad_id = tok.pad_token_id
     model = add_lora(model, LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
     init_lora(model, 0)
-    cfg = load_config(None, [f"data.root={args.data_root}", f"data.max_seq_len={args.max_seq_len}"])
-    examples, _ = load_corpus(cfg.data)
-    data = [ex for ex in tokenize_corpus(examples, tok, cfg.data) if len(ex.input_ids) == args.max_seq_len]
-    data = data[: args.batch_size * args.n_steps]  # full-length examples: every batch costs the same
-    student = Student(model, data, tok.pad_token_id)
+    student = Student(model, data, pad_id)
     g = torch.Generator().manual_seed(1)
-    theta0 = [p.detach() + 0.01 * torch.randn(p.shape, generator=g) for p in lora_parameters(model).values()]
-    target = [t + 0.01 * torch.randn(t.shape, generator=g) for t in theta0]
+    theta0 = [
+        p.detach() + 0.01 * torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+        for p in lora_parameters(model).values()
+    ]
+    target = [t + 0.01 * torch.randn(t.shape, generator=g).to(t.device, t.dtype) for t in theta0]
     d = student.vocab.shape[1]
     syn0 = student.vocab.detach().mean(0).expand(len(data), args.k, d).clone()
-    batches = [torch.arange(i * args.batch_size, (i + 1) * args.batch_size) for i in range(args.n_steps)]
+    batches = [torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=device) for i in range(args.n_steps)]
     alpha = 1.0
 
     def plain_steps() -> None:
@@ -75,26 +128,39 @@ def worker(args: argparse.Namespace) -> dict:
 
     def outer_step() -> None:
         syn = syn0.clone().requires_grad_(True)
-        log_alpha = torch.tensor(0.0, requires_grad=True)
+        log_alpha = torch.tensor(0.0, device=device, requires_grad=True)
         theta_n = unroll(args.mode, student, theta0, log_alpha.exp(), syn, batches)
         matching_loss(theta_n, target, theta0).backward()
         assert syn.grad is not None and torch.isfinite(syn.grad).all()
 
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     fn = plain_steps if args.mode == "plain" else outer_step
     fn()  # warm-up (also the one-time exactness check of the sparse-logits head)
-    rss_loaded = _vm("VmRSS")
-    _reset_peak()
+    sync()
+    rss_loaded = torch.cuda.memory_allocated(device) / 2**20 if cuda else _vm("VmRSS")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_peak()
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _vm("VmHWM")
     return {
         "mode": args.mode,
+        "attn": args.attn,
         "N": args.n_steps,
         "seconds": times,
         "median_s": statistics.median(times),
-        "peak_rss_mb": _vm("VmHWM"),
+        "peak_rss_mb": peak,  # GPU: peak allocated memory
         "rss_before_mb": rss_loaded,
     }
 
@@ -109,6 +175,11 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=64)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--attns", nargs="+", default=["sdpa"], choices=["eager", "sdpa"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda; on cuda, memory is the peak allocated")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape instead of --model")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attn", default="sdpa", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="runs/bench_unroll")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="flat", help=argparse.SUPPRESS)
@@ -121,35 +192,43 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows = []
     for n in args.steps:
-        for mode in args.modes:
-            cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--n-steps", str(n)]
-            for key in ("model", "data_root", "batch_size", "max_seq_len", "k", "repeats"):
-                cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            if proc.returncode != 0:
-                row = {"mode": mode, "N": n, "error": proc.stderr.strip().splitlines()[-1][:200]}
-            else:
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    by = {(r["mode"], r["N"]): r for r in rows if "error" not in r}
-    print(f"\n{'N':>3} {'mode':>6} {'time s':>8} {'x plain':>8} {'peak MB':>8} {'x plain':>8}")
+        for attn in args.attns:
+            for mode in args.modes:
+                cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--n-steps", str(n), "--attn", attn]
+                for key in ("model", "data_root", "batch_size", "max_seq_len", "k", "repeats", "device", "dtype"):
+                    cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+                if args.shape:
+                    cmd += ["--shape", args.shape]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                if proc.returncode != 0:
+                    row = {"mode": mode, "attn": attn, "N": n, "error": proc.stderr.strip().splitlines()[-1][:200]}
+                else:
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    by = {(r["mode"], r["attn"], r["N"]): r for r in rows if "error" not in r}
+    fast = "sdpa" if "sdpa" in args.attns else None
+    print(f"\n{'N':>3} {'attn':>6} {'mode':>6} {'time s':>8} {'x plain':>8} {'peak MB':>8} {'x plain':>8}")
     for n in args.steps:
-        plain = by.get(("plain", n))
-        for mode in args.modes:
-            r = by.get((mode, n))
-            if r is None:
-                print(f"{n:>3} {mode:>6} {'failed':>8}")
-                continue
-            tx = r["median_s"] / plain["median_s"] if plain else float("nan")
-            mx = r["peak_rss_mb"] / plain["peak_rss_mb"] if plain else float("nan")
-            print(f"{n:>3} {mode:>6} {r['median_s']:8.2f} {tx:8.2f} {r['peak_rss_mb']:8.0f} {mx:8.2f}")
+        for attn in args.attns:
+            plain = by.get(("plain", fast or attn, n))
+            for mode in args.modes:
+                r = by.get((mode, attn, n))
+                if r is None:
+                    print(f"{n:>3} {attn:>6} {mode:>6} {'failed':>8}")
+                    continue
+                tx = r["median_s"] / plain["median_s"] if plain else float("nan")
+                mx = r["peak_rss_mb"] / plain["peak_rss_mb"] if plain else float("nan")
+                print(f"{n:>3} {attn:>6} {mode:>6} {r['median_s']:8.2f} {tx:8.2f} {r['peak_rss_mb']:8.0f} {mx:8.2f}")
     meta = {
-        "model": args.model,
+        "model": args.shape or args.model,
+        "device": args.device,
+        "dtype": args.dtype,
         "batch_size": args.batch_size,
         "max_seq_len": args.max_seq_len,
         "k": args.k,
         "repeats": args.repeats,
+        "attns": args.attns,
         "machine": platform.machine(),
         "rows": rows,
     }

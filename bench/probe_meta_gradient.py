@@ -38,6 +38,7 @@ def main() -> None:
     import nacd.tm as tm
     from nacd.panel import sample_draw, split_runs
     from nacd.tm import TOKEN_INITS, candidate_rows, instruction_rows
+    from nacd.unrolls import unroll
 
     cfg, store, student, device = load_student(args.config, args.run_dir, args.overrides)
     data = student.data
@@ -74,7 +75,7 @@ def main() -> None:
         target = snapshot(draw.run, draw.start_epoch + dc.expert_epochs)
         batches = [b.to(device) for b in draw.batches]
         loss = tm.matching_loss(
-            tm.unroll(dc.unroll, student, theta_t, alpha, syn, batches, dc.fd_eps, clip), target, theta_t
+            unroll(dc.unroll, student, theta_t, alpha, syn, batches, dc.fd_eps, clip), target, theta_t
         )
         loss.backward()
         touched = torch.zeros(n, dtype=torch.bool)

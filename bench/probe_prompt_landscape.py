@@ -66,6 +66,7 @@ def main() -> None:
 
     import nacd.tm as tm
     from nacd.tm import TOKEN_INITS, candidate_rows, instruction_rows
+    from nacd.unrolls import unroll
 
     if args.placement == "after_first":
         tm.prompted_inputs = after_first_token
@@ -95,7 +96,7 @@ def main() -> None:
     def matching(prompts):
         """L_distill on the fixed draw, differentiable in ``prompts``."""
         return tm.matching_loss(
-            tm.unroll(dc.unroll, student, theta0, alpha, prompts, batches, dc.fd_eps, clip), target, theta0
+            unroll(dc.unroll, student, theta0, alpha, prompts, batches, dc.fd_eps, clip), target, theta0
         )
 
     def l_distill(prompts):

@@ -28,6 +28,24 @@ import pytest  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def multiprocess_overrides() -> list[str]:
+    """Overrides for a 2-process torchrun test: NCCL on 2+ GPUs, else the CPU (gloo); 2 ranks on one
+    GPU is refused by nacd (:func:`nacd.models.resolve_device`), as NCCL would crash on it."""
+    import torch
+
+    return [] if torch.cuda.device_count() >= 2 else ["run.device=cpu"]
+
+
+def assert_same_tensors(a, b, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Bitwise equal on the CPU; close on a GPU, whose kernels are not bitwise reproducible."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    else:
+        assert torch.equal(a, b)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Add ``--run-slow``."""
     parser.addoption(

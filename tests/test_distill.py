@@ -72,10 +72,11 @@ def test_distillation_learns_and_writes_a_self_describing_set(prepared, capsys):
     assert ds.ids == json.loads((run_dir.select_dir / "selection.json").read_text())["ids"]
     assert ds.manifest["complete"] and ds.manifest["iterations"] == 30 and ds.alpha == pytest.approx(hist[-1]["alpha"])
     from nacd.config import ModelConfig
-    from nacd.models import load_model
+    from nacd.models import load_model, resolve_device
 
-    model, tok = load_model(ModelConfig(spec=cfg.model.spec), torch.device("cpu"))
-    vocab = model.get_input_embeddings().weight.detach()
+    # the vocabulary as the run had it (bf16 on a GPU with dtype auto), searched in float32 here
+    model, tok = load_model(ModelConfig(spec=cfg.model.spec), resolve_device(cfg.run.device))
+    vocab = model.get_input_embeddings().weight.detach().float().cpu()
     d = torch.cdist(ds.prompts.reshape(-1, 64), vocab)
     special = sorted(set(tok.all_special_ids) | set(range(len(tok), vocab.shape[0])))
     assert special  # the tiny tokenizer has special tokens: they are never a prompt's nearest token
@@ -109,9 +110,9 @@ def test_interrupted_distill_resumes_exactly(prepared, monkeypatch, tmp_path):
     clean_hist = clean.history()
     shutil_rm(run_dir.distill_dir)
 
-    from nacd import tm
+    from nacd import unrolls
 
-    real = tm.unroll
+    real = unrolls.unroll
     calls = {"n": 0}
 
     def unroll_then_stop(*args, **kwargs):
@@ -120,12 +121,12 @@ def test_interrupted_distill_resumes_exactly(prepared, monkeypatch, tmp_path):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tm, "unroll", unroll_then_stop)
+    monkeypatch.setattr(unrolls, "unroll", unroll_then_stop)
     with pytest.raises(KeyboardInterrupt):
         distill.run(clean_cfg, run_dir)
     state = json.loads((run_dir.distill_dir / "checkpoint" / "state.json").read_text())["state"]
     assert state["iteration"] == 6
-    monkeypatch.setattr(tm, "unroll", real)
+    monkeypatch.setattr(unrolls, "unroll", real)
     resumed = distill.run(clean_cfg, run_dir)
     assert torch.equal(resumed.prompts, clean.prompts)
     assert resumed.alpha == clean.alpha
@@ -350,6 +351,12 @@ def test_alpha_modes_and_token_inits(prepared):
         assert len(curve) >= 2
     assert all(h["alphas"] == pytest.approx(alphas) for h in fit.history())  # frozen once fitted
     shutil_rm(run_dir.distill_dir)
+    for eps, used in (("null", "fd"), ("30.0", "flat")):  # fd checks itself first; far off, the run uses flat
+        run = distill.run(load_config(None, [*base, "distill.unroll=fd", f"distill.fd_eps={eps}"]), run_dir)
+        info = run.manifest["unroll"]
+        assert info["requested"] == "fd" and info["used"] == used
+        assert (info["fd_relative_error"] <= 5e-2) == (used == "fd")
+        shutil_rm(run_dir.distill_dir)
     none = distill.run(load_config(None, [*base, "distill.skip_above=1e-9"]), run_dir)  # every draw skipped
     assert all(h["accepted"] == 0 and not h["skipped"] for h in none.history())
     assert none.manifest["prompt_gain"]["mean"] == 0  # nothing moved

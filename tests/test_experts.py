@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import multiprocess_overrides
 from safetensors.torch import load_file
 
 from nacd import experts
@@ -175,8 +176,9 @@ def test_ctrl_c_exits_130_and_resumes(tiny_overrides, tmp_path):
 def test_two_processes_match_one(tiny_overrides, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun is installed with torch"
-    one = [*tiny_overrides[:2], f"run.out_dir={tmp_path / 'one'}", *tiny_overrides[3:], "experts.num_experts=1"]
-    two = [*tiny_overrides[:2], f"run.out_dir={tmp_path / 'two'}", *tiny_overrides[3:], "experts.num_experts=1"]
+    common = [*tiny_overrides[3:], "experts.num_experts=1", *multiprocess_overrides()]  # one device for both
+    one = [*tiny_overrides[:2], f"run.out_dir={tmp_path / 'one'}", *common]
+    two = [*tiny_overrides[:2], f"run.out_dir={tmp_path / 'two'}", *common]
     subprocess.run(_cli(one), check=True, capture_output=True, timeout=300)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

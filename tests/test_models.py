@@ -62,28 +62,61 @@ def test_load_tiny_models(fixture, request):
     assert tok.pad_token is not None and tok.padding_side == "right"
     assert default_lora_targets(model) == ["q_proj", "v_proj"]
     model2, _ = load_model(ModelConfig(spec=str(folder)), torch.device("cpu"), needs_double_backward=True)
-    assert model2.config._attn_implementation == "eager"
+    assert model2.config._attn_implementation == "eager"  # differentiated twice on the CPU
 
 
-def test_eager_attention_supports_double_backward(tiny_llama_dir):
-    model, tok = load_model(ModelConfig(spec=str(tiny_llama_dir)), torch.device("cpu"), needs_double_backward=True)
-    ids = tok("The capital of France is Paris.", return_tensors="pt")["input_ids"]
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    loss = model(inputs_embeds=embeds, labels=ids).loss
-    params = [p for n, p in model.named_parameters() if "q_proj" in n or "v_proj" in n]
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    second = torch.autograd.grad(sum((g * g).sum() for g in grads), embeds)[0]
-    assert second.shape == embeds.shape and second.abs().sum() > 0
+def test_double_backward_through_sdpa_math_equals_eager(tiny_llama_dir):
+    from nacd.models import double_backward_attention
+
+    seconds = {}
+    for attn in ("eager", "sdpa"):
+        cfg = ModelConfig(spec=str(tiny_llama_dir), attn_implementation=attn)
+        model, tok = load_model(cfg, torch.device("cpu"), needs_double_backward=True)
+        model = model.to(torch.float64)
+        ids = tok("The capital of France is Paris.", return_tensors="pt")["input_ids"]
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with double_backward_attention():
+            loss = model(inputs_embeds=embeds, labels=ids).loss
+            params = [p for n, p in model.named_parameters() if "q_proj" in n or "v_proj" in n]
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            seconds[attn] = torch.autograd.grad(sum((g * g).sum() for g in grads), embeds)[0]
+    assert seconds["sdpa"].abs().sum() > 0
+    # eager takes its softmax in float32 even in a float64 model; SDPA's math backend stays in float64
+    scale = float(seconds["eager"].abs().max())
+    torch.testing.assert_close(seconds["sdpa"], seconds["eager"], rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_attn_and_dtype_resolution():
-    assert resolve_attn("auto", True) == "eager"
-    assert resolve_attn("auto", False) == "sdpa"
+    assert resolve_attn("auto", True) == "eager"  # CPU: eager measured faster at short sequences
+    assert resolve_attn("auto", True, torch.device("cuda", 0)) == "sdpa"  # math backend where differentiated twice
+    assert resolve_attn("auto", False) == "sdpa" == resolve_attn("auto", False, torch.device("cuda", 0))
     assert resolve_attn("sdpa", True) == "sdpa"
     with pytest.raises(ModelError, match="no double-backward"):
         resolve_attn("flash_attention_2", True)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_each_process_gets_its_own_gpu_or_a_clear_refusal(monkeypatch):
+    from nacd.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("auto") == torch.device("cuda", 0) == resolve_device("cuda")
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc_per_node 2 on one GPU
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for device in ("auto", "cuda"):
+        with pytest.raises(
+            ModelError, match=r"started 2 processes on this node but it has 1 CUDA device.*run.device=cpu"
+        ):
+            resolve_device(device)
+    assert resolve_device("cpu") == torch.device("cpu")  # gloo on the CPU is fine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda", 1)
 
 
 # ---------------------------------------------------------------- the real built-in models

@@ -7,8 +7,9 @@ import torch
 from nacd.config import LoraConfig, ModelConfig
 from nacd.data import TokenizedExample
 from nacd.models import load_model
-from nacd.tm import Student, initial_prompts, matching_loss, nearest_vocab, regularizer, unroll
+from nacd.tm import Student, initial_prompts, matching_loss, nearest_vocab, regularizer
 from nacd.train import add_lora, init_lora, lora_parameters
+from nacd.unrolls import fd_relative_error, fd_step, unroll
 
 # ---------------------------------------------------------------- Eq. 2 and Eq. 3
 
@@ -125,6 +126,39 @@ def test_modes_agree_and_match_finite_differences(fixture, request):
     _, g_fd, a_fd = _grads("fd", student, theta0, target, syn, batches)
     assert (g_fd - g_naive).norm() / g_naive.norm() < 1e-2
     assert (a_fd - a_naive).abs() / a_naive.abs() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fd_checks_itself_against_the_exact_gradient(tiny_llama_dir, dtype):
+    student = _student(tiny_llama_dir, dtype=dtype)
+    theta0, target, syn, batches = _setup(student)
+    alpha = torch.tensor(0.4, dtype=dtype)
+    assert fd_step(None, dtype) == pytest.approx(torch.finfo(torch.float32).eps ** (1 / 3))  # float32 at best
+    assert fd_step(None, torch.bfloat16) == pytest.approx(torch.finfo(torch.bfloat16).eps ** (1 / 3))
+    assert fd_step(0.1, dtype) == 0.1
+    good = fd_relative_error(student, theta0, target, alpha, syn.to(dtype), batches, None, clip=0.05)
+    assert good < 1e-2  # central differences at the precision's step: close where the loss is smooth
+    bad = fd_relative_error(student, theta0, target, alpha, syn.to(dtype), batches, 30.0, clip=0.05)
+    assert bad > 5e-2 > good  # a step far too large: the check sees it (distill then falls back to flat)
+
+
+def test_auto_unroll_takes_naive_where_it_fits_and_flat_where_not(tiny_llama_dir, monkeypatch):
+    from nacd import unrolls
+
+    student = _student(tiny_llama_dir, dtype=torch.float32)
+    theta0, target, syn, batches = _setup(student)
+    alpha = torch.tensor(0.4)
+    step = unrolls.naive_step_bytes(student, theta0, alpha, syn.float(), batches[0])
+    assert step > 0  # one step's second-order graph holds memory
+    info = unrolls.choose_unroll("auto", student, theta0, target, alpha, syn.float(), batches)
+    assert info["used"] == "naive" and info["naive_bytes"] < info["free_bytes"] / 2
+    monkeypatch.setattr(unrolls, "_memory", lambda: (0, 1024))  # 1 kB free: naive cannot fit
+    info = unrolls.choose_unroll("auto", student, theta0, target, alpha, syn.float(), batches)
+    assert info["used"] == "flat" and info["free_bytes"] == 1024
+    assert unrolls.choose_unroll("flat", student, theta0, target, alpha, syn, batches) == {
+        "requested": "flat",
+        "used": "flat",
+    }
 
 
 def test_lora_dropout_masks_are_replayed_in_the_reverse_walk(tiny_llama_dir):
@@ -258,7 +292,7 @@ def test_token_inits_are_distinct_real_tokens():
 
 def test_endpoint_is_the_unrolls_point(tiny_llama_dir):
     """The panel's first-order student reaches the same theta_N as the differentiable unroll."""
-    from nacd.tm import endpoint
+    from nacd.unrolls import endpoint
 
     student = _student(tiny_llama_dir)
     theta0, _, syn, batches = _setup(student)

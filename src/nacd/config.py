@@ -87,7 +87,8 @@ class ModelConfig:
     )
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = f(
         "auto",
-        "Attention kernel: auto = eager where gradients of gradients are needed (distillation), sdpa elsewhere.",
+        "Attention kernel: auto = sdpa (the distillation's double backward runs on SDPA's math backend), but "
+        "eager for the distilling model on a CPU (level in time there; docs/BENCHMARKS.md).",
     )
     trust_remote_code: bool = f(False, "Allow model code from the hub. Off unless you turn it on.")
     revision: str | None = f(None, "Hub revision (branch, tag or commit) for hub ids.")
@@ -384,12 +385,23 @@ class DistillConfig:
         "Clip each student step's LoRA-gradient norm as the experts' optimizer did (their train.max_grad_norm), "
         "differentiably, so that N student steps move like N expert steps; false: plain SGD steps.",
     )
-    unroll: Literal["flat", "naive", "fd"] = f(
+    unroll: Literal["auto", "flat", "naive", "fd"] = f(
         "flat",
-        "flat: exact, memory flat in N; naive: exact autograd unroll (memory grows with N); "
-        "fd: approximate finite-difference Hessian products, memory flat, cheapest.",
+        "auto: naive where its measured per-step memory x (N+1) fits in half the free memory, else flat (the "
+        "choice goes to distill/unroll.json); flat: exact, memory flat in N; naive: exact autograd unroll "
+        "(memory grows with N); fd: central finite-difference Hessian products, memory flat, checked against "
+        "flat first (fd_check).",
     )
-    fd_eps: float = f(1e-3, "fd mode: finite-difference step, relative to the norm of the LoRA parameters.")
+    fd_eps: float | None = f(
+        None,
+        "fd mode: central-difference step relative to the norm of the LoRA parameters; None: the cube root of "
+        "the working precision's machine epsilon (4.9e-3 in float32 and float64 models, 0.2 in bfloat16).",
+    )
+    fd_check: float | None = f(
+        5e-2,
+        "fd mode: before the first update, fd's meta-gradient is compared with the exact one (flat) on one "
+        "training draw; above this relative error the run says so and uses flat. None: no check (not advised).",
+    )
     clip_syn: float | None = f(1.0, "Clip the gradient norm of the prompt vectors; None disables clipping.")
     max_bad_iterations: int = f(10, "Stop after this many consecutive iterations with a non-finite loss or gradient.")
     checkpoint_every: int = f(10, "Write a resumable checkpoint every this many iterations.")
@@ -414,8 +426,10 @@ class DistillConfig:
         ):
             _check(getattr(self, name) > 0, name, "must be at least 1")
         _check(self.beta >= 0, "beta", "must be >= 0")
-        for name in ("lr_syn", "lr_lr", "fd_eps"):
+        for name in ("lr_syn", "lr_lr"):
             _check(getattr(self, name) > 0, name, "must be positive")
+        for name in ("fd_eps", "fd_check"):
+            _check(getattr(self, name) is None or getattr(self, name) > 0, name, "must be positive or null")
         _check(self.lr_init is None or self.lr_init > 0, "lr_init", "must be positive or null")
         _check(self.clip_syn is None or self.clip_syn > 0, "clip_syn", "must be positive or null")
         _check(self.beta_warmup >= 0, "beta_warmup", "must be >= 0")

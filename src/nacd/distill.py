@@ -1,7 +1,7 @@
 """Step 2 of NACD: learn k prompt vectors per selected example by trajectory matching.
 
 Paper Section 3.2, Algorithm 1, Eqs. 1-4; the math and the unroll modes are in
-:mod:`nacd.tm`. Each example of D_sel gets ``k`` vectors in the input-embedding
+:mod:`nacd.tm` and :mod:`nacd.unrolls`. Each example of D_sel gets ``k`` vectors in the input-embedding
 space (D_syn, initialised per ``distill.init``). An iteration
 samples an expert run and a start epoch ``t < T^m``, starts the student at the
 expert snapshot theta*_t, takes N differentiable SGD steps on
@@ -18,6 +18,7 @@ Output, ``<run>/distill/``::
     history.jsonl        per iteration: L_distill, L_reg, L, alpha, the draws (expert run, start epoch), seconds
     panel.jsonl          per evaluation of the held-out panel: the prompt gain (:mod:`nacd.panel`)
     alpha_fit.json       alpha_mode=fitted: the alphas chosen and every (alpha, L_distill) tried
+    unroll.json          unroll=fd: its self-check against flat, and the mode used
     manifest.json        kind "distilled": ids in order, alpha, model fingerprint, config, dims
     checkpoint/          D_syn, alpha, optimizer and RNG state every distill.checkpoint_every iterations
                          (kept at the end: a rerun with more iterations continues from it)
@@ -37,7 +38,6 @@ from typing import Any
 from nacd.artifacts import (
     MetricsWriter,
     RunDir,
-    atomic_dir,
     atomic_save_safetensors,
     atomic_write_json,
     atomic_write_text,
@@ -48,6 +48,7 @@ from nacd.artifacts import (
     setup_logging,
     write_manifest,
 )
+from nacd.distill_state import DistillState, load_checkpoint, save_checkpoint, trim_jsonl
 from nacd.errors import NacdError
 
 log = logging.getLogger(__name__)
@@ -94,62 +95,6 @@ def check_experts(
             )
 
 
-# --------------------------------------------------------------------------- state and checkpoints
-
-
-@dataclass
-class DistillState:
-    iteration: int = 0  # iterations done (applied or skipped)
-    bad_in_a_row: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-
-
-def _save_checkpoint(
-    folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any], gen: Any, state: DistillState
-) -> None:
-    import torch
-
-    from nacd.train import optimizer_tensors
-
-    tensors = {"syn": syn.detach(), "log_alpha": log_alpha.detach().reshape(-1), "generator": gen.get_state()}
-    tensors["torch_rng"] = torch.get_rng_state()
-    meta = {}
-    for name, opt in opts.items():
-        t, m = optimizer_tensors(opt)
-        tensors.update({f"{name}.{k}": v for k, v in t.items()})
-        meta[name] = m
-    with atomic_dir(folder) as tmp:
-        atomic_save_safetensors(tensors, tmp / "state.safetensors")
-        (tmp / "state.json").write_text(json.dumps({"state": asdict(state), "optimizers": meta}, indent=2))
-
-
-def _load_checkpoint(folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any], gen: Any) -> DistillState:
-    import torch
-    from safetensors.torch import load_file
-
-    from nacd.train import restore_optimizer
-
-    body = json.loads((folder / "state.json").read_text())
-    tensors = load_file(folder / "state.safetensors")
-    with torch.no_grad():
-        syn.copy_(tensors["syn"])
-        log_alpha.copy_(tensors["log_alpha"].reshape(log_alpha.shape))
-    gen.set_state(tensors["generator"])
-    torch.set_rng_state(tensors["torch_rng"])
-    for name, opt in opts.items():
-        prefix = f"{name}."
-        own = {k[len(prefix) :]: v.to(syn.device) for k, v in tensors.items() if k.startswith(prefix)}
-        restore_optimizer(opt, own, body["optimizers"][name])
-    return DistillState(**body["state"])
-
-
-def _trim_jsonl(path: Path, iteration: int) -> None:
-    """Keep the rows of ``path`` up to ``iteration`` (a resume continues from its checkpoint)."""
-    rows = [r for r in read_jsonl(path) if r["iteration"] <= iteration] if path.is_file() else []
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -188,15 +133,17 @@ def meta_gradient(
     beta: float,
     spacing: float,
     clip: float | None,
+    mode: str | None = None,
 ) -> tuple[list[dict[str, Any]], int, bool]:
     """Accumulate into ``syn.grad`` (and log alpha's) the mean over ``draws`` of the gradient of
     L_distill + beta * L_reg, one draw's unroll at a time; draws above ``distill.skip_above`` are left
     out of the mean. Returns the per-draw history rows, the number of draws used and whether every
     loss and gradient was finite. ``alpha_of(start_epoch)`` gives the student lr, its ``leaf``
-    attribute the learnable tensor behind it (None when alpha is fixed)."""
+    attribute the learnable tensor behind it (None when alpha is fixed); ``mode``: the unroll (default
+    ``distill.unroll``)."""
     import torch
 
-    from nacd import tm
+    from nacd import tm, unrolls
 
     rows, accepted, finite = [], 0, True
     for draw in draws:
@@ -204,7 +151,8 @@ def meta_gradient(
         theta_t = snapshot(draw.run, draw.start_epoch)
         target = snapshot(draw.run, draw.start_epoch + dc.expert_epochs)
         student.steps.clear()
-        theta_n = tm.unroll(dc.unroll, student, theta_t, alpha_of(draw.start_epoch), syn, batches, dc.fd_eps, clip)
+        alpha = alpha_of(draw.start_epoch)
+        theta_n = unrolls.unroll(mode or dc.unroll, student, theta_t, alpha, syn, batches, dc.fd_eps, clip)
         l_distill = tm.matching_loss(theta_n, target, theta_t)
         used = torch.unique(torch.cat(batches))
         l_reg = tm.regularizer(syn[used].reshape(-1, syn.shape[-1]), vocab, dc.vocab_chunk, dc.regularizer, spacing)
@@ -251,7 +199,7 @@ def distill(
     import torch
     from tqdm.auto import tqdm
 
-    from nacd import tm
+    from nacd import tm, unrolls
     from nacd.panel import FIT_SEED_OFFSET, Panel, fit_alphas, gain_line, panel_draws, sample_draw, split_runs
 
     dc = config.distill
@@ -271,12 +219,12 @@ def distill(
     history_path, panel_path, ckpt = folder / "history.jsonl", folder / "panel.jsonl", folder / "checkpoint"
     state = DistillState()
     if (ckpt / "state.json").is_file():
-        state = _load_checkpoint(ckpt, syn, log_alpha, opts, gen)
-        _trim_jsonl(history_path, state.iteration)
-        _trim_jsonl(panel_path, state.iteration)
+        state = load_checkpoint(ckpt, syn, log_alpha, opts, gen)
+        trim_jsonl(history_path, state.iteration)
+        trim_jsonl(panel_path, state.iteration)
         log.info("distill: resumed from %s at iteration %d", ckpt, state.iteration)
     else:
-        for path in (history_path, panel_path, folder / "alpha_fit.json"):
+        for path in (history_path, panel_path, folder / "alpha_fit.json", folder / "unroll.json"):
             path.unlink(missing_ok=True)
     history, panel_log = MetricsWriter(history_path), MetricsWriter(panel_path)
     train_runs, held_runs = split_runs(store.runs, dc.holdout_run and dc.panel_size > 0)
@@ -314,6 +262,17 @@ def distill(
         log_alpha.data.copy_(torch.tensor(fitted, device=device).log())
         atomic_write_json(fit_path, {"alphas": fitted, "curves": curves})
         log.info("distill: alpha fitted with the initial prompts: %s (alpha, L: %s)", fitted, curves)
+    unroll_path = folder / "unroll.json"
+    if dc.unroll in ("auto", "fd") and state.iteration == 0:  # decided on one training draw, kept on resume
+        d = panel_draws(train_runs, dc.max_start_epoch, n, batch, dc.syn_steps, 1, fit_seed + 1)[0]
+        theta_t, target = snapshot(d.run, d.start_epoch), snapshot(d.run, d.start_epoch + dc.expert_epochs)
+        batches = [b.to(device) for b in d.batches]
+        info = unrolls.choose_unroll(
+            dc.unroll, student, theta_t, target, alpha_of(d.start_epoch), syn, batches, dc.fd_eps, dc.fd_check, clip
+        )
+        (log.warning if dc.unroll == "fd" and info["used"] != "fd" else log.info)("distill: unroll %s", info)
+        atomic_write_json(unroll_path, info)
+    unroll_info = json.loads(unroll_path.read_text()) if unroll_path.is_file() else {"used": dc.unroll}
     done = read_jsonl(panel_path) if panel_path.is_file() else []
     last_panel = done[-1] if done else None
 
@@ -339,7 +298,7 @@ def distill(
                 sample_draw(gen, train_runs, dc.max_start_epoch, n, batch, dc.syn_steps) for _ in range(dc.meta_batch)
             ]
             rows, accepted, finite = meta_gradient(
-                student, draws, syn, alpha_of, snapshot, vocab, dc, beta, spacing, clip
+                student, draws, syn, alpha_of, snapshot, vocab, dc, beta, spacing, clip, unroll_info["used"]
             )
             state.iteration += 1
             l_mean, reg_mean = (sum(r[key] for r in rows) / len(rows) for key in ("l_distill", "l_reg"))
@@ -384,7 +343,7 @@ def distill(
             if panel is not None and (state.iteration % dc.eval_every == 0 or state.iteration == dc.iterations):
                 evaluate_panel()
             if state.iteration % dc.checkpoint_every == 0 or state.iteration == dc.iterations:
-                _save_checkpoint(ckpt, syn, log_alpha, opts, gen, state)
+                save_checkpoint(ckpt, syn, log_alpha, opts, gen, state)
     finally:
         bar.close()
     alphas = [float(a) for a in log_alpha.detach().exp()]
@@ -395,6 +354,7 @@ def distill(
         "state": state,
         "panel": last_panel,
         "alpha_fit": json.loads(fit_path.read_text()) if fit_path.is_file() else None,
+        "unroll": unroll_info,
     }
 
 
@@ -461,6 +421,7 @@ def write_distilled(
         alphas=result.get("alphas", [result["alpha"]]),
         prompt_gain=gain,
         alpha_fit=result.get("alpha_fit"),
+        unroll=result.get("unroll"),
         distinct_prompts=len({tuple(row) for row in idx.tolist()}),
         n_examples=n,
         num_prompt_tokens=k,

@@ -367,6 +367,8 @@ def batched_grads(model: Any, batch: dict[str, Any], forward: Callable = default
     """
     import torch
 
+    device = next(p.device for p in lora_parameters(model).values())
+    batch = {k: v.to(device) for k, v in batch.items()}  # the batch follows the model
     modules = _grad_modules(model)
     taps: dict[str, list[tuple[Any, Any]]] = {name: [] for name, _ in modules}
     handles = [

@@ -20,7 +20,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,16 +236,28 @@ def resolve_spec(spec: str, cache_dir: str | Path | None = None, prepare: bool =
 
 
 def resolve_device(device: str = "auto") -> Any:
+    """``run.device`` as a torch device. ``auto``: this process's GPU (``LOCAL_RANK`` under torchrun) when
+    CUDA is there, else the CPU; ``cuda`` without an index is this process's GPU too. Under torchrun, more
+    processes on a node than it has GPUs stop here with the counts (NCCL would crash on two ranks sharing a
+    GPU); ``run.device=cpu`` runs them on the CPU (gloo) instead."""
     import torch
 
-    if device == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device("cuda", local % torch.cuda.device_count())
+    if device == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
-    dev = torch.device(device)
+    dev = torch.device("cuda" if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"run.device={device!r} but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is None:
+        count = torch.cuda.device_count()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if per_node > count:
+            raise ModelError(
+                f"run.device={device!r}: torchrun started {per_node} processes on this node but it has {count} "
+                f"CUDA device(s), and each process needs a GPU of its own; start at most {count} "
+                f"(--nproc_per_node {count}), or run them on the CPU with run.device=cpu"
+            )
+        dev = torch.device("cuda", local)
     return dev
 
 
@@ -258,14 +271,31 @@ def resolve_dtype(dtype: str, device: Any) -> Any:
     return getattr(torch, dtype)
 
 
-def resolve_attn(attn_implementation: str, needs_double_backward: bool) -> str:
-    """``auto`` -> eager where gradients of gradients are needed (SDPA's fused kernels have no
-    double-backward), else sdpa. An explicit choice is kept but warned about when it cannot work."""
+def resolve_attn(attn_implementation: str, needs_double_backward: bool, device: Any = "cpu") -> str:
+    """``auto`` -> sdpa, except eager for a model differentiated twice on the CPU. SDPA's fused kernels
+    (CUDA flash, memory-efficient, cuDNN; CPU flash) have no double backward: code that takes gradients of
+    gradients runs under :func:`double_backward_attention`, which sends SDPA to its math backend there
+    and keeps the fast kernels for everything first-order (the distillation's forward student steps, the
+    panel). On the CPU, at the distillation's short sequences, SDPA and eager measured level in time
+    (docs/BENCHMARKS.md, "Attention kernels"), so the distilling model keeps eager there, as every CPU
+    figure of the docs was measured with. An explicit choice is kept; flash_attention_2 is refused where a
+    double backward is needed."""
     if attn_implementation == "auto":
-        return "eager" if needs_double_backward else "sdpa"
+        cpu = getattr(device, "type", str(device)).startswith("cpu")
+        return "eager" if needs_double_backward and cpu else "sdpa"
     if needs_double_backward and attn_implementation == "flash_attention_2":
-        raise ModelError("model.attn_implementation=flash_attention_2 has no double-backward; use eager or auto")
+        raise ModelError("model.attn_implementation=flash_attention_2 has no double-backward; use sdpa, eager or auto")
     return attn_implementation
+
+
+@contextmanager
+def double_backward_attention() -> Iterator[None]:
+    """SDPA restricted to its math backend (twice differentiable) inside the block; eager attention is
+    unaffected. Wrap the forward passes whose graphs are differentiated twice."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 # --------------------------------------------------------------------------- loading
@@ -301,7 +331,7 @@ def load_model(
     device = resolve_device("auto") if device is None else device
     resolved = resolve_spec(cfg.spec, cfg.cache_dir)
     dtype = resolve_dtype(cfg.dtype, device)
-    attn = resolve_attn(cfg.attn_implementation, needs_double_backward)
+    attn = resolve_attn(cfg.attn_implementation, needs_double_backward, device)
     try:
         tokenizer = load_tokenizer(resolved.location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(

@@ -144,7 +144,7 @@ class Panel:
         both prompt sets see the same dropout masks and training's stream is untouched."""
         import torch
 
-        from nacd.tm import endpoint
+        from nacd.unrolls import endpoint
 
         device = torch.device(self.student.device)
         theta_t = self.snapshot(draw.run, draw.start_epoch)

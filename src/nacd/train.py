@@ -314,6 +314,7 @@ class SparseLogitsForward:
         name = next((n for n, m in inner.named_children() if m is head), None)
         if head is None or name is None:
             return False
+        batch = {k: v.to(_model_device(inner)) for k, v in batch.items()}  # the check batch follows the model
         with torch.no_grad():
             reference, _ = default_forward(inner, batch)
             self.head, self.head_name, self.owner = head, name, inner
@@ -374,8 +375,8 @@ class TrainLoop:
     def __post_init__(self) -> None:
         from accelerate import Accelerator
 
-        if self.accelerator is None:
-            self.accelerator = Accelerator(cpu=not _cuda_available())
+        if self.accelerator is None:  # the processes' backend follows the model: gloo for a model on the CPU
+            self.accelerator = Accelerator(cpu=_model_device(self.model).type != "cuda")
         if self.accelerator.num_processes > 1:
             self.model = self.accelerator.prepare_model(self.model)  # DDP over the LoRA parameters
         n = len(self.dataset)
@@ -397,6 +398,7 @@ class TrainLoop:
         self.params = list(lora_parameters(self.model).values())
         if not self.params:
             raise TrainingError("the model has no trainable (LoRA) parameters; call add_lora first")
+        self.device = self.params[0].device  # batches go where the model is
         self.optimizer = _make_optimizer(self.params, self.cfg)
         self.scaler = None
         if self.params[0].device.type == "cuda" and _base_dtype(self.model) == "float16":
@@ -435,7 +437,7 @@ class TrainLoop:
             group["lr"] = lr
         loss_total = torch.zeros((), dtype=torch.float64)
         for j, idx in enumerate(micro_batches):
-            batch_tensors = {k: v.to(acc.device) for k, v in self.collate([self.dataset[i] for i in idx]).items()}
+            batch_tensors = {k: v.to(self.device) for k, v in self.collate([self.dataset[i] for i in idx]).items()}
             last = j == len(micro_batches) - 1
             ctx = acc.no_sync(self.model) if not last else contextlib.nullcontext()
             with ctx:
@@ -450,7 +452,7 @@ class TrainLoop:
                 loss_total += loss_sum.detach().double().cpu()
         # mean token loss over the global batch, identical on every rank
         loss_total = (
-            acc.reduce(loss_total.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else loss_total
+            acc.reduce(loss_total.to(self.device), reduction="sum").cpu() if acc.num_processes > 1 else loss_total
         )
         mean_loss = float(loss_total) / max(1, n_global)
         if not math.isfinite(mean_loss):
@@ -506,7 +508,7 @@ class TrainLoop:
         if self.forward is None:
             sparse = SparseLogitsForward()
             first = [self.dataset[i] for i in range(min(2, len(self.dataset)))]
-            probe = {k: v.to(self.accelerator.device) for k, v in self.collate(first).items()}
+            probe = {k: v.to(self.device) for k, v in self.collate(first).items()}
             self.forward = sparse if sparse.install(self.model, probe) else default_forward
         self.model.train()
         if not resumed:
@@ -587,10 +589,11 @@ def _base_dtype(model: Any) -> str:
     return "float32"
 
 
-def _cuda_available() -> bool:
+def _model_device(model: Any) -> Any:
+    """The device of a model's first parameter (the CPU for a model without parameters)."""
     import torch
 
-    return torch.cuda.is_available()
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------- shared setup of the stages that train
