@@ -16,8 +16,8 @@ def load_student(config: str, run_dir: str, overrides: list[str]) -> tuple[Any, 
     from nacd.data import load_corpus, tokenize_corpus
     from nacd.distill import selected_ids
     from nacd.experts import ExpertStore
-    from nacd.finetune import select_examples
     from nacd.models import load_model, resolve_device
+    from nacd.select import select_examples
     from nacd.train import add_lora
 
     cfg = load_config(config, [*overrides, f"run.out_dir={run_dir}"])

@@ -268,9 +268,9 @@ def test_meta_batch_gradient_is_the_mean_of_single_draw_gradients(prepared):
     from nacd.config import ModelConfig
     from nacd.data import tokenize_corpus
     from nacd.experts import ExpertStore
-    from nacd.finetune import read_ids, select_examples
     from nacd.models import load_model
     from nacd.panel import sample_draw
+    from nacd.select import read_ids, select_examples
     from nacd.train import add_lora
 
     model, tok = load_model(ModelConfig(spec=cfg.model.spec), torch.device("cpu"), needs_double_backward=True)

@@ -64,7 +64,7 @@ def check(config: Any) -> None:
 
 
 def selected_ids(config: Any, run_dir: RunDir) -> tuple[list[str], Path]:
-    from nacd.finetune import read_ids
+    from nacd.select import read_ids
 
     path = Path(config.distill.ids_file) if config.distill.ids_file else run_dir.select_dir / "selection.json"
     if not path.is_file():
@@ -438,8 +438,8 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     """``nacd distill``: distill D_sel against the run's expert trajectories; resumable."""
     from nacd.data import load_corpus, tokenize_corpus
     from nacd.experts import ExpertStore
-    from nacd.finetune import select_examples
     from nacd.models import load_model, model_fingerprint, resolve_device
+    from nacd.select import select_examples
     from nacd.tm import TOKEN_INITS, Student, instruction_rows
     from nacd.train import add_lora, lora_parameters, tokenized_hash
 

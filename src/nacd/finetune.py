@@ -15,7 +15,6 @@ Output, ``<run>/finetune/<variant>/``::
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass, replace
@@ -31,44 +30,12 @@ from nacd.artifacts import (
     write_manifest,
 )
 from nacd.errors import NacdError
+from nacd.select import read_ids, select_examples
 from nacd.train import CheckpointEvery, TrainLoop, init_lora, lora_parameters, setup_training
 
 log = logging.getLogger(__name__)
 
 KIND = "finetune"
-
-
-def read_ids(path: str | Path) -> list[str]:
-    """Example ids from a JSON list, a JSON object with ``ids``, or a text file with one id per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise NacdError(f"ids file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            body = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise NacdError(f"{path}: not valid JSON ({exc})") from None
-        ids = body.get("ids") if isinstance(body, dict) else body
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise NacdError(f"{path}: field 'ids' must be a list of example id strings")
-    else:
-        ids = [line.strip() for line in text.splitlines() if line.strip()]
-    if not ids:
-        raise NacdError(f"{path}: no example ids")
-    return ids
-
-
-def select_examples(examples: list[Any], ids: list[str], where: str) -> list[Any]:
-    """The examples whose ids are listed, in the listed order; unknown ids are an error."""
-    by_id = {ex.id: ex for ex in examples}
-    unknown = [i for i in ids if i not in by_id]
-    if unknown:
-        raise NacdError(
-            f"{where}: {len(unknown)} id(s) not in the corpus, e.g. {unknown[:3]} "
-            "(was the selection made with other data settings?)"
-        )
-    return [by_id[i] for i in ids]
 
 
 def check(config: Any) -> None:

@@ -88,6 +88,42 @@ def _top(keys: np.ndarray, count: int) -> np.ndarray:
     return np.argsort(-keys, kind="stable")[:count]
 
 
+# --------------------------------------------------------------------------- ids of a selection
+
+
+def read_ids(path: str | Path) -> list[str]:
+    """Example ids from a JSON list, a JSON object with ``ids``, or a text file with one id per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise NacdError(f"ids file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise NacdError(f"{path}: not valid JSON ({exc})") from None
+        ids = body.get("ids") if isinstance(body, dict) else body
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise NacdError(f"{path}: field 'ids' must be a list of example id strings")
+    else:
+        ids = [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+        raise NacdError(f"{path}: no example ids")
+    return ids
+
+
+def select_examples(examples: list[Any], ids: list[str], where: str) -> list[Any]:
+    """The examples whose ids are listed, in the listed order; unknown ids are an error."""
+    by_id = {ex.id: ex for ex in examples}
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise NacdError(
+            f"{where}: {len(unknown)} id(s) not in the corpus, e.g. {unknown[:3]} "
+            "(was the selection made with other data settings?)"
+        )
+    return [by_id[i] for i in ids]
+
+
 # --------------------------------------------------------------------------- BM25
 
 
