@@ -140,6 +140,36 @@ def shutil_rm(path):
     shutil.rmtree(path)
 
 
+def test_a_finished_set_survives_fewer_iterations_and_a_damaged_checkpoint(prepared):
+    cfg, run_dir, overrides = prepared
+    base = [*overrides, *REACHABLE, "distill.panel_size=0"]
+    done = distill.run(load_config(None, [*base, "distill.iterations=4"]), run_dir)
+    folder, ckpt = run_dir.distill_dir, run_dir.distill_dir / "checkpoint"
+    before = (folder / "prompts.safetensors").read_bytes()
+
+    def intact():  # the finished 4-iteration set is still there, complete, loadable
+        again = distill.DistilledSet.load(folder)
+        assert again.manifest["complete"] and again.manifest["iterations"] == 4
+        assert (folder / "prompts.safetensors").read_bytes() == before and torch.equal(again.prompts, done.prompts)
+
+    with pytest.raises(NacdError, match=r"finished distillation of 4 iterations, more than distill.iterations=2"):
+        distill.run(load_config(None, [*base, "distill.iterations=2"]), run_dir)
+    intact()
+    (ckpt / "state.safetensors").write_bytes((ckpt / "state.safetensors").read_bytes()[:100])  # truncated
+    with pytest.raises(NacdError, match=r"checkpoint/state.safetensors: .*damaged"):
+        distill.run(load_config(None, [*base, "distill.iterations=6"]), run_dir)
+    intact()
+    (ckpt / "state.json").write_text("{not json")
+    with pytest.raises(NacdError, match=r"checkpoint/state.json: JSONDecodeError.*damaged"):
+        distill.run(load_config(None, [*base, "distill.iterations=6"]), run_dir)
+    intact()
+    shutil_rm(ckpt)
+    with pytest.raises(NacdError, match=r"checkpoint: missing, so the finished 4-iteration distillation cannot"):
+        distill.run(load_config(None, [*base, "distill.iterations=6"]), run_dir)
+    intact()
+    assert distill.run(load_config(None, [*base, "distill.iterations=4"]), run_dir).manifest["iterations"] == 4
+
+
 def test_experts_of_another_lora_config_are_refused(prepared):
     cfg, run_dir, overrides = prepared
     other = load_config(None, [*overrides, *REACHABLE, "lora.r=4"])

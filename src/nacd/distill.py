@@ -220,6 +220,11 @@ def distill(
     state = DistillState()
     if (ckpt / "state.json").is_file():
         state = load_checkpoint(ckpt, syn, log_alpha, opts, gen)
+        if state.iteration > dc.iterations:
+            raise NacdError(
+                f"{ckpt}: the checkpoint is at iteration {state.iteration}, past distill.iterations={dc.iterations}; "
+                f"use another run.out_dir to distill {dc.iterations} iterations, or ask for {state.iteration} or more"
+            )
         trim_jsonl(history_path, state.iteration)
         trim_jsonl(panel_path, state.iteration)
         log.info("distill: resumed from %s at iteration %d", ckpt, state.iteration)
@@ -470,11 +475,24 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     folder = run_dir.distill_dir
     hint = f"delete {folder} to distill again with these settings"
     existing = read_matching_manifest(folder, KIND, identity, hint)
-    if existing is not None and existing.get("complete") and existing.get("iterations") == config.distill.iterations:
+    finished = existing.get("iterations") if existing is not None and existing.get("complete") else None
+    if finished == config.distill.iterations:
         log.info("distill: complete in %s, skipped", folder)
         return DistilledSet.load(folder)
+    if finished is not None and finished > config.distill.iterations:
+        raise NacdError(
+            f"{folder}: holds a finished distillation of {finished} iterations, more than "
+            f"distill.iterations={config.distill.iterations}; it is kept as it is. Use another run.out_dir to "
+            f"distill {config.distill.iterations} iterations, or ask for {finished} or more to keep or continue it"
+        )
+    if finished is not None and not (folder / "checkpoint" / "state.json").is_file():
+        raise NacdError(
+            f"{folder / 'checkpoint'}: missing, so the finished {finished}-iteration distillation cannot be "
+            f"continued to {config.distill.iterations}; it is kept as it is. Use another run.out_dir to distill anew"
+        )
     folder.mkdir(parents=True, exist_ok=True)
-    write_manifest(folder, KIND, **identity, complete=False)
+    if finished is None:  # a finished set stays valid until its continuation is written
+        write_manifest(folder, KIND, **identity, complete=False)
     student = Student(model, data, tokenizer.pad_token_id)
     if config.distill.nearest == "text":
         import torch

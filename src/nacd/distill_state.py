@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from nacd.artifacts import atomic_dir, atomic_save_safetensors, atomic_write_text, read_jsonl
+from nacd.errors import NacdError
 
 
 @dataclass
@@ -45,8 +46,17 @@ def load_checkpoint(folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any]
 
     from nacd.train import restore_optimizer
 
-    body = json.loads((folder / "state.json").read_text())
-    tensors = load_file(folder / "state.safetensors")
+    hint = f"the distillation checkpoint is damaged; restore it, or delete {folder.parent} to distill from iteration 0"
+    try:
+        body = json.loads((folder / "state.json").read_text())
+        DistillState(**body["state"])
+        body["optimizers"]  # noqa: B018 (checked here, used below)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NacdError(f"{folder / 'state.json'}: {type(exc).__name__}: {exc}; {hint}") from None
+    try:
+        tensors = load_file(folder / "state.safetensors")
+    except Exception as exc:  # missing, truncated or not safetensors
+        raise NacdError(f"{folder / 'state.safetensors'}: {type(exc).__name__}: {exc}; {hint}") from None
     with torch.no_grad():
         syn.copy_(tensors["syn"])
         log_alpha.copy_(tensors["log_alpha"].reshape(log_alpha.shape))
