@@ -73,3 +73,5 @@ def test_fit_alpha_walks_the_grid_to_the_minimum():
     assert best == 1.0 and [a for a, _ in curve] == pytest.approx([0.5, 1, 2])
     best, _ = fit_alpha(bowl(1e6), 1.0, max_steps=3)  # the walk is bounded
     assert best == pytest.approx(8.0)
+    best, curve = fit_alpha(bowl(9.0), 0.3, factor=3.0)  # any factor, any start (no float round trips)
+    assert best == pytest.approx(8.1) and len(curve) == 5

@@ -152,7 +152,7 @@ def test_auto_unroll_takes_naive_where_it_fits_and_flat_where_not(tiny_llama_dir
     assert step > 0  # one step's second-order graph holds memory
     info = unrolls.choose_unroll("auto", student, theta0, target, alpha, syn.float(), batches)
     assert info["used"] == "naive" and info["naive_bytes"] < info["free_bytes"] / 2
-    monkeypatch.setattr(unrolls, "_memory", lambda: (0, 1024))  # 1 kB free: naive cannot fit
+    monkeypatch.setattr(unrolls, "_available_memory", lambda: 1024)  # 1 kB free: naive cannot fit
     info = unrolls.choose_unroll("auto", student, theta0, target, alpha, syn.float(), batches)
     assert info["used"] == "flat" and info["free_bytes"] == 1024
     assert unrolls.choose_unroll("flat", student, theta0, target, alpha, syn, batches) == {

@@ -18,7 +18,7 @@ Output, ``<run>/distill/``::
     history.jsonl        per iteration: L_distill, L_reg, L, alpha, the draws (expert run, start epoch), seconds
     panel.jsonl          per evaluation of the held-out panel: the prompt gain (:mod:`nacd.panel`)
     alpha_fit.json       alpha_mode=fitted: the alphas chosen and every (alpha, L_distill) tried
-    unroll.json          unroll=fd: its self-check against flat, and the mode used
+    unroll.json          unroll=auto or fd: the mode used and why (naive's memory; fd's self-check against flat)
     manifest.json        kind "distilled": ids in order, alpha, model fingerprint, config, dims
     checkpoint/          D_syn, alpha, optimizer and RNG state every distill.checkpoint_every iterations
                          (kept at the end: a rerun with more iterations continues from it)

@@ -607,15 +607,6 @@ def _forward(model: Any, inputs: dict[str, Any], keep: Any) -> Any:
         return model(**inputs)
 
 
-def _cache_keyword(model: Any) -> str:
-    """The forward's key-value cache argument: ``cache`` (transformers >= 5.2x; ``past_key_values`` warns
-    there and goes in 5.40), or ``past_key_values`` in the releases before."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft wrapper
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 def _score_packed(model: Any, groups: Sequence[_Group], prefix: int = 0) -> list[list[tuple[float, int]]]:
     """Log-prob and token count of every continuation of ``groups``, in one forward pass (two with a
     shared ``prefix``: its first ``prefix`` context tokens, the same in every group, run once and are cached)."""
@@ -626,9 +617,11 @@ def _score_packed(model: Any, groups: Sequence[_Group], prefix: int = 0) -> list
     if prefix:
         head = torch.tensor([groups[0].context[:prefix]], device=param.device)
         out = _forward(model, {"input_ids": head, "use_cache": True}, 1)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        # transformers >= 5.2x returns and takes ``cache`` (``past_key_values`` warns there, goes in 5.40)
+        key = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
+        cache = out[key]
         cache.batch_repeat_interleave(len(groups))
-        inputs.update({_cache_keyword(model): cache, "use_cache": True})
+        inputs.update({key: cache, "use_cache": True})
     else:
         inputs["use_cache"] = False
     logits = _forward(model, inputs, keep).logits[:, -keep:]

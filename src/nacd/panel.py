@@ -224,12 +224,13 @@ def fit_alpha(
     down instead; at most ``max_steps`` steps. Returns (best alpha, every (alpha, loss) evaluated, sorted)."""
     curve = {alpha0: float(loss_at(alpha0))}
     for direction in (factor, 1.0 / factor):
-        alpha = alpha0
+        alpha, previous = alpha0, curve[alpha0]
         for _ in range(max_steps):
             alpha *= direction
             curve[alpha] = float(loss_at(alpha))
-            if curve[alpha] >= curve[alpha / direction]:
+            if curve[alpha] >= previous:
                 break
+            previous = curve[alpha]
         if min(curve, key=curve.get) != alpha0:  # the walk up found a better alpha: no need to go down
             break
     best = min(curve, key=curve.get)
@@ -240,11 +241,17 @@ def fit_alphas(panel: Panel, alpha0: float, n_alpha: int) -> tuple[list[float], 
     """``distill.alpha_mode=fitted``: alpha fitted to ``panel``'s draws (training draws, never the held-out
     panel's) with the initial prompts, one per start epoch when ``n_alpha`` > 1 (each on its epoch's draws),
     then frozen: what L_distill then loses is the prompts' doing alone."""
+    import torch
+
     alphas, curves = [], []
     for epoch in range(n_alpha):
-        draws = [d for d in panel.draws if n_alpha == 1 or d.start_epoch == epoch]
-        sub = Panel(panel.student, draws, panel.snapshot, panel.expert_epochs, panel.initial, panel.clip, panel.seed)
-        best, curve = fit_alpha(lambda a, sub=sub: sub.evaluate(sub.initial, lambda _t: a)["l_current_mean"], alpha0)
+        mine = [(i, d) for i, d in enumerate(panel.draws) if n_alpha == 1 or d.start_epoch == epoch]
+
+        def loss_at(alpha: float, mine: list = mine) -> float:
+            with torch.no_grad():
+                return _mean([panel._measure(i, d, alpha, panel.initial)[0] for i, d in mine])
+
+        best, curve = fit_alpha(loss_at, alpha0)
         alphas.append(best)
         curves.append(curve)
     return alphas, curves

@@ -289,18 +289,15 @@ def unroll(
     raise NacdError(f"distill.unroll={mode!r}: expected auto, flat, naive or fd")
 
 
-def _memory() -> tuple[int, int]:
-    """(bytes this process holds, bytes the system could still give it) on the CPU; (0, 0) without Linux /proc."""
+def _available_memory() -> int:
+    """Bytes the system could still give this process on the CPU (Linux MemAvailable); 0 without /proc."""
     from pathlib import Path
 
-    found = {}
-    for path, key in (("/proc/self/status", "VmRSS"), ("/proc/meminfo", "MemAvailable")):
-        try:
-            line = next(x for x in Path(path).read_text().splitlines() if x.startswith(key + ":"))
-            found[key] = int(line.split()[1]) * 1024  # kB
-        except (OSError, StopIteration, ValueError, IndexError):
-            found[key] = 0
-    return found["VmRSS"], found["MemAvailable"]
+    try:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024  # kB
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0
 
 
 def naive_step_bytes(student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, idx: Any) -> int:
@@ -342,7 +339,7 @@ def choose_unroll(
     if requested == "auto":
         device = torch.device(student.device)
         step = naive_step_bytes(student, theta0, alpha, syn, batches[0])
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _memory()[1]
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_memory()
         need = (len(batches) + 1) * step
         info.update(used="naive" if need < free / 2 else "flat", naive_bytes=need, free_bytes=free)
     elif requested == "fd" and fd_check is not None:
