@@ -45,7 +45,10 @@ def test_config_errors_exit_2_without_traceback(capsys):
     code = main(["config", "distill.syn_steps=zero"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.strip() == "nacd config: error: config key 'distill.syn_steps': expected int, got 'zero'"
+    assert (
+        err.strip()
+        == "nacd config: error: config key 'distill.syn_steps': expected int, got 'zero' (from the command-line override 'distill.syn_steps=zero')"
+    )
 
 
 def test_config_prints_resolved_yaml(capsys):

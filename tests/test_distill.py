@@ -169,11 +169,25 @@ def test_a_finished_set_survives_fewer_iterations_and_a_damaged_checkpoint(prepa
     intact()
     assert distill.run(load_config(None, [*base, "distill.iterations=4"]), run_dir).manifest["iterations"] == 4
 
+    # a set distilled before an option existed matches when the option has its default now, not otherwise
+    path = folder / "manifest.json"
+    body = json.loads(path.read_text())
+    del body["distill"]["alpha_fit_draws"]  # default
+    path.write_text(json.dumps(body))
+    assert distill.run(load_config(None, [*base, "distill.iterations=4"]), run_dir).manifest["iterations"] == 4
+    del body["distill"]["alpha_mode"]  # "shared" here, "fixed" by default
+    path.write_text(json.dumps(body))
+    with pytest.raises(NacdError, match=r"field 'distill.alpha_mode' was 'fixed' when this was made, now 'shared'"):
+        distill.run(load_config(None, [*base, "distill.iterations=4"]), run_dir)
+
 
 def test_experts_of_another_lora_config_are_refused(prepared):
     cfg, run_dir, overrides = prepared
     other = load_config(None, [*overrides, *REACHABLE, "lora.r=4"])
-    with pytest.raises(NacdError, match=r"run_000/manifest.json: field 'parameters'.*record the experts again"):
+    with pytest.raises(
+        NacdError,
+        match=r"run_000/manifest.json: field 'lora.r' was 8 when this was made, now 4; record the experts again",
+    ):
         distill.run(other, run_dir)
     assert not run_dir.distill_dir.exists()
 

@@ -321,6 +321,26 @@ def test_interrupted_features_resume_from_complete_shards(reference, tmp_path, m
     calls.clear()
     assert less_scores(cfg, examples, targets, workdir) == ref_scores
     assert calls == [8]
+    # a truncated shard (the manifest records every shard's size and sha256) is computed again, alone
+    shard = workdir / "features" / "epoch_001" / "train" / "shard_00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:200])
+    calls.clear()
+    assert less_scores(cfg, examples, targets, workdir) == ref_scores
+    assert calls == [8]
+    # one of the same size but other bytes is caught when read, and named
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x55
+    shard.write_bytes(bytes(data))
+    with pytest.raises(NacdError, match=r"shard_00002.safetensors: its sha256 differs .*delete it and rerun"):
+        less_scores(cfg, examples, targets, workdir)
+    shard.unlink()
+    # a damaged warm-up snapshot stops LESS before any feature is computed, naming the file
+    snap = workdir / "warmup" / "epoch_001.safetensors"
+    snap.write_bytes(snap.read_bytes()[:-10])
+    calls.clear()
+    with pytest.raises(NacdError, match=r"warmup/epoch_001.safetensors: \d+ bytes, its manifest recorded"):
+        less_scores(cfg, examples, targets, workdir)
+    assert calls == []
 
 
 def test_changed_settings_refuse_the_warmup_or_redo_the_features(reference, tmp_path, caplog):
@@ -328,7 +348,9 @@ def test_changed_settings_refuse_the_warmup_or_redo_the_features(reference, tmp_
     workdir = tmp_path / "less"
     shutil.copytree(ref_dir, workdir)
     other_lora = _config(Path(cfg.model.spec), Path(cfg.data.root), "lora.r=4")
-    with pytest.raises(NacdError, match=r"warmup/manifest.json: field 'lora' was .* delete .*warmup"):
+    with pytest.raises(
+        NacdError, match=r"warmup/manifest.json: field 'lora.r' was 8 when this was made, now 4; delete .*warmup"
+    ):
         less_scores(other_lora, examples, targets, workdir)
     other_dim = _config(Path(cfg.model.spec), Path(cfg.data.root), "select.less.proj_dim=512")
     with caplog.at_level(logging.INFO, logger="nacd.less"):

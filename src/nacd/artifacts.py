@@ -16,10 +16,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from nacd.errors import io_error
 
 MANIFEST_SCHEMA_VERSION = 1
 
@@ -41,8 +43,11 @@ log = logging.getLogger(__name__)
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise io_error(exc, path, "write") from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -50,9 +55,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # a full disk, no permission: one line naming the file
+            raise io_error(exc, path, "write") from exc
         raise
     return path
 
@@ -79,16 +86,21 @@ def atomic_save_safetensors(
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it into place only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise io_error(exc, path, "write") from exc
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise io_error(exc, path, "write") from exc
         raise
 
 
@@ -106,6 +118,100 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Hash of a JSON-able object, independent of dict key order."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def file_record(path: str | Path) -> dict[str, Any]:
+    """What a manifest records of a file it stands for: its size in bytes and its sha256."""
+    path = Path(path)
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def record_files(folder: str | Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{name: file_record}`` for the files ``names`` of ``folder`` (a manifest's ``files`` field)."""
+    return {name: file_record(Path(folder) / name) for name in names}
+
+
+def _damaged(path: Path, what: str, fix: str) -> Exception:
+    from nacd.errors import NacdError
+
+    return NacdError(f"{path}: {what}; {fix}" if fix else f"{path}: {what}")
+
+
+def verify_file(path: str | Path, record: Mapping[str, Any] | None, fix: str, *, deep: bool = False) -> None:
+    """Stop with a message naming ``path``, what is wrong and ``fix`` (how to rebuild it) when the file
+    is missing, or differs in size (always checked: cheap) or in sha256 (``deep``) from ``record``.
+    ``record`` None (a manifest written before nacd recorded files) checks only that the file exists."""
+    path = Path(path)
+    if not path.is_file():
+        raise _damaged(path, "missing", fix)
+    if record is None:
+        return
+    size = path.stat().st_size
+    if size != record["size"]:
+        raise _damaged(path, f"{size} bytes, its manifest recorded {record['size']} (truncated or replaced)", fix)
+    if deep and sha256_file(path) != record["sha256"]:
+        raise _damaged(path, "its sha256 differs from its manifest's (damaged or replaced)", fix)
+
+
+def verify_files(
+    folder: str | Path, files: Mapping[str, Mapping[str, Any]] | None, fix: str, *, deep: bool = False
+) -> None:
+    """:func:`verify_file` for every file of a manifest's ``files`` field."""
+    for name, record in (files or {}).items():
+        verify_file(Path(folder) / name, record, fix, deep=deep)
+
+
+def read_verified(path: str | Path, record: Mapping[str, Any] | None = None, fix: str = "") -> bytes:
+    """The bytes of ``path``, checked against ``record`` (size and sha256: the file is read anyway)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _damaged(path, "missing", fix) from None
+    except OSError as exc:
+        raise _damaged(path, f"cannot be read ({exc.strerror or exc})", fix) from None
+    if record is not None:
+        if len(data) != record["size"]:
+            raise _damaged(
+                path, f"{len(data)} bytes, its manifest recorded {record['size']} (truncated or replaced)", fix
+            )
+        if hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise _damaged(path, "its sha256 differs from its manifest's (damaged or replaced)", fix)
+    return data
+
+
+def load_tensors(
+    path: str | Path, record: Mapping[str, Any] | None = None, fix: str = "", device: Any = None
+) -> dict[str, Any]:
+    """A safetensors file's tensors, read once, checked against ``record`` and parsed; any fault (missing,
+    truncated, not safetensors, another sha256) is a :class:`~nacd.errors.NacdError` naming the file."""
+    from safetensors.torch import load
+
+    data = read_verified(path, record, fix)
+    try:
+        tensors = load(data)
+    except Exception as exc:  # safetensors raises its own error types for a damaged header or body
+        raise _damaged(Path(path), f"not a readable safetensors file ({exc})", fix) from None
+    if device is not None and str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors
+
+
+def read_checkpoint_body(folder: Path, fix: str, state_type: type, key: str) -> dict[str, Any]:
+    """A checkpoint folder's ``state.json``: valid JSON whose ``state`` builds a ``state_type`` and which holds
+    ``key`` (the optimizers' JSON part); otherwise an error naming the file, the fault and ``fix``."""
+    from nacd.errors import NacdError
+
+    try:
+        body = json.loads(read_verified(folder / "state.json", None, fix).decode("utf-8"))
+        state_type(**body["state"])
+        body[key]  # noqa: B018 (checked here, used by the caller)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NacdError(f"{folder / 'state.json'}: {type(exc).__name__}: {exc}; {fix}") from None
+    return body
 
 
 # --------------------------------------------------------------------------- manifests
@@ -157,13 +263,28 @@ class MetricsWriter:
 
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, default=float) + "\n")
+        except OSError as exc:
+            raise io_error(exc, self.path, "append to") from exc
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def trim_jsonl(path: str | Path, last: int, key: str = "iteration") -> None:
+    """Keep the rows of ``path`` whose ``key`` is at most ``last`` (a resume redoes what came after its
+    checkpoint, so the rows it would duplicate go); nothing to do if there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    rows = read_jsonl(path)
+    kept = [r for r in rows if r.get(key, 0) <= last]
+    if len(kept) != len(rows):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # --------------------------------------------------------------------------- run folder
@@ -270,7 +391,27 @@ def check_identity(folder: str | Path, existing: Mapping[str, Any], identity: Ma
 
     for key, value in identity.items():
         if existing.get(key) != value:
+            where, then, now = first_difference(existing.get(key), value, key)
             raise NacdError(
-                f"{Path(folder) / MANIFEST_NAME}: field '{key}' was {existing.get(key)!r} when this was made, "
-                f"now {value!r}; {hint}"
+                f"{Path(folder) / MANIFEST_NAME}: field '{where}' was {_short(then)} when this was made, "
+                f"now {_short(now)}; {hint}"
             )
+
+
+_ABSENT = "<absent>"
+
+
+def first_difference(then: Any, now: Any, path: str) -> tuple[str, Any, Any]:
+    """The dotted path of the first leaf where two JSON-like values differ, and both leaves there
+    (``lora.r``, 4, 8 rather than two whole dicts)."""
+    if isinstance(then, Mapping) and isinstance(now, Mapping):
+        for key in [*now, *(k for k in then if k not in now)]:
+            a, b = then.get(key, _ABSENT), now.get(key, _ABSENT)
+            if a != b:
+                return first_difference(a, b, f"{path}.{key}")
+    return path, then, now
+
+
+def _short(value: Any, width: int = 160) -> str:
+    text = value if value is _ABSENT else repr(value)
+    return text if len(text) <= width else f"{text[: width - 20]}... ({len(text)} characters)"

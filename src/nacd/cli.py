@@ -9,15 +9,19 @@ Every stage command takes ``-c CONFIG.yaml`` and any number of dotted
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 from nacd import __version__
-from nacd.errors import ConfigError, NacdError
+from nacd.errors import ConfigError, NacdError, io_error
 
 log = logging.getLogger("nacd")
+_run_log: Path | None = None  # the current stage command's nacd.log, for errors raised before it is opened
 
 STAGE_COMMANDS = {
     "select": ("select", "Step 0: select D_sel from D_full (random, bm25, dsir, less)."),
@@ -178,10 +182,63 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(cfg.run.num_threads)
     module = importlib.import_module(f"nacd.{STAGE_COMMANDS[args.command][0]}")
-    result = module.run(cfg, RunDir(cfg.run.out_dir))
+    run_dir = RunDir(cfg.run.out_dir)
+    global _run_log
+    _run_log = run_dir.log_path
+    with config_kept_on_refusal(run_dir):
+        result = module.run(cfg, run_dir)
     if args.command == "run":
         _print_report(result, "\n")
     return 0
+
+
+@contextlib.contextmanager
+def config_kept_on_refusal(run_dir: Any) -> Iterator[None]:
+    """A command whose settings are refused (a :class:`NacdError`) leaves the run folder's ``config.yaml``
+    as it found it: the folder keeps describing what it holds, not what was asked and refused."""
+    from nacd.artifacts import atomic_write_bytes
+
+    path = run_dir.config_path
+    before = path.read_bytes() if path.is_file() else None
+    kept = set(run_dir.root.glob("config.*.yaml"))
+    try:
+        yield
+    except NacdError:
+        now = path.read_bytes() if path.is_file() else None
+        if now != before:
+            if before is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(path, before)
+            for backup in set(run_dir.root.glob("config.*.yaml")) - kept:  # what RunDir.init set aside just now
+                if backup.read_bytes() == before:
+                    backup.unlink()
+        raise
+
+
+def log_error(command: str, exc: BaseException) -> None:
+    """Every failure goes to the run's ``nacd.log`` (when a stage opened one): the message as an ERROR
+    line and its traceback as a DEBUG one, so the log tells what happened without a terminal."""
+    if _run_log is None:
+        return
+    target = str(_run_log.resolve())
+    files = [h for h in logging.getLogger().handlers if getattr(h, "baseFilename", None) == target]
+    opened = None
+    if not files and _run_log.parent.is_dir():  # refused before the stage opened its log
+        opened = logging.FileHandler(_run_log, encoding="utf-8")
+        opened.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        files = [opened]
+    message = f"nacd {command}: error: {exc}" if isinstance(exc, NacdError) else f"nacd {command}: {exc!r}"
+    records = [
+        log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), None),
+        log.makeRecord(log.name, logging.DEBUG, __file__, 0, "traceback:", (), (type(exc), exc, exc.__traceback__)),
+    ]
+    for handler in files:
+        for record in records:
+            handler.handle(record)
+        handler.flush()
+    if opened is not None:
+        opened.close()
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -223,12 +280,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return _cmd_report(args)
         return _cmd_stage(args)
+    except OSError as exc:  # a file-system failure outside nacd's own writers: one line naming the path
+        return main_error(args.command, io_error(exc))
     except NacdError as exc:
-        print(f"nacd {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
+        return main_error(args.command, exc)
+    except KeyboardInterrupt as exc:
+        log_error(args.command, exc)
         print(f"nacd {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: the traceback goes to the terminal and to the run's log
+        log_error(args.command, exc)
+        raise
+
+
+def main_error(command: str, exc: NacdError) -> int:
+    log_error(command, exc)
+    print(f"nacd {command}: error: {exc}", file=sys.stderr)
+    return exc.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -762,14 +763,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             tree = _deep_merge(tree, load_yaml(path))
         except ConfigError:
             raise
+    given: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    where = f" (in {path})" if path else ""
+        given[key] = text
     try:
         return build(Config, tree)
     except ConfigError as exc:
-        raise ConfigError(f"{exc}{where}") from None
+        raise ConfigError(f"{exc}{_origin(str(exc), given, path)}") from None
+
+
+def _origin(message: str, given: dict[str, str], path: str | Path | None) -> str:
+    """Where the bad key of ``message`` was set: a command-line override (named) or the config file."""
+    match = re.search(r"config key '([^']+)'", message)
+    bad = match.group(1) if match else None
+    for key, text in given.items():
+        if bad is not None and (bad == key or bad.startswith(key + ".") or key.startswith(bad + ".")):
+            return f" (from the command-line override {text!r})"
+    return f" (in {path})" if path else ""
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -300,12 +300,23 @@ def _read_jsonl(path: Path) -> _Records:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                yield origin, _Bad("", "malformed JSON", f"{exc.msg} at column {exc.colno}")
+                yield origin, _Bad("", "malformed JSON", json_fault(exc, line))
                 continue
             if isinstance(record, dict):
                 yield origin, record
             else:
                 yield origin, _Bad("", "not a JSON object", f"got a JSON {type(record).__name__}")
+
+
+def json_fault(exc: json.JSONDecodeError, line: str) -> str:
+    """Where a JSONL line breaks, with the text there: the decoder's column is where it gave up (the
+    start of a string it could not close), so the line's end and the text around it are shown too."""
+    text = line.rstrip("\r\n")
+    near = text[max(0, exc.pos - 25) : exc.pos + 25]
+    where = f"{exc.msg} at column {exc.colno} (near {near!r})"
+    if exc.msg.startswith("Unterminated string"):
+        where += f"; the line ends at column {len(text)} before the string closes (a line break inside a string?)"
+    return where
 
 
 def _read_json(path: Path) -> _Records:

@@ -42,18 +42,22 @@ from nacd.artifacts import (
     atomic_write_json,
     atomic_write_text,
     check_identity,
+    load_tensors,
     read_jsonl,
     read_manifest,
-    read_matching_manifest,
+    read_verified,
+    record_files,
     setup_logging,
+    trim_jsonl,
     write_manifest,
 )
-from nacd.distill_state import DistillState, load_checkpoint, save_checkpoint, trim_jsonl
+from nacd.distill_state import DistillState, load_checkpoint, save_checkpoint
 from nacd.errors import NacdError
 
 log = logging.getLogger(__name__)
 
 KIND = "distilled"
+DATA_FILES = ("prompts.safetensors", "records.jsonl")  # what the manifest's ``files`` vouches for
 
 
 def check(config: Any) -> None:
@@ -64,11 +68,13 @@ def check(config: Any) -> None:
 
 
 def selected_ids(config: Any, run_dir: RunDir) -> tuple[list[str], Path]:
-    from nacd.select import read_ids
+    from nacd.select import read_ids, verify_selection
 
     path = Path(config.distill.ids_file) if config.distill.ids_file else run_dir.select_dir / "selection.json"
     if not path.is_file():
         raise NacdError(f"distill needs D_sel: no selection at {path}; run `nacd select` or set distill.ids_file")
+    if not config.distill.ids_file:
+        verify_selection(run_dir.select_dir, read_manifest(run_dir.select_dir) or {})
     return read_ids(path), path
 
 
@@ -83,9 +89,9 @@ def check_experts(
         folder = store.folder / f"run_{run:03d}"
         manifest = store.manifest(run)
         hint = "record the experts again with the model and LoRA config being distilled"
+        check_identity(folder, manifest, {"lora": lora}, hint)  # names the setting (lora.r) before the shapes
+        check_identity(folder, manifest, {"base_model": {**manifest["base_model"], "fingerprint": fingerprint}}, hint)
         check_identity(folder, manifest, {"parameters": shapes}, hint)
-        check_identity(folder, manifest["base_model"], {"fingerprint": fingerprint}, hint + " (base_model differs)")
-        check_identity(folder, manifest["lora"], lora, hint)
         epochs = store.epochs(run)
         if max(epochs) < need:
             raise NacdError(
@@ -113,6 +119,20 @@ def _identity(
         "alpha0": alpha0,
         "student_clip_norm": clip,
     }
+
+
+def with_new_defaults(manifest: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with the ``distill`` keys added since it was written filled in at their defaults: a
+    set distilled before a new option existed was made as that option's default makes it, so it stays
+    usable and continuable (a key set to anything else still differs, and is refused)."""
+    from nacd.config import DistillConfig
+
+    made = manifest.get("distill")
+    if not isinstance(made, dict):
+        return manifest
+    defaults = asdict(DistillConfig())
+    added = {k: defaults[k] for k in now if k not in made and k in defaults}
+    return {**manifest, "distill": {**added, **made}}
 
 
 def beta_at(dc: Any, iteration: int) -> float:
@@ -218,7 +238,7 @@ def distill(
     gen = torch.Generator().manual_seed(config.run.seed)
     history_path, panel_path, ckpt = folder / "history.jsonl", folder / "panel.jsonl", folder / "checkpoint"
     state = DistillState()
-    if (ckpt / "state.json").is_file():
+    if ckpt.is_dir():  # renamed into place whole: one with a part missing is refused, not ignored
         state = load_checkpoint(ckpt, syn, log_alpha, opts, gen)
         if state.iteration > dc.iterations:
             raise NacdError(
@@ -435,6 +455,7 @@ def write_distilled(
         skipped_iterations=st.skipped,
         seconds=round(st.seconds, 2),
         mean_nearest_distance=float(dist.mean()),
+        files=record_files(folder, DATA_FILES),
         complete=True,
     )
 
@@ -474,7 +495,9 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     identity = _identity(config, fingerprint, ids, tokenized_hash(data), alpha0, clip)
     folder = run_dir.distill_dir
     hint = f"delete {folder} to distill again with these settings"
-    existing = read_matching_manifest(folder, KIND, identity, hint)
+    existing = read_manifest(folder, KIND)
+    if existing is not None:
+        check_identity(folder, with_new_defaults(existing, identity["distill"]), identity, hint)
     finished = existing.get("iterations") if existing is not None and existing.get("complete") else None
     if finished == config.distill.iterations:
         log.info("distill: complete in %s, skipped", folder)
@@ -485,7 +508,7 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
             f"distill.iterations={config.distill.iterations}; it is kept as it is. Use another run.out_dir to "
             f"distill {config.distill.iterations} iterations, or ask for {finished} or more to keep or continue it"
         )
-    if finished is not None and not (folder / "checkpoint" / "state.json").is_file():
+    if finished is not None and not (folder / "checkpoint").is_dir():
         raise NacdError(
             f"{folder / 'checkpoint'}: missing, so the finished {finished}-iteration distillation cannot be "
             f"continued to {config.distill.iterations}; it is kept as it is. Use another run.out_dir to distill anew"
@@ -528,21 +551,19 @@ class DistilledSet:
 
     @classmethod
     def load(cls, folder: str | Path) -> DistilledSet:
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         manifest = read_manifest(folder, KIND)
         if manifest is None or not manifest.get("complete"):
             raise NacdError(f"{folder}: no complete distilled data set (run `nacd distill`)")
-        tensors = load_file(folder / "prompts.safetensors")
-        return cls(
-            folder,
-            manifest,
-            tensors["prompts"],
-            tensors["nearest_ids"],
-            tensors["nearest_dist"],
-            read_jsonl(folder / "records.jsonl"),
-        )
+        files = manifest.get("files") or {}  # absent in sets written before nacd recorded files
+        fix = f"the distilled set is damaged; delete {folder} and run `nacd distill` again"
+        tensors = load_tensors(folder / "prompts.safetensors", files.get("prompts.safetensors"), fix)
+        text = read_verified(folder / "records.jsonl", files.get("records.jsonl"), fix).decode("utf-8")
+        missing = [key for key in ("prompts", "nearest_ids", "nearest_dist") if key not in tensors]
+        if missing:
+            raise NacdError(f"{folder / 'prompts.safetensors'}: no tensor {missing[0]!r}; {fix}")
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return cls(folder, manifest, tensors["prompts"], tensors["nearest_ids"], tensors["nearest_dist"], records)
 
     @property
     def ids(self) -> list[str]:

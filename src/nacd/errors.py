@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 
 class NacdError(Exception):
     """Base class: an error whose message alone tells the user what to fix."""
@@ -27,3 +30,23 @@ class StageNotImplementedError(NacdError):
     """A pipeline stage that has not been built yet. Never pretends to succeed."""
 
     exit_code = 3
+
+
+_IO_HINTS = {
+    errno.ENOSPC: "free some space and run the same command again: finished work is kept and the stage resumes",
+    errno.EDQUOT: "free some space and run the same command again: finished work is kept and the stage resumes",
+    errno.EACCES: "check the permissions of the folder (run.out_dir) and its files",
+    errno.EPERM: "check the permissions of the folder (run.out_dir) and its files",
+    errno.EROFS: "the file system is read-only; choose another run.out_dir",
+}
+
+
+def io_error(exc: OSError, path: str | Path | None = None, operation: str = "access") -> NacdError:
+    """A file-system failure as one line naming the path and the operation, with what to do about it
+    (a full disk: free space and rerun; no permission: check it). Writes to an open file raise without
+    a file name, so callers that know it pass ``path``."""
+    where = exc.filename or path
+    what = exc.strerror or str(exc) or type(exc).__name__
+    head = f"{where}: cannot {operation}: {what}" if where else f"cannot {operation}: {what}"
+    hint = _IO_HINTS.get(exc.errno or -1)
+    return NacdError(f"{head}; {hint}" if hint else head)

@@ -962,17 +962,29 @@ def apply_adapter(model: Any, adapter: str | Path) -> Any:
     from peft import PeftModel
 
     folder = Path(adapter).expanduser()
-    if not (folder / "adapter_config.json").is_file():
-        raise NacdError(
-            f"eval.adapter={str(adapter)!r}: no adapter_config.json in {folder} "
-            "(expected a peft adapter folder such as <run>/finetune/full/adapter)"
-        )
+    verify_adapter(folder)
     try:
         peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as exc:
-        raise NacdError(f"eval.adapter={str(adapter)!r}: cannot apply it to the model: {exc}") from exc
+        raise NacdError(f"eval.adapter={str(adapter)!r}: cannot apply it to the model: {brief_error(exc)}") from exc
     peft_model.eval()
     return peft_model
+
+
+def brief_error(exc: BaseException, width: int = 300) -> str:
+    """The first line of a long library error (torch lists every mismatched tensor), with a count of the rest:
+    an adapter of another model gives hundreds of ``size mismatch`` lines."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    detail = next((line for line in lines[1:] if line.startswith("size mismatch")), None)
+    head = lines[0] if detail is None else f"{lines[0]} {detail}"
+    head = head if len(head) <= width else head[: width - 3] + "..."
+    more = sum(line.startswith("size mismatch") for line in lines) - (detail is not None)
+    rest = len(lines) - 1 - (detail is not None)
+    if more > 0:
+        return f"{head} (and {more} more size mismatches: the adapter was made for another model)"
+    return f"{head} (and {rest} more lines)" if rest > 0 else head
 
 
 def _safe(text: str) -> str:
@@ -1010,6 +1022,24 @@ def _adapter_identity(adapter: str | None) -> dict[str, Any] | None:
     }
 
 
+def verify_adapter(adapter: str | Path) -> None:
+    """Stop before any model is loaded when ``adapter`` is no peft adapter folder, or when it is a nacd
+    tuning's adapter whose files differ from what that tuning's manifest records."""
+    from nacd.artifacts import read_manifest, verify_files
+
+    folder = Path(adapter).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise NacdError(
+            f"eval.adapter={str(adapter)!r}: no adapter_config.json in {folder} "
+            "(expected a peft adapter folder such as <run>/finetune/full/adapter)"
+        )
+    owner = folder.parent
+    body = read_manifest(owner) if folder.name == "adapter" and (owner / "manifest.json").is_file() else None
+    if body is not None and body.get("kind") == "finetune":
+        fix = f"the adapter is damaged; delete {owner} and run `nacd finetune` again"
+        verify_files(owner, body.get("files"), fix, deep=True)
+
+
 def check(config: Any) -> None:
     """Raise if this stage cannot run with ``config`` (cheap: nothing is loaded)."""
     ec = config.eval
@@ -1042,14 +1072,18 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
         atomic_write_json,
         atomic_write_text,
         read_manifest,
+        record_files,
         setup_logging,
         sha256_json,
+        verify_files,
         write_manifest,
     )
     from nacd.models import describe, load_model, model_fingerprint, resolve_device
 
     check(config)
     ec = config.eval
+    if ec.adapter:  # here, not in check(): `nacd run` checks every stage before its tunings write adapters
+        verify_adapter(ec.adapter)
     benchmarks = [load_benchmark(spec, ec.split, config.data.root) for spec in ec.benchmarks]  # data errors first
     run_dir.init(config)
     setup_logging(config.run.log_level, run_dir.log_path)
@@ -1076,9 +1110,16 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
     existing = read_manifest(folder, KIND)
     if existing is not None and existing.get("complete") and (folder / "results.json").is_file():
         if all(existing.get(k) == v for k, v in identity.items()):
-            log.info("eval %s: complete in %s, skipped", name, folder)
-            return json.loads((folder / "results.json").read_text(encoding="utf-8"))
-        log.warning("eval %s: %s was made with other settings; evaluating again", name, folder)
+            try:
+                verify_files(folder, existing.get("files"), "", deep=True)
+                body = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+            except (NacdError, ValueError) as exc:  # the evaluation is its own rebuild: redo it, saying why
+                log.warning("eval %s: %s; evaluating again", name, exc)
+            else:
+                log.info("eval %s: complete in %s, skipped", name, folder)
+                return body
+        else:
+            log.warning("eval %s: %s was made with other settings; evaluating again", name, folder)
     if ec.adapter:
         model = apply_adapter(model, ec.adapter)
     start = time.time()
@@ -1101,6 +1142,7 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
             protocols={k: {"protocol": v["protocol"], "num_fewshot": v["num_fewshot"]} for k, v in results.items()},
             n_questions={k: v["n"] for k, v in results.items()},
             seconds=round(time.time() - start, 2),
+            files=record_files(tmp, ["results.json", "samples.jsonl"]),
             complete=True,
         )
     log.info("eval %s: results in %s", name, folder / "results.json")

@@ -32,9 +32,12 @@ from nacd.artifacts import (
     MetricsWriter,
     RunDir,
     atomic_save_safetensors,
+    file_record,
+    load_tensors,
     read_manifest,
     read_matching_manifest,
     setup_logging,
+    verify_file,
     write_manifest,
 )
 from nacd.errors import NacdError
@@ -62,7 +65,7 @@ class SnapshotCallback(Callback):
             st = loop.state
             meta = {"epoch": str(epoch if epoch is not None else ""), "step": str(st.step), "loss": str(loss)}
             atomic_save_safetensors(lora_state(loop.model), self.folder / name, meta)
-            entry = {"file": name, "epoch": epoch, "step": st.step, "loss": loss}
+            entry = {"file": name, "epoch": epoch, "step": st.step, "loss": loss, **file_record(self.folder / name)}
             snaps = [s for s in self.manifest["snapshots"] if s["file"] != name] + [entry]
             self.manifest["snapshots"] = sorted(snaps, key=lambda s: (s["step"], s["epoch"] is None))
             write_manifest(self.folder, KIND, **self.manifest)
@@ -103,6 +106,8 @@ def train_expert(config: Any, setup: TrainingSetup, folder: Path, index: int) ->
     seed = config.run.seed + index
     identity = _identity(config, setup, seed)
     existing = read_matching_manifest(folder, KIND, identity, f"delete {folder} or choose another run.out_dir")
+    if existing is not None:  # what a skip or a resume trusts: every snapshot listed, at its recorded size
+        verify_snapshots(folder, existing)
     if existing is not None and existing.get("complete"):
         log.info("expert %d: complete in %s, skipped", index, folder)
         return existing
@@ -132,6 +137,18 @@ def train_expert(config: Any, setup: TrainingSetup, folder: Path, index: int) ->
     return manifest
 
 
+def snapshot_fix(folder: Path) -> str:
+    return f"delete {folder} and run `nacd experts` again to record it anew"
+
+
+def verify_snapshots(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every snapshot an expert run's manifest lists exists at its recorded size (cheap: no hashing;
+    each snapshot's sha256 is checked when it is loaded)."""
+    for entry in manifest.get("snapshots", []):
+        record = {"size": entry["size"], "sha256": entry["sha256"]} if "size" in entry else None
+        verify_file(folder / entry["file"], record, snapshot_fix(folder))
+
+
 def check(config: Any) -> None:
     """Raise if this stage cannot run with ``config`` (every valid config can)."""
 
@@ -157,6 +174,7 @@ class ExpertStore:
         for sub in sorted(self.folder.glob("run_*")):
             body = read_manifest(sub, KIND)
             if body is not None and body.get("complete"):
+                verify_snapshots(sub, body)  # a damaged run stops its reader before any work, not hours in
                 self._manifests[int(body["index"])] = body
 
     @property
@@ -172,12 +190,10 @@ class ExpertStore:
         return [s["epoch"] for s in self.manifest(run)["snapshots"] if s["epoch"] is not None]
 
     def _load(self, run: int, name: str, device: Any = None) -> dict[str, Any]:
-        from safetensors.torch import load_file
-
-        path = self.folder / f"run_{run:03d}" / name
-        if not path.is_file():
-            raise NacdError(f"{path}: snapshot missing (listed in the manifest of expert run {run})")
-        return load_file(path, device=str(device) if device is not None else "cpu")
+        folder = self.folder / f"run_{run:03d}"
+        entry = next((s for s in self.manifest(run)["snapshots"] if s["file"] == name), {})
+        record = {"size": entry["size"], "sha256": entry["sha256"]} if "size" in entry else None
+        return load_tensors(folder / name, record, snapshot_fix(folder), device)
 
     def snapshot(self, run: int, epoch: int, device: Any = None) -> dict[str, Any]:
         """LoRA parameters of expert ``run`` at the end of ``epoch`` (0 = before training)."""

@@ -26,7 +26,9 @@ from nacd.artifacts import (
     RunDir,
     atomic_dir,
     read_matching_manifest,
+    record_files,
     setup_logging,
+    verify_files,
     write_manifest,
 )
 from nacd.errors import NacdError
@@ -186,6 +188,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     }
     existing = read_matching_manifest(folder, KIND, identity, f"delete {folder} or set finetune.name to a new variant")
     if existing is not None and existing.get("complete"):
+        verify_files(folder, existing.get("files"), f"delete {folder} and run `nacd finetune` again")
         log.info("finetune %s: complete in %s, skipped", variant, folder)
         return existing
     folder.mkdir(parents=True, exist_ok=True)
@@ -222,6 +225,9 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
         with atomic_dir(folder / "adapter") as tmp:
             setup.model.save_pretrained(tmp)
         manifest.update(
+            files=record_files(
+                folder, sorted(f"adapter/{p.name}" for p in (folder / "adapter").iterdir() if p.is_file())
+            ),
             complete=True,
             final_loss=state.last_loss,
             seconds=round(state.seconds, 2),

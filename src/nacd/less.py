@@ -66,9 +66,13 @@ from typing import Any
 from nacd.artifacts import (
     MetricsWriter,
     atomic_save_safetensors,
+    file_record,
+    load_tensors,
     read_manifest,
     read_matching_manifest,
+    record_files,
     sha256_file,
+    verify_file,
     write_manifest,
 )
 from nacd.errors import NacdError
@@ -492,6 +496,7 @@ class WarmupSnapshots(Callback):
         if loop.is_main:
             tensors, metadata = self._snapshot(loop)
             atomic_save_safetensors(tensors, self.folder / name, {**metadata, "lr_avg": repr(lr_avg)})
+            entry.update(file_record(self.folder / name))
             write_manifest(self.folder, WARMUP_KIND, **self.manifest)
         return True
 
@@ -530,6 +535,8 @@ def run_warmup(config: Any, setup: Any, data: Sequence[Any], folder: Path) -> li
     }
     hint = f"delete {folder} to redo the warm-up (its features are then recomputed) or choose another run.out_dir"
     existing = read_matching_manifest(folder, WARMUP_KIND, identity, hint)
+    for entry in (existing or {}).get("snapshots", []):  # what a skip or a resume trusts, at its recorded size
+        verify_file(folder / entry["file"], _record(entry), hint)
     if existing is not None and existing.get("complete"):
         log.info("LESS warm-up: complete in %s, skipped", folder)
         return existing["snapshots"]
@@ -560,15 +567,21 @@ def run_warmup(config: Any, setup: Any, data: Sequence[Any], folder: Path) -> li
     return manifest["snapshots"]
 
 
-def load_warmup_snapshot(path: Path, names: Sequence[str]) -> tuple[dict[str, Any], AdamMoments]:
-    """The LoRA parameters and the flattened Adam moments (in the order of ``names``) of a snapshot."""
+def _record(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The size and sha256 a manifest's snapshot entry records (None in manifests from before the records)."""
+    return {"size": entry["size"], "sha256": entry["sha256"]} if "size" in entry else None
+
+
+def load_warmup_snapshot(
+    path: Path, names: Sequence[str], record: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], AdamMoments]:
+    """The LoRA parameters and the flattened Adam moments (in the order of ``names``) of a snapshot,
+    checked against its manifest ``record`` (size and sha256) when given."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    if not path.is_file():
-        raise LessError(f"{path}: warm-up snapshot missing (listed in {path.parent / 'manifest.json'})")
-    tensors = load_file(path)
+    fix = f"the warm-up snapshot is damaged; delete {path.parent} to redo the warm-up"
+    tensors = load_tensors(path, record, fix)
     with safe_open(path, "pt") as fh:
         meta = fh.metadata()
     missing = [n for n in names if f"exp_avg/{n}" not in tensors or f"lora/{n}" not in tensors]
@@ -627,6 +640,21 @@ def _prepare_features_dir(folder: Path, identity: dict[str, Any]) -> None:
     state.wait_for_everyone()
 
 
+def _shard_ok(folder: Path, k: int) -> bool:
+    """A shard counts as written if it is there at the size its manifest records (when it records one);
+    one of another size (damaged outside nacd: shards are written atomically) is computed again."""
+    path = shard_path(folder, k)
+    if not path.is_file():
+        return False
+    record = ((read_manifest(folder, FEATURES_KIND) or {}).get("files") or {}).get(path.name)
+    if record is not None and path.stat().st_size != record["size"]:
+        log.warning(
+            "%s: %d bytes, its manifest recorded %d; computing it again", path, path.stat().st_size, record["size"]
+        )
+        return False
+    return True
+
+
 def compute_features(
     folder: Path,
     identity: dict[str, Any],
@@ -653,7 +681,7 @@ def compute_features(
     state = _dist()
     ranges = shard_ranges(len(data), lc.shard_size)
     mine = [k for k in range(len(ranges)) if k % state.num_processes == state.process_index]
-    todo = [k for k in mine if not shard_path(folder, k).is_file()]
+    todo = [k for k in mine if not _shard_ok(folder, k)]
     if len(todo) < len(mine):
         log.info("%s: %d of %d shard(s) already in %s", desc, len(mine) - len(todo), len(mine), folder)
     total = sum(ranges[k][1] - ranges[k][0] for k in todo)
@@ -674,18 +702,28 @@ def compute_features(
             atomic_save_safetensors(
                 {"features": feats.to(getattr(torch, lc.feature_dtype))}, shard_path(folder, k), meta
             )
+    state.wait_for_everyone()
+    if state.is_main_process:  # every shard is written: the manifest now vouches for each
+        names = [shard_path(folder, k).name for k in range(len(ranges))]
+        files = (read_manifest(folder, FEATURES_KIND) or {}).get("files") or {}
+        sizes = {name: (folder / name).stat().st_size for name in names}
+        if any(files.get(name, {}).get("size") != size for name, size in sizes.items()) or todo:
+            write_manifest(folder, FEATURES_KIND, **identity, files=record_files(folder, names))
+    state.wait_for_everyone()
     return len(todo)
 
 
 def iter_shards(folder: Path, n: int, shard_size: int) -> Iterator[Any]:
-    """The feature shards of ``n`` examples, in order, one at a time (float32); a missing one is an error."""
-    from safetensors.torch import load_file
-
+    """The feature shards of ``n`` examples, in order, one at a time (float32), each checked against the
+    size and sha256 the folder's manifest records once all are written; a missing or damaged one is an error."""
+    files = (read_manifest(folder, FEATURES_KIND) or {}).get("files") or {}
     for k, (start, stop) in enumerate(shard_ranges(n, shard_size)):
         path = shard_path(folder, k)
-        if not path.is_file():
-            raise LessError(f"{path}: feature shard missing (examples {start}..{stop - 1}); rerun to compute it")
-        feats = load_file(path)["features"].float()
+        fix = f"delete it and rerun to recompute examples {start}..{stop - 1}"
+        tensors = load_tensors(path, files.get(path.name), fix)
+        if "features" not in tensors:
+            raise LessError(f"{path}: no tensor 'features'; {fix}")
+        feats = tensors["features"].float()
         if feats.shape[0] != stop - start:
             raise LessError(f"{path}: {feats.shape[0]} rows, expected {stop - start}; delete it to recompute")
         yield feats
@@ -752,7 +790,7 @@ def less_scores(config: Any, examples: list[Any], targets: list[Any], workdir: P
     try:
         for snap in snapshots:
             snap_path = workdir / "warmup" / snap["file"]
-            lora, moments = load_warmup_snapshot(snap_path, list(params))
+            lora, moments = load_warmup_snapshot(snap_path, list(params), _record(snap))
             load_lora_state(model, lora)
             origin = {"snapshot": {"file": snap["file"], "sha256": sha256_file(snap_path)}, **common}
             folder = workdir / "features" / Path(snap["file"]).stem

@@ -30,6 +30,7 @@ Importing this module does no work; torch, bm25s and the LESS module are importe
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
@@ -42,7 +43,16 @@ from typing import Any
 
 import numpy as np
 
-from nacd.artifacts import RunDir, atomic_write_json, atomic_write_text, read_manifest, setup_logging, write_manifest
+from nacd.artifacts import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    read_manifest,
+    record_files,
+    setup_logging,
+    verify_files,
+    write_manifest,
+)
 from nacd.errors import DataError, NacdError, StageNotImplementedError
 
 log = logging.getLogger(__name__)
@@ -110,6 +120,15 @@ def read_ids(path: str | Path) -> list[str]:
     if not ids:
         raise NacdError(f"{path}: no example ids")
     return ids
+
+
+SELECTION_FILES = ("selection.json", "selected.jsonl")  # what the selection manifest's ``files`` vouches for
+
+
+def verify_selection(folder: Path, manifest: dict[str, Any]) -> None:
+    """The selection's files are what its manifest recorded (sizes and hashes: they are small and read anyway)."""
+    fix = f"the selection is damaged; delete {folder} and run `nacd select` again"
+    verify_files(folder, manifest.get("files"), fix, deep=True)
 
 
 def select_examples(examples: list[Any], ids: list[str], where: str) -> list[Any]:
@@ -229,6 +248,11 @@ def is_benchmark_target(spec: str, split: str, data_root: str | Path) -> bool:
         return True
     if spec.startswith("hf:"):
         return False
+    if spec.startswith("builtin:"):  # builtin:demo/mc (the demo's benchmark) or builtin:demo/corpus.jsonl
+        from nacd.demo_data import builtin_path
+
+        found = builtin_path(spec)
+        return found.is_dir() or _looks_multiple_choice(found)
     path = Path(spec).expanduser()
     candidates = [path] if path.is_absolute() else [path, Path(data_root).expanduser() / path]
     found = next((c for c in candidates if c.exists()), None)
@@ -347,11 +371,33 @@ def check(config: Any) -> None:
             f"select.method={sc.method} needs target examples: set select.target (e.g. select.target=arc_easy); "
             "nothing was run"
         )
+    if sc.method in TARGETED:
+        check_target(sc.target.strip(), config.data.root)
     if sc.method == "less":
         import importlib.util
 
         if importlib.util.find_spec("nacd.less") is None:
             raise StageNotImplementedError("select.method=less: nacd.less is not built yet (issue #6); nothing was run")
+
+
+def check_target(spec: str, data_root: str | Path) -> None:
+    """``select.target`` names something that can exist: a known benchmark, built-in data, a file, folder or
+    glob (as given or under ``data.root``), or a hub id. Checked before any model or Hub call, so a
+    misspelt benchmark (``arc_hard``) is said at once instead of after the Hub's retries."""
+    from nacd.evaluate import _HUB_ID, BUILTINS
+
+    if spec in BUILTINS or spec.startswith(("hf:", "builtin:")) or _HUB_ID.match(spec):
+        return
+    path = Path(spec).expanduser()
+    for candidate in [path] if path.is_absolute() else [path, Path(data_root).expanduser() / path]:
+        if candidate.exists() or ("*" in spec and any(candidate.parent.glob(candidate.name))):
+            return
+    close = difflib.get_close_matches(spec, list(BUILTINS), n=1)
+    raise NacdError(
+        f"select.target={spec!r}: no known benchmark ({', '.join(BUILTINS)}"
+        f"{f'; did you mean {close[0]!r}?' if close else ''}), no file or folder (also looked under "
+        f"data.root = {data_root}), nor a hub id owner/name; nothing was run"
+    )
 
 
 def _method_config(config: Any) -> dict[str, Any] | None:
@@ -388,6 +434,7 @@ def run(config: Any, run_dir: RunDir) -> Selection:
     folder = run_dir.select_dir
     existing = read_manifest(folder, KIND)
     if existing is not None and existing.get("complete") and all(existing.get(k) == v for k, v in identity.items()):
+        verify_selection(folder, existing)
         body = json.loads((folder / "selection.json").read_text())
         log.info("select: the same selection exists in %s, skipped", folder)
         return Selection(body["ids"], body["scores"], sc.method)
@@ -411,6 +458,7 @@ def run(config: Any, run_dir: RunDir) -> Selection:
         n_corpus=len(examples),
         n_selected=len(selection.ids),
         seconds=round(seconds, 3),
+        files=record_files(folder, SELECTION_FILES),
         complete=True,
     )
     log.info(

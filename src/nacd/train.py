@@ -34,7 +34,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nacd.artifacts import atomic_dir, atomic_save_safetensors
+from nacd.artifacts import (
+    atomic_dir,
+    atomic_save_safetensors,
+    load_tensors,
+    read_checkpoint_body,
+    record_files,
+    trim_jsonl,
+    verify_files,
+)
 from nacd.errors import NacdError
 
 log = logging.getLogger(__name__)
@@ -224,28 +232,41 @@ def save_checkpoint(
 
     tensors, meta = optimizer_tensors(optimizer)
     with atomic_dir(folder) as tmp:
+        names = ["lora.safetensors", "rng.safetensors"]
         atomic_save_safetensors(lora_state(model), tmp / "lora.safetensors")
         if tensors:  # plain SGD keeps no tensors (and safetensors cannot read back an empty file)
             atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
+            names.append("optimizer.safetensors")
         atomic_save_safetensors({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-        body = {"state": asdict(state), "optimizer": meta, **(extra or {})}
+        body = {"state": asdict(state), "optimizer": meta, "files": record_files(tmp, names), **(extra or {})}
         (tmp / "state.json").write_text(json.dumps(body, indent=2, default=float))
 
 
 def load_checkpoint(folder: str | Path, model: Any, optimizer: Any) -> tuple[TrainState, dict[str, Any]]:
-    """Restore what :func:`save_checkpoint` wrote; returns the state and the extra fields."""
+    """Restore what :func:`save_checkpoint` wrote; returns the state and the extra fields.
+
+    Every file the checkpoint's ``state.json`` lists is checked (size and sha256) before anything is
+    restored: a checkpoint with a missing or damaged part is refused, never half-used (a lost
+    optimizer state would silently restart AdamW's moments)."""
     import torch
-    from safetensors.torch import load_file
 
     folder = Path(folder)
-    body = json.loads((folder / "state.json").read_text())
-    load_lora_state(model, load_file(folder / "lora.safetensors"))
+    fix = f"the checkpoint is incomplete or damaged; delete {folder} to train again from step 0"
+    body = read_checkpoint_body(folder, fix, TrainState, "optimizer")
+    records = body.get("files")  # absent in checkpoints written before nacd recorded files
+    if records is not None:
+        verify_files(folder, records, fix)  # sizes of every part first, before anything is restored
+    else:
+        records = {name: None for name in ("lora.safetensors", "rng.safetensors")}
+        if (folder / "optimizer.safetensors").is_file():
+            records["optimizer.safetensors"] = None
+    parts = {name: load_tensors(folder / name, record, fix) for name, record in records.items()}
     device = next(iter(lora_parameters(model).values())).device
-    opt_file = folder / "optimizer.safetensors"
-    tensors = {k: v.to(device) for k, v in load_file(opt_file).items()} if opt_file.is_file() else {}
-    restore_optimizer(optimizer, tensors, body["optimizer"])
-    torch.set_rng_state(load_file(folder / "rng.safetensors")["cpu"])
-    extra = {k: v for k, v in body.items() if k not in ("state", "optimizer")}
+    load_lora_state(model, parts["lora.safetensors"])
+    opt = {k: v.to(device) for k, v in parts.get("optimizer.safetensors", {}).items()}
+    restore_optimizer(optimizer, opt, body["optimizer"])
+    torch.set_rng_state(parts["rng.safetensors"]["cpu"])
+    extra = {k: v for k, v in body.items() if k not in ("state", "optimizer", "files")}
     return TrainState(**body["state"]), extra
 
 
@@ -487,8 +508,9 @@ class TrainLoop:
         self.accelerator.wait_for_everyone()
 
     def maybe_resume(self) -> bool:
-        """Load the checkpoint in ``checkpoint_dir`` if there is a complete one."""
-        if self.checkpoint_dir is None or not (Path(self.checkpoint_dir) / "state.json").is_file():
+        """Load the checkpoint in ``checkpoint_dir`` if there is one (checkpoints are folders renamed
+        into place whole, so one with a missing or damaged part is refused, not skipped)."""
+        if self.checkpoint_dir is None or not Path(self.checkpoint_dir).is_dir():
             return False
         self.state, _ = load_checkpoint(self.checkpoint_dir, self.model, self.optimizer)
         log.info(
@@ -504,6 +526,8 @@ class TrainLoop:
         from tqdm.auto import tqdm
 
         resumed = self.maybe_resume()
+        if self.metrics is not None and self.is_main:  # rows past the checkpoint are redone: drop them
+            trim_jsonl(self.metrics.path, self.state.step, key="step")
         sparse = None
         if self.forward is None:
             sparse = SparseLogitsForward()

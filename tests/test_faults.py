@@ -1,0 +1,234 @@
+"""The fault suite (issue #14): damaged, missing and unwritable files in a run folder, and settings that
+contradict it. Each case damages one copy of one complete tiny run folder, reruns a stage through the
+command line and checks the documented outcome: a one-line error naming the file and how to rebuild
+it, or a redo that equals the undamaged result; never a silent difference.
+"""
+
+import errno
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_RUN_OVERRIDES
+
+from nacd import cli, distill, evaluate, experts, finetune, train
+from nacd import select as selection
+from nacd.artifacts import RunDir, read_jsonl
+from nacd.config import load_config
+
+FAULT_RUN = (
+    *TINY_RUN_OVERRIDES,
+    "experts.num_experts=1",
+    "distill.iterations=4",
+    "distill.panel_size=0",
+    "distill.syn_steps=2",
+    "distill.batch_size=4",
+    "distill.unroll=naive",
+    "finetune.train.checkpoint_every=1",
+    "eval.benchmarks=['builtin:demo/mc']",
+    "eval.limit=8",
+    "run.log_level=WARNING",
+)
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_llama_dir, shared_data, tmp_path_factory):
+    """One complete run folder: selection, one expert, a 4-iteration distillation, a FULL tuning and an
+    evaluation of the base model; each test damages a copy."""
+    root = tmp_path_factory.mktemp("fault_base") / "run"
+    common = [f"model.spec={tiny_llama_dir}", f"data.root={shared_data}", *FAULT_RUN]
+    cfg = load_config(None, [*common, f"run.out_dir={root}"])
+    run_dir = RunDir(root)
+    selection.run(cfg, run_dir)
+    experts.run(cfg, run_dir)
+    distill.run(cfg, run_dir)
+    finetune.run(cfg, run_dir)
+    evaluate.run(cfg, run_dir)
+    return root, common
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+    """A copy of the complete run folder and the command-line overrides that point at it."""
+    root, common = base_run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy, symlinks=True)
+    return copy, [*common, f"run.out_dir={copy}"]
+
+
+def damage(path, how):
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "delete":
+        path.unlink()
+    elif how == "flip":  # same size, one byte changed in the middle: only the sha256 can tell
+        mid = len(data) // 2
+        path.write_bytes(data[:mid] + bytes([data[mid] ^ 0x55]) + data[mid + 1 :])
+    else:
+        raise ValueError(how)
+
+
+def nacd(argv, capsys):
+    """Run ``nacd ARGV``; returns (exit code, the error line or '')."""
+    capsys.readouterr()
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"nacd {argv[0]}: error:")]
+    return code, (lines[-1] if lines else "")
+
+
+WHAT = {"truncate": r"\d+ bytes, its manifest recorded \d+", "delete": "missing", "flip": "its sha256 differs"}
+
+CASES = [
+    # (command and extra overrides, damaged file, damage)
+    (["select"], "select/selection.json", "truncate"),
+    (["select"], "select/selected.jsonl", "flip"),
+    (["experts"], "experts/run_000/epoch_001.safetensors", "truncate"),
+    (["experts"], "experts/run_000/epoch_002.safetensors", "delete"),
+    (["distill"], "select/selection.json", "flip"),
+    (["distill"], "experts/run_000/epoch_001.safetensors", "truncate"),
+    (["distill"], "distill/prompts.safetensors", "truncate"),
+    (["distill"], "distill/records.jsonl", "flip"),
+    (["finetune"], "finetune/full/adapter/adapter_model.safetensors", "truncate"),
+    (["finetune", "finetune.dataset=distilled"], "distill/prompts.safetensors", "flip"),
+    (["eval", "eval.adapter=ADAPTER"], "finetune/full/adapter/adapter_model.safetensors", "flip"),
+]
+
+
+@pytest.mark.parametrize(("command", "relative", "how"), CASES, ids=[f"{c[0]}-{r}-{h}" for c, r, h in CASES])
+def test_a_damaged_artifact_stops_the_stage_with_its_path(run_copy, capsys, command, relative, how):
+    root, overrides = run_copy
+    damage(root / relative, how)
+    extra = [a.replace("ADAPTER", str(root / "finetune/full/adapter")) for a in command[1:]]
+    code, line = nacd([command[0], *overrides, *extra], capsys)
+    assert code == 1, line
+    assert f"{root / relative}: " in line
+    assert re.search(WHAT[how], line), line
+    assert "again" in line or "delete" in line  # says how to rebuild it
+    log = (root / "nacd.log").read_text()
+    assert line.split("error: ", 1)[1] in log and "Traceback" in log  # the error and its traceback are logged
+
+
+def test_a_damaged_evaluation_is_evaluated_again_to_the_same_answers(run_copy, capsys):
+    root, overrides = run_copy
+    folder = next((root / "eval").iterdir())
+    before = (folder / "samples.jsonl").read_bytes(), json.loads((folder / "results.json").read_text())
+    damage(folder / "samples.jsonl", "truncate")
+    code, line = nacd(["eval", *overrides], capsys)
+    assert code == 0, line
+    assert (folder / "samples.jsonl").read_bytes() == before[0]
+    after = json.loads((folder / "results.json").read_text())["benchmarks"]["demo_mc"]
+    timing = ("seconds", "questions_per_s")
+    assert {k: v for k, v in after.items() if k not in timing} == {
+        k: v for k, v in before[1]["benchmarks"]["demo_mc"].items() if k not in timing
+    }
+
+
+def test_a_checkpoint_with_a_lost_optimizer_state_is_refused(run_copy, capsys, monkeypatch):
+    root, overrides = run_copy
+    real = train.TrainLoop._step
+    calls = {"n": 0}
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(train.TrainLoop, "_step", interrupted)
+    argv = ["finetune", *overrides, "finetune.name=cut"]
+    assert cli.main(argv) == 130
+    monkeypatch.setattr(train.TrainLoop, "_step", real)
+    folder = root / "finetune" / "cut"
+    assert len(read_jsonl(folder / "metrics.jsonl")) == 3
+    saved = (folder / "checkpoint" / "optimizer.safetensors").read_bytes()
+    (folder / "checkpoint" / "optimizer.safetensors").unlink()
+    code, line = nacd(argv, capsys)
+    assert code == 1 and "checkpoint/optimizer.safetensors: missing" in line and "delete" in line
+    assert not json.loads((folder / "manifest.json").read_text())["complete"]
+
+    # intact again, it resumes; the metrics hold each step once, and the adapter equals the clean run's
+    (folder / "checkpoint" / "optimizer.safetensors").write_bytes(saved)
+    code, line = nacd(argv, capsys)
+    assert code == 0, line
+    steps = [row["step"] for row in read_jsonl(folder / "metrics.jsonl")]
+    assert steps == list(range(1, len(steps) + 1)) == list(range(1, 6))
+    from safetensors.torch import load_file
+
+    a = load_file(folder / "adapter" / "adapter_model.safetensors")
+    b = load_file(root / "finetune" / "full" / "adapter" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_recovers(
+    tiny_llama_dir, shared_data, tmp_path, capsys, monkeypatch
+):
+    import nacd.artifacts as artifacts
+
+    root = tmp_path / "run"
+    overrides = [f"model.spec={tiny_llama_dir}", f"data.root={shared_data}", *FAULT_RUN, f"run.out_dir={root}"]
+    real = artifacts.os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifacts.os, "fsync", full)
+    code, line = nacd(["select", *overrides], capsys)
+    assert code == 1 and f"{root}/" in line and "cannot write: No space left on device; free some space" in line
+    assert "No space left" in (root / "nacd.log").read_text()
+    assert not (root / "select" / "manifest.json").exists()
+    monkeypatch.setattr(artifacts.os, "fsync", real)
+    code, line = nacd(["select", *overrides], capsys)
+    assert code == 0, line
+    assert json.loads((root / "select" / "manifest.json").read_text())["complete"]
+
+
+def test_a_refused_command_leaves_the_run_config_as_it_was(run_copy, capsys):
+    root, overrides = run_copy
+    before = (root / "config.yaml").read_bytes()
+    backups = sorted(root.glob("config.*.yaml"))
+    code, line = nacd(["distill", *overrides, "distill.iterations=2"], capsys)
+    assert code == 1 and "finished distillation of 4 iterations" in line
+    assert (root / "config.yaml").read_bytes() == before
+    assert sorted(root.glob("config.*.yaml")) == backups
+
+
+def test_experts_of_another_lora_rank_are_named_by_their_setting(run_copy, capsys):
+    root, overrides = run_copy
+    shutil.rmtree(root / "distill")
+    code, line = nacd(["distill", *overrides, "lora.r=4"], capsys)
+    assert code == 1 and "field 'lora.r' was 8 when this was made, now 4" in line
+    assert len(line) < 400
+
+
+def test_messages_that_point_at_the_fix(tiny_llama_dir, shared_data, tmp_path, capsys):
+    overrides = [f"model.spec={tiny_llama_dir}", f"data.root={shared_data}", f"run.out_dir={tmp_path / 'r'}"]
+    code, line = nacd(["config", "-c", "configs/demo.yaml", "distill.beta=abc"], capsys)
+    assert code == 2 and "from the command-line override 'distill.beta=abc'" in line
+    code, line = nacd(["select", *overrides, "select.method=bm25", "select.target=arc_hard"], capsys)
+    assert code == 1 and "no known benchmark" in line and "did you mean 'arc_easy'" in line
+    assert not (tmp_path / "r" / "select").exists()
+    code, line = nacd(["eval", *overrides, f"eval.adapter={tmp_path / 'nowhere'}"], capsys)
+    assert code == 1 and "no adapter_config.json" in line
+    cfg = load_config(None, [*overrides, "select.method=bm25", "select.target=builtin:demo/mc"])
+    assert selection.is_benchmark_target(cfg.select.target, cfg.select.target_split, cfg.data.root)
+
+
+def test_brief_errors_and_json_faults():
+    long = RuntimeError(
+        "Error(s) in loading state_dict for PeftModelForCausalLM:\n"
+        + "".join(f"\tsize mismatch for layer.{i}.lora_A.weight: copying a param with shape ...\n" for i in range(300))
+    )
+    text = evaluate.brief_error(long)
+    assert len(text) < 500 and "and 299 more size mismatches" in text and "layer.0.lora_A" in text
+    from nacd.data import json_fault
+
+    line = '{"instruction": "Describe the water cycle", "response": "Water evapor'
+    try:
+        json.loads(line)
+    except json.JSONDecodeError as exc:
+        message = json_fault(exc, line)
+    assert f"the line ends at column {len(line)}" in message and "near" in message
