@@ -242,13 +242,13 @@ def main() -> None:
             times["lm_eval"].append(t_ref)
             times["nacd"].append(t_ours)
             if args.also_unshared:
-                import nacd.evaluate as ev
+                from nacd.evaluate import scoring  # where _plan reads it
 
-                shared_min, ev.SHARED_PREFIX_MIN = ev.SHARED_PREFIX_MIN, 10**9  # no context prefix is that long
+                shared_min, scoring.SHARED_PREFIX_MIN = scoring.SHARED_PREFIX_MIN, 10**9  # no prefix is that long
                 try:
                     unshared, unshared_lls, t_unshared = run_nacd(folder, args)
                 finally:
-                    ev.SHARED_PREFIX_MIN = shared_min
+                    scoring.SHARED_PREFIX_MIN = shared_min
                 times["nacd_unshared"].append(t_unshared)
     common = sorted(set(ref_lls) & set(our_lls))
     diffs = [abs(a - b) for i in common for a, b in zip(ref_lls[i], our_lls[i], strict=True)]

@@ -404,3 +404,52 @@ def test_alpha_modes_and_token_inits(prepared):
     none = distill.run(load_config(None, [*base, "distill.skip_above=1e-9"]), run_dir)  # every draw skipped
     assert all(h["accepted"] == 0 and not h["skipped"] for h in none.history())
     assert none.manifest["prompt_gain"]["mean"] == 0  # nothing moved
+
+
+def test_two_processes_give_the_one_process_result_with_the_same_meta_batch(prepared, tmp_path):
+    """Issue #13: each process unrolls its share of every meta-batch (and of the panel, and of the fit of
+    alpha); the summed gradients make the prompts, alpha and history those of one process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import multiprocess_overrides
+
+    cfg, run_dir, overrides = prepared
+    settings = [
+        *REACHABLE,
+        "distill.iterations=3",
+        "distill.meta_batch=2",
+        "distill.panel_size=4",
+        "distill.eval_every=3",
+        "distill.alpha_mode=fitted",
+        "distill.alpha_fit_draws=4",
+        *multiprocess_overrides(),
+    ]
+    two = tmp_path / "two"
+    for stage in ("select", "experts"):
+        shutil.copytree(run_dir.root / stage, two / stage)
+    one_set = distill.run(load_config(None, [*overrides, *settings]), run_dir)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    argv = [a for a in overrides if not a.startswith("run.out_dir=")] + settings + [f"run.out_dir={two}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29541", "-m", "nacd", "distill", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two_set = distill.DistilledSet.load(two / "distill")
+    torch.testing.assert_close(two_set.prompts, one_set.prompts, rtol=0, atol=1e-6)
+    assert two_set.manifest["alphas"] == pytest.approx(one_set.manifest["alphas"], abs=1e-6)
+    assert two_set.manifest["processes"] == {"count": 2, "draws_per_update": [1, 1]}
+    a, b = one_set.history(), two_set.history()
+    assert [r["l_distill"] for r in b] == pytest.approx([r["l_distill"] for r in a], abs=1e-6)
+    assert [[d["draw"] for d in r["draws"]] for r in b] == [[0, 1]] * 3
+    pa, pb = one_set.panel(), two_set.panel()
+    assert [p["l_current_mean"] for p in pb] == pytest.approx([p["l_current_mean"] for p in pa], abs=1e-6)
+    assert len(pb[-1]["per_draw"]) == 4
+
+    # more processes than draws per update is refused, naming the setting
+    cmd[cmd.index("distill.meta_batch=2")] = "distill.meta_batch=1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and "2 processes but distill.meta_batch=1" in proc.stderr

@@ -20,8 +20,10 @@ from nacd.evaluate import (
     doc_from_record,
     encode_pair,
     evaluate,
+    evaluation,
     load_benchmark,
     score_loglikelihood,
+    scoring,
 )
 from nacd.models import load_model
 
@@ -155,8 +157,9 @@ def test_sliding_window_models_share_a_prefix_inside_their_window(tiny_gemma_dir
     longest = max(len(c) + len(k) - 1 for c, k in (encode_pair(tok, *r) for r in requests))
     assert (longest < window) == (window == 4096)  # the small window cuts through the few-shot contexts
     prefixes = []
-    real = ev._score_packed
-    monkeypatch.setattr(ev, "_score_packed", lambda m, g, prefix=0: prefixes.append(prefix) or real(m, g, prefix))
+    real = scoring._score_packed
+    # score_loglikelihood looks _score_packed up in nacd.evaluate.scoring
+    monkeypatch.setattr(scoring, "_score_packed", lambda m, g, prefix=0: prefixes.append(prefix) or real(m, g, prefix))
     scores = score_loglikelihood(model, tok, requests, batch_size=8, method="packed")
     for (ctx, cont), (logprob, _) in zip(requests, scores, strict=True):
         assert logprob == pytest.approx(hand_logprob(model, *encode_pair(tok, ctx, cont)), abs=1e-4)
@@ -239,7 +242,7 @@ def test_acc_and_acc_norm_differ_on_a_constructed_case(monkeypatch):
         seen.extend(requests)
         return [(fake[cont], 1) for _, cont in requests]
 
-    monkeypatch.setattr(ev, "score_loglikelihood", fake_score)
+    monkeypatch.setattr(evaluation, "score_loglikelihood", fake_score)  # evaluate() looks it up there
     results, samples = evaluate(None, None, [_bench(docs)], EvalConfig(), progress=False)
     assert seen[0] == ("Question: Which?\nAnswer:", " a")
     assert [(s["pred"], s["pred_norm"], s["acc"], s["acc_norm"]) for s in samples] == [(0, 1, 0, 1), (0, 0, 1, 1)]

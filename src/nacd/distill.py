@@ -31,33 +31,30 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from nacd.artifacts import (
     MetricsWriter,
     RunDir,
-    atomic_save_safetensors,
     atomic_write_json,
-    atomic_write_text,
     check_identity,
-    load_tensors,
     read_jsonl,
     read_manifest,
-    read_verified,
-    record_files,
     setup_logging,
     trim_jsonl,
     write_manifest,
 )
 from nacd.distill_state import DistillState, load_checkpoint, save_checkpoint
+from nacd.distilled import KIND, DistilledSet, write_distilled
 from nacd.errors import NacdError
+from nacd.ranks import Ranks
+from nacd.ranks import current as current_ranks
 
 log = logging.getLogger(__name__)
 
-KIND = "distilled"
-DATA_FILES = ("prompts.safetensors", "records.jsonl")  # what the manifest's ``files`` vouches for
+__all__ = ["KIND", "DistilledSet", "check", "distill", "meta_gradient", "run", "write_distilled"]
 
 
 def check(config: Any) -> None:
@@ -154,19 +151,23 @@ def meta_gradient(
     spacing: float,
     clip: float | None,
     mode: str | None = None,
+    ranks: Ranks = Ranks(),
 ) -> tuple[list[dict[str, Any]], int, bool]:
     """Accumulate into ``syn.grad`` (and log alpha's) the mean over ``draws`` of the gradient of
     L_distill + beta * L_reg, one draw's unroll at a time; draws above ``distill.skip_above`` are left
     out of the mean. Returns the per-draw history rows, the number of draws used and whether every
     loss and gradient was finite. ``alpha_of(start_epoch)`` gives the student lr, its ``leaf``
     attribute the learnable tensor behind it (None when alpha is fixed); ``mode``: the unroll (default
-    ``distill.unroll``)."""
+    ``distill.unroll``). Under a launcher each process unrolls its share of ``draws`` (``ranks``) and
+    the gradients are summed over the processes, so every process ends with the same mean gradient
+    (and the same rows) as one process unrolling them all."""
     import torch
 
     from nacd import tm, unrolls
 
     rows, accepted, finite = [], 0, True
-    for draw in draws:
+    for index in ranks.mine(len(draws)):
+        draw = draws[index]
         batches = [b.to(student.device) for b in draw.batches]
         theta_t = snapshot(draw.run, draw.start_epoch)
         target = snapshot(draw.run, draw.start_epoch + dc.expert_epochs)
@@ -180,6 +181,7 @@ def meta_gradient(
         above = dc.skip_above is not None and float(l_distill.detach()) > dc.skip_above
         rows.append(
             {
+                "draw": index,
                 "run": draw.run,
                 "start_epoch": draw.start_epoch,
                 "l_distill": float(l_distill.detach()),
@@ -196,6 +198,17 @@ def meta_gradient(
             accepted += 1
     leaf = getattr(alpha_of, "leaf", None)
     params = [p for p in (syn, leaf) if p is not None and p.requires_grad]
+    if ranks.world > 1:  # the sums over every process's draws, on every process
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        ranks.sum_([p.grad for p in params])
+        shares = ranks.gather((rows, accepted, finite))
+        rows = sorted((row for part in shares for row in part[0]), key=lambda row: row["draw"])
+        accepted, finite = sum(part[1] for part in shares), all(part[2] for part in shares)
+        if not accepted:
+            for p in params:
+                p.grad = None
     if accepted:
         finite = finite and all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params)
     if accepted and finite and accepted < len(draws):
@@ -213,9 +226,12 @@ def distill(
     progress: bool = True,
     clip: float | None = None,
     example_rows: list[list[int]] | None = None,
+    ranks: Ranks = Ranks(),
 ) -> dict[str, Any]:
     """The distillation loop (Algorithm 1) with checkpoints and the prompt-gain panel; returns the final
-    tensors, alpha(s), state and the last panel evaluation."""
+    tensors, alpha(s), state and the last panel evaluation. Under a launcher (``ranks``) every process
+    runs this loop on the same draws, unrolls its share of each meta-batch and of the panel, and applies
+    the same summed gradient, so the prompts stay identical everywhere; only the main process writes."""
     import torch
     from tqdm.auto import tqdm
 
@@ -245,12 +261,14 @@ def distill(
                 f"{ckpt}: the checkpoint is at iteration {state.iteration}, past distill.iterations={dc.iterations}; "
                 f"use another run.out_dir to distill {dc.iterations} iterations, or ask for {state.iteration} or more"
             )
-        trim_jsonl(history_path, state.iteration)
-        trim_jsonl(panel_path, state.iteration)
+        if ranks.is_main:
+            trim_jsonl(history_path, state.iteration)
+            trim_jsonl(panel_path, state.iteration)
         log.info("distill: resumed from %s at iteration %d", ckpt, state.iteration)
-    else:
+    elif ranks.is_main:
         for path in (history_path, panel_path, folder / "alpha_fit.json", folder / "unroll.json"):
             path.unlink(missing_ok=True)
+    ranks.barrier()
     history, panel_log = MetricsWriter(history_path), MetricsWriter(panel_path)
     train_runs, held_runs = split_runs(store.runs, dc.holdout_run and dc.panel_size > 0)
     fit_seed = config.run.seed + FIT_SEED_OFFSET
@@ -275,17 +293,18 @@ def distill(
     panel = None
     if dc.panel_size:
         draws = panel_draws(held_runs, dc.max_start_epoch, n, batch, dc.syn_steps, dc.panel_size, config.run.seed)
-        panel = Panel(student, draws, snapshot, dc.expert_epochs, initial, clip, config.run.seed)
+        panel = Panel(student, draws, snapshot, dc.expert_epochs, initial, clip, config.run.seed, ranks)
     fit_path = folder / "alpha_fit.json"
     if dc.alpha_mode == "fitted" and state.iteration == 0:  # before the first update; a resume keeps the checkpoint's
         fit_panel = Panel(
             student,
             panel_draws(train_runs, dc.max_start_epoch, n, batch, dc.syn_steps, dc.alpha_fit_draws, fit_seed),
-            snapshot, dc.expert_epochs, initial, clip, config.run.seed,
+            snapshot, dc.expert_epochs, initial, clip, config.run.seed, ranks,
         )  # fmt: skip
         fitted, curves = fit_alphas(fit_panel, alpha0, n_alpha)
         log_alpha.data.copy_(torch.tensor(fitted, device=device).log())
-        atomic_write_json(fit_path, {"alphas": fitted, "curves": curves})
+        if ranks.is_main:
+            atomic_write_json(fit_path, {"alphas": fitted, "curves": curves})
         log.info("distill: alpha fitted with the initial prompts: %s (alpha, L: %s)", fitted, curves)
     unroll_path = folder / "unroll.json"
     if dc.unroll in ("auto", "fd") and state.iteration == 0:  # decided on one training draw, kept on resume
@@ -295,8 +314,11 @@ def distill(
         info = unrolls.choose_unroll(
             dc.unroll, student, theta_t, target, alpha_of(d.start_epoch), syn, batches, dc.fd_eps, dc.fd_check, clip
         )
+        info = ranks.gather(info)[0]  # the main process's choice (free memory may differ between devices)
         (log.warning if dc.unroll == "fd" and info["used"] != "fd" else log.info)("distill: unroll %s", info)
-        atomic_write_json(unroll_path, info)
+        if ranks.is_main:
+            atomic_write_json(unroll_path, info)
+    ranks.barrier()
     unroll_info = json.loads(unroll_path.read_text()) if unroll_path.is_file() else {"used": dc.unroll}
     done = read_jsonl(panel_path) if panel_path.is_file() else []
     last_panel = done[-1] if done else None
@@ -306,13 +328,15 @@ def distill(
         start = time.perf_counter()
         row = {"iteration": state.iteration, **panel.evaluate(syn, lambda t: float(alpha_of(t).detach()))}
         row["seconds"] = round(time.perf_counter() - start, 3)
-        panel_log.write(**row)
+        if ranks.is_main:
+            panel_log.write(**row)
         log.info("distill: %s (%.1f s)", gain_line(row), row["seconds"])
         last_panel = row
 
     if panel is not None and state.iteration == 0:
         evaluate_panel()
-    bar = tqdm(total=dc.iterations, initial=state.iteration, desc="distill", disable=not progress, dynamic_ncols=True)
+    disable = not (progress and ranks.is_main)
+    bar = tqdm(total=dc.iterations, initial=state.iteration, desc="distill", disable=disable, dynamic_ncols=True)
     try:
         while state.iteration < dc.iterations:
             start = time.perf_counter()
@@ -323,7 +347,7 @@ def distill(
                 sample_draw(gen, train_runs, dc.max_start_epoch, n, batch, dc.syn_steps) for _ in range(dc.meta_batch)
             ]
             rows, accepted, finite = meta_gradient(
-                student, draws, syn, alpha_of, snapshot, vocab, dc, beta, spacing, clip, unroll_info["used"]
+                student, draws, syn, alpha_of, snapshot, vocab, dc, beta, spacing, clip, unroll_info["used"], ranks
             )
             state.iteration += 1
             l_mean, reg_mean = (sum(r[key] for r in rows) / len(rows) for key in ("l_distill", "l_reg"))
@@ -354,7 +378,8 @@ def distill(
             record.update(alpha=float(alpha_of(0).detach()), skipped=not finite, seconds=round(elapsed, 3))
             if n_alpha > 1:
                 record["alphas"] = [float(a) for a in log_alpha.detach().exp()]
-            history.write(**record)
+            if ranks.is_main:
+                history.write(**record)
             bar.update(1)
             bar.set_postfix(
                 l_distill=f"{record['l_distill']:.4f}", l_reg=f"{record['l_reg']:.3f}", alpha=f"{record['alpha']:.3g}"
@@ -368,7 +393,9 @@ def distill(
             if panel is not None and (state.iteration % dc.eval_every == 0 or state.iteration == dc.iterations):
                 evaluate_panel()
             if state.iteration % dc.checkpoint_every == 0 or state.iteration == dc.iterations:
-                save_checkpoint(ckpt, syn, log_alpha, opts, gen, state)
+                if ranks.is_main:
+                    save_checkpoint(ckpt, syn, log_alpha, opts, gen, state)
+                ranks.barrier()
     finally:
         bar.close()
     alphas = [float(a) for a in log_alpha.detach().exp()]
@@ -381,83 +408,6 @@ def distill(
         "alpha_fit": json.loads(fit_path.read_text()) if fit_path.is_file() else None,
         "unroll": unroll_info,
     }
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def write_distilled(
-    folder: Path,
-    result: dict[str, Any],
-    student: Any,
-    tokenizer: Any,
-    examples: list[Any],
-    identity: dict[str, Any],
-    chunk: int,
-) -> None:
-    """The self-describing distilled data set (see the module docstring)."""
-    from nacd.tm import candidate_rows, nearest_vocab
-
-    syn = result["syn"].float().cpu()
-    n, k, d = syn.shape
-    dist, idx = nearest_vocab(syn.reshape(-1, d), candidate_rows(student).float().cpu(), chunk)
-    if student.vocab_ids is not None:
-        idx = student.vocab_ids.cpu()[idx]
-    dist, idx = dist.reshape(n, k).detach(), idx.reshape(n, k)
-    atomic_save_safetensors(
-        {"prompts": syn, "nearest_ids": idx, "nearest_dist": dist},
-        folder / "prompts.safetensors",
-        {"kind": KIND, "alpha": repr(result["alpha"])},
-    )
-    lines = []
-    for i, ex in enumerate(examples):
-        ids = idx[i].tolist()
-        lines.append(
-            json.dumps(
-                {
-                    "id": ex.id,
-                    "source": ex.source,
-                    "prompt_token_ids": ids,
-                    "prompt_tokens": [tokenizer.decode([t]) for t in ids],
-                    "prompt_text": tokenizer.decode(ids),
-                    "nearest_distance": [round(x, 6) for x in dist[i].tolist()],
-                    "messages": list(ex.messages),
-                },
-                ensure_ascii=False,
-            )
-        )
-    atomic_write_text(folder / "records.jsonl", "\n".join(lines) + "\n")
-    st = result["state"]
-    panel = result.get("panel")
-    gain = None
-    if panel is not None:
-        gain = {key: panel["prompt_gain"][key] for key in ("mean", "relative", "ci_low", "ci_high", "draws")}
-        gain.update(
-            iteration=panel["iteration"],
-            cosine=panel["cosine"],
-            l_initial_mean=panel["l_initial_mean"],
-            l_current_mean=panel["l_current_mean"],
-        )
-    write_manifest(
-        folder,
-        KIND,
-        **identity,
-        alpha=result["alpha"],
-        alphas=result.get("alphas", [result["alpha"]]),
-        prompt_gain=gain,
-        alpha_fit=result.get("alpha_fit"),
-        unroll=result.get("unroll"),
-        distinct_prompts=len({tuple(row) for row in idx.tolist()}),
-        n_examples=n,
-        num_prompt_tokens=k,
-        hidden_size=d,
-        iterations=st.iteration,
-        skipped_iterations=st.skipped,
-        seconds=round(st.seconds, 2),
-        mean_nearest_distance=float(dist.mean()),
-        files=record_files(folder, DATA_FILES),
-        complete=True,
-    )
 
 
 def run(config: Any, run_dir: RunDir) -> DistilledSet:
@@ -474,9 +424,18 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     store = ExpertStore(run_dir.experts_dir)
     if not store.runs:
         raise NacdError(f"{run_dir.experts_dir}: no complete expert run; run `nacd experts` first")
-    run_dir.init(config)
-    setup_logging(config.run.log_level, run_dir.log_path)
-    model, tokenizer = load_model(config.model, resolve_device(config.run.device), needs_double_backward=True)
+    device = resolve_device(config.run.device)
+    ranks = current_ranks(cpu=device.type == "cpu")
+    if ranks.world > config.distill.meta_batch:
+        raise NacdError(
+            f"distill: {ranks.world} processes but distill.meta_batch={config.distill.meta_batch} draws per update; "
+            f"each process unrolls its share of a meta-batch, so set distill.meta_batch to {ranks.world} (or a "
+            f"multiple of it), or launch fewer processes"
+        )
+    if ranks.is_main:
+        run_dir.init(config)
+    setup_logging(config.run.log_level, run_dir.log_path if ranks.is_main else None)
+    model, tokenizer = load_model(config.model, device, needs_double_backward=True)
     fingerprint = model_fingerprint(model)
     corpus, _ = load_corpus(config.data)
     examples = select_examples(corpus, ids, str(ids_path))
@@ -514,8 +473,9 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
             f"continued to {config.distill.iterations}; it is kept as it is. Use another run.out_dir to distill anew"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    if finished is None:  # a finished set stays valid until its continuation is written
+    if finished is None and ranks.is_main:  # a finished set stays valid until its continuation is written
         write_manifest(folder, KIND, **identity, complete=False)
+    ranks.barrier()
     student = Student(model, data, tokenizer.pad_token_id)
     if config.distill.nearest == "text":
         import torch
@@ -526,68 +486,16 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     model.train()  # LoRA dropout, if any, as the experts had it
     rows = instruction_rows(data, student.vocab_ids) if config.distill.init in TOKEN_INITS else None
     try:
-        result = distill(student, store, config, folder, alpha0, clip=clip, example_rows=rows)
+        result = distill(student, store, config, folder, alpha0, clip=clip, example_rows=rows, ranks=ranks)
     finally:
         student.close()
     # the checkpoint stays: raising distill.iterations and rerunning continues from it
-    write_distilled(folder, result, student, tokenizer, examples, identity, config.distill.vocab_chunk)
+    result["processes"] = {
+        "count": ranks.world,
+        "draws_per_update": [len(Ranks(r, ranks.world).mine(config.distill.meta_batch)) for r in range(ranks.world)],
+    }
+    if ranks.is_main:
+        write_distilled(folder, result, student, tokenizer, examples, identity, config.distill.vocab_chunk)
+    ranks.barrier()
     log.info("distill: %d examples x %d prompt vectors -> %s", len(data), config.distill.num_prompt_tokens, folder)
     return DistilledSet.load(folder)
-
-
-# --------------------------------------------------------------------------- reading it back
-
-
-@dataclass
-class DistilledSet:
-    """A distilled data set, for the same model (embeddings) or any other (text records)."""
-
-    folder: Path
-    manifest: dict[str, Any]
-    prompts: Any  # (n, k, d) float32
-    nearest_ids: Any  # (n, k)
-    nearest_dist: Any  # (n, k)
-    records: list[dict[str, Any]]
-
-    @classmethod
-    def load(cls, folder: str | Path) -> DistilledSet:
-        folder = Path(folder)
-        manifest = read_manifest(folder, KIND)
-        if manifest is None or not manifest.get("complete"):
-            raise NacdError(f"{folder}: no complete distilled data set (run `nacd distill`)")
-        files = manifest.get("files") or {}  # absent in sets written before nacd recorded files
-        fix = f"the distilled set is damaged; delete {folder} and run `nacd distill` again"
-        tensors = load_tensors(folder / "prompts.safetensors", files.get("prompts.safetensors"), fix)
-        text = read_verified(folder / "records.jsonl", files.get("records.jsonl"), fix).decode("utf-8")
-        missing = [key for key in ("prompts", "nearest_ids", "nearest_dist") if key not in tensors]
-        if missing:
-            raise NacdError(f"{folder / 'prompts.safetensors'}: no tensor {missing[0]!r}; {fix}")
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return cls(folder, manifest, tensors["prompts"], tensors["nearest_ids"], tensors["nearest_dist"], records)
-
-    @property
-    def ids(self) -> list[str]:
-        return [r["id"] for r in self.records]
-
-    @property
-    def alpha(self) -> float:
-        return float(self.manifest["alpha"])
-
-    def embeddings(self, example_id: str) -> Any:
-        """The (k, d) prompt vectors of one example, for the distilling model."""
-        return self.prompts[self.ids.index(example_id)]
-
-    def history(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.folder / "history.jsonl")
-
-    def panel(self) -> list[dict[str, Any]]:
-        """The prompt-gain evaluations (``panel.jsonl``; empty when the diagnostic was off)."""
-        path = self.folder / "panel.jsonl"
-        return read_jsonl(path) if path.is_file() else []
-
-    def gain_line(self) -> str:
-        """The final prompt gain in one line (or why there is none)."""
-        from nacd.panel import gain_line
-
-        rows = self.panel()
-        return gain_line(rows[-1]) if rows else "prompt gain: not measured (distill.panel_size=0)"

@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nacd.ranks import Ranks
+
 PANEL_SEED_OFFSET = 1_000_003  # the panel's generator: run.seed + this, apart from training's run.seed
 FIT_SEED_OFFSET = 2_000_029  # the fitted alpha's draws (training runs): run.seed + this
 
@@ -133,7 +135,9 @@ class Panel:
         initial: Any,
         clip: float | None,
         seed: int,
+        ranks: Ranks = Ranks(),
     ):
+        self.ranks = ranks  # under a launcher each process measures its share of the draws
         self.student, self.draws, self.snapshot = student, list(draws), snapshot
         self.expert_epochs, self.clip, self.seed = expert_epochs, clip, seed
         self.initial = initial.detach().clone()
@@ -170,11 +174,12 @@ class Panel:
         """One evaluation: per-draw losses and cosines for both prompt sets, the gain and its interval."""
         import torch
 
-        l_init, l_cur, c_init, c_cur, shares = [], [], [], [], []
+        measured = []
         with torch.no_grad():
             syn = syn.detach()
             same = torch.equal(syn, self.initial.to(syn.device))
-            for i, draw in enumerate(self.draws):
+            for i in self.ranks.mine(len(self.draws)):
+                draw = self.draws[i]
                 alpha = float(alpha_of(draw.start_epoch))
                 loss, cos, theta_n = self._measure(i, draw, alpha, syn)
                 key = (i, alpha)
@@ -185,11 +190,9 @@ class Panel:
                     self._initial_cache[key] = (li, ci)
                 li, ci = self._initial_cache[key]
                 target = self.snapshot(draw.run, draw.start_epoch + self.expert_epochs)
-                shares.append(residual_shares(theta_n, target, self.student.names))
-                l_init.append(li)
-                l_cur.append(loss)
-                c_init.append(ci)
-                c_cur.append(cos)
+                measured.append((i, li, loss, ci, cos, residual_shares(theta_n, target, self.student.names)))
+        measured = sorted((m for part in self.ranks.gather(measured) for m in part), key=lambda m: m[0])
+        _, l_init, l_cur, c_init, c_cur, shares = (list(column) for column in zip(*measured, strict=True))
         if len(self._initial_cache) > 4 * len(self.draws):  # alpha moves: keep only the latest values
             self._initial_cache = {k: v for k, v in list(self._initial_cache.items())[-len(self.draws) :]}
         groups = sorted({g for s in shares for g in s})
@@ -244,12 +247,14 @@ def fit_alphas(panel: Panel, alpha0: float, n_alpha: int) -> tuple[list[float], 
     import torch
 
     alphas, curves = [], []
+    rank, world = panel.ranks.rank, panel.ranks.world
     for epoch in range(n_alpha):
         mine = [(i, d) for i, d in enumerate(panel.draws) if n_alpha == 1 or d.start_epoch == epoch]
 
         def loss_at(alpha: float, mine: list = mine) -> float:
-            with torch.no_grad():
-                return _mean([panel._measure(i, d, alpha, panel.initial)[0] for i, d in mine])
+            with torch.no_grad():  # each process measures its share of the draws
+                part = [(i, panel._measure(i, d, alpha, panel.initial)[0]) for i, d in mine if i % world == rank]
+            return _mean([loss for _, loss in sorted(m for got in panel.ranks.gather(part) for m in got)])
 
         best, curve = fit_alpha(loss_at, alpha0)
         alphas.append(best)
