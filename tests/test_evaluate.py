@@ -516,3 +516,49 @@ def test_smollm2_arc_easy_well_above_chance(shared_data):
     assert r["n"] == 40
     assert r["acc"] >= 0.4 and r["acc_norm"] >= 0.35  # chance is 0.25; measured 0.50 and 0.425
     assert time.perf_counter() - start < 60
+
+
+def test_two_processes_score_like_one(tiny_llama_dir, shared_data, tmp_path):
+    """Issue #13: the batches of the one-process plan are dealt to the processes, so the answers and the
+    numbers do not depend on the number of processes (MMLU 5-shot: shared prefixes stay in a batch)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import multiprocess_overrides
+
+    from nacd import cli
+
+    common = [
+        f"model.spec={tiny_llama_dir}",
+        f"data.root={shared_data}",
+        "eval.benchmarks=['builtin:demo/mc',mmlu]",
+        "eval.limits={demo_mc: 20, mmlu: 1}",
+        "eval.batch_size=4",
+        *multiprocess_overrides(),
+    ]
+    assert cli.main(["eval", *common, f"run.out_dir={tmp_path / 'one'}"]) == 0
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29547", "-m", "nacd", "eval", *common]
+    proc = subprocess.run(
+        [*cmd, f"run.out_dir={tmp_path / 'two'}"], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (one_dir,) = list((tmp_path / "one" / "eval").iterdir())
+    two_dir = tmp_path / "two" / "eval" / one_dir.name
+    one = [json.loads(x) for x in (one_dir / "samples.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (two_dir / "samples.jsonl").read_text().splitlines()]
+    assert [(s["benchmark"], s["id"], s["pred"], s["pred_norm"]) for s in one] == [
+        (s["benchmark"], s["id"], s["pred"], s["pred_norm"]) for s in two
+    ]
+    for a, b in zip(one, two, strict=True):
+        assert b["logprobs"] == pytest.approx(a["logprobs"], abs=1e-5)
+    r1 = json.loads((one_dir / "results.json").read_text())["benchmarks"]
+    r2 = json.loads((two_dir / "results.json").read_text())["benchmarks"]
+    for bench in r1:
+        assert r2[bench]["acc"] == r1[bench]["acc"] and r2[bench]["n"] == r1[bench]["n"]
+        contexts = r2[bench]["processes"]["contexts"]
+        assert len(contexts) == 2 and sum(contexts) == r1[bench]["n"] and min(contexts) > 0
+    assert json.loads((two_dir / "manifest.json").read_text())["processes"] == 2

@@ -14,6 +14,7 @@ from nacd.errors import NacdError
 from nacd.evaluate.benchmarks import Benchmark, Doc
 from nacd.evaluate.prompts import TARGET_DELIMITER, build_context, doc_to_choices, fewshot_docs
 from nacd.evaluate.scoring import score_loglikelihood
+from nacd.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,20 @@ def resolve_protocol(bench: Benchmark, protocol: str, num_fewshot: int | None) -
 
 
 def evaluate(
-    model: Any, tokenizer: Any, benchmarks: Sequence[Benchmark], cfg: Any, *, progress: bool = True
+    model: Any,
+    tokenizer: Any,
+    benchmarks: Sequence[Benchmark],
+    cfg: Any,
+    *,
+    progress: bool = True,
+    ranks: Ranks = Ranks(),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score ``benchmarks`` under ``cfg`` (an :class:`~nacd.config.EvalConfig`): ``(results, samples)``.
 
     ``results[name]`` holds n, acc, acc_norm, their standard errors, per-subject metrics and macro
     averages, protocol, shots and timing; ``samples`` one dict per question (see docs/EVAL.md).
+    Under a launcher (``ranks``) each process scores its share of the batches and every process
+    returns the same results (with the contexts each process scored under ``processes``).
     """
     from tqdm.auto import tqdm
 
@@ -98,8 +107,12 @@ def evaluate(
             spans.append((len(requests), answers))
             requests.extend((context, TARGET_DELIMITER + a) for a in answers)
         start = time.perf_counter()
-        with tqdm(total=len(docs), desc=f"eval {bench.name}", unit="q", disable=not progress) as bar:
-            scores = score_loglikelihood(model, tokenizer, requests, cfg.batch_size, progress=bar.update)
+        shares: list[int] = []
+        quiet = not (progress and ranks.is_main)
+        with tqdm(total=len(docs), desc=f"eval {bench.name}", unit="q", disable=quiet) as bar:
+            scores = score_loglikelihood(
+                model, tokenizer, requests, cfg.batch_size, progress=bar.update, ranks=ranks, shares=shares
+            )
         seconds = time.perf_counter() - start
         bench_samples = []
         for doc, (first, answers) in zip(docs, spans, strict=True):
@@ -131,6 +144,8 @@ def evaluate(
             "seconds": round(seconds, 3),
             "questions_per_s": round(len(docs) / seconds, 3) if seconds > 0 else None,
         }
+        if ranks.world > 1:
+            results[bench.name]["processes"] = {"count": ranks.world, "contexts": shares}
         log.info(
             "%s (%s, %d-shot, n=%d): acc %.4f, acc_norm %.4f, %.1f questions/s",
             bench.name,

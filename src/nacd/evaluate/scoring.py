@@ -13,6 +13,7 @@ from typing import Any
 
 from nacd.errors import NacdError
 from nacd.evaluate.prompts import encode_pair, model_max_length
+from nacd.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,8 @@ def score_loglikelihood(
     *,
     method: str = "auto",
     progress: Callable[[int], None] | None = None,
+    ranks: Ranks = Ranks(),
+    shares: list[int] | None = None,
 ) -> list[tuple[float, int]]:
     """``(sum of log-probs, number of tokens)`` of each ``(context, continuation)`` request, as lm-eval's
     ``loglikelihood`` computes it (tokenization by :func:`encode_pair`).
@@ -266,6 +269,12 @@ def score_loglikelihood(
 
     Contexts too long for the model are scored plainly (lm-eval's left truncation). ``progress(n)``
     is called with the number of contexts done after each pass.
+
+    Under a launcher (``ranks``) the batches of the one-process plan are dealt round robin to the
+    processes, each scores its batches exactly as one process would (same rows, same shapes: shared
+    prefixes stay within a batch, so within a process), and every process gets all the scores; the
+    numbers do not depend on the number of processes. ``shares`` (a list), when given, receives the
+    number of contexts each process scored.
     """
     import torch
 
@@ -336,14 +345,24 @@ def score_loglikelihood(
         log.warning("%d context(s) longer than the model's %d tokens: cut from the left", len(too_long), max_length)
     plan = _plan(fits, batch_size, modes["shared"])
     plan += [(too_long[i : i + batch_size], -1) for i in range(0, len(too_long), batch_size)]
+    mine = set(ranks.mine(len(plan)))
     with torch.no_grad():
-        for batch, prefix in plan:
+        for j, (batch, prefix) in enumerate(plan):
+            if j not in mine:
+                continue
             scores = plain(batch) if prefix < 0 else packed(batch, prefix)
             for g, group_scores in zip(batch, scores, strict=True):
                 for i, s in zip(g.indices, group_scores, strict=True):
                     results[i] = s
             if progress is not None:
                 progress(len(batch))
+    if ranks.world > 1:  # every process's scores, on every process
+        parts = ranks.gather({i: r for i, r in enumerate(results) if r is not None})
+        for part in parts:
+            for i, r in part.items():
+                results[i] = r
+    if shares is not None:
+        shares[:] = [sum(len(plan[j][0]) for j in Ranks(r, ranks.world).mine(len(plan))) for r in range(ranks.world)]
     missing = [i for i, r in enumerate(results) if r is None]
     assert not missing, f"requests {missing[:5]} were not scored"
     return [r for r in results if r is not None]

@@ -143,17 +143,21 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
         write_manifest,
     )
     from nacd.models import describe, load_model, model_fingerprint, resolve_device
+    from nacd.ranks import current as current_ranks
 
     check(config)
     ec = config.eval
     if ec.adapter:  # here, not in check(): `nacd run` checks every stage before its tunings write adapters
         verify_adapter(ec.adapter)
     benchmarks = [load_benchmark(spec, ec.split, config.data.root) for spec in ec.benchmarks]  # data errors first
-    run_dir.init(config)
-    setup_logging(config.run.log_level, run_dir.log_path)
+    device = resolve_device(config.run.device)
+    ranks = current_ranks(cpu=device.type == "cpu")  # under a launcher each process scores its share
+    if ranks.is_main:
+        run_dir.init(config)
+    setup_logging(config.run.log_level, run_dir.log_path if ranks.is_main else None)
     name = eval_name(config)
     folder = run_dir.eval_dir(name)
-    model, tokenizer = load_model(config.model, resolve_device(config.run.device))
+    model, tokenizer = load_model(config.model, device)
     identity = {
         "model": {"spec": config.model.spec, "fingerprint": model_fingerprint(model)},
         "adapter": _adapter_identity(ec.adapter),
@@ -187,7 +191,7 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
     if ec.adapter:
         model = apply_adapter(model, ec.adapter)
     start = time.time()
-    results, samples = evaluate(model, tokenizer, benchmarks, ec)
+    results, samples = evaluate(model, tokenizer, benchmarks, ec, ranks=ranks)
     body = {
         "name": name,
         "model": {"spec": config.model.spec, **describe(model)},
@@ -195,6 +199,9 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
         "eval": asdict(ec),
         "benchmarks": results,
     }
+    if not ranks.is_main:  # the main process writes the one copy
+        ranks.barrier()
+        return body
     with atomic_dir(folder) as tmp:
         atomic_write_json(tmp / "results.json", body)
         atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
@@ -207,7 +214,9 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
             n_questions={k: v["n"] for k, v in results.items()},
             seconds=round(time.time() - start, 2),
             files=record_files(tmp, ["results.json", "samples.jsonl"]),
+            processes=ranks.world,
             complete=True,
         )
+    ranks.barrier()
     log.info("eval %s: results in %s", name, folder / "results.json")
     return body
