@@ -36,6 +36,21 @@ def multiprocess_overrides() -> list[str]:
     return [] if torch.cuda.device_count() >= 2 else ["run.device=cpu"]
 
 
+def torchrun_nacd(command: str, args: list[str], port: int, timeout: int = 600, nproc: int = 2):
+    """``torchrun --nproc_per_node NPROC -m nacd COMMAND ARGS`` (one thread per process, so that two
+    processes share 2 cores without oversubscribing them); returns the completed process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun is installed with torch"
+    cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(port), "-m", "nacd", command, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def assert_same_tensors(a, b, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     """Bitwise equal on the CPU; close on a GPU, whose kernels are not bitwise reproducible."""
     import torch

@@ -409,13 +409,9 @@ def test_alpha_modes_and_token_inits(prepared):
 def test_two_processes_give_the_one_process_result_with_the_same_meta_batch(prepared, tmp_path):
     """Issue #13: each process unrolls its share of every meta-batch (and of the panel, and of the fit of
     alpha); the summed gradients make the prompts, alpha and history those of one process."""
-    import os
     import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from conftest import multiprocess_overrides
+    from conftest import multiprocess_overrides, torchrun_nacd
 
     cfg, run_dir, overrides = prepared
     settings = [
@@ -432,11 +428,8 @@ def test_two_processes_give_the_one_process_result_with_the_same_meta_batch(prep
     for stage in ("select", "experts"):
         shutil.copytree(run_dir.root / stage, two / stage)
     one_set = distill.run(load_config(None, [*overrides, *settings]), run_dir)
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     argv = [a for a in overrides if not a.startswith("run.out_dir=")] + settings + [f"run.out_dir={two}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29541", "-m", "nacd", "distill", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    proc = torchrun_nacd("distill", argv, 29541)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two_set = distill.DistilledSet.load(two / "distill")
     torch.testing.assert_close(two_set.prompts, one_set.prompts, rtol=0, atol=1e-6)
@@ -450,6 +443,6 @@ def test_two_processes_give_the_one_process_result_with_the_same_meta_batch(prep
     assert len(pb[-1]["per_draw"]) == 4
 
     # more processes than draws per update is refused, naming the setting
-    cmd[cmd.index("distill.meta_batch=2")] = "distill.meta_batch=1"
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    argv[argv.index("distill.meta_batch=2")] = "distill.meta_batch=1"
+    proc = torchrun_nacd("distill", argv, 29541)
     assert proc.returncode != 0 and "2 processes but distill.meta_batch=1" in proc.stderr

@@ -521,12 +521,7 @@ def test_smollm2_arc_easy_well_above_chance(shared_data):
 def test_two_processes_score_like_one(tiny_llama_dir, shared_data, tmp_path):
     """Issue #13: the batches of the one-process plan are dealt to the processes, so the answers and the
     numbers do not depend on the number of processes (MMLU 5-shot: shared prefixes stay in a batch)."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    from conftest import multiprocess_overrides
+    from conftest import multiprocess_overrides, torchrun_nacd
 
     from nacd import cli
 
@@ -539,12 +534,7 @@ def test_two_processes_score_like_one(tiny_llama_dir, shared_data, tmp_path):
         *multiprocess_overrides(),
     ]
     assert cli.main(["eval", *common, f"run.out_dir={tmp_path / 'one'}"]) == 0
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29547", "-m", "nacd", "eval", *common]
-    proc = subprocess.run(
-        [*cmd, f"run.out_dir={tmp_path / 'two'}"], capture_output=True, text=True, timeout=600, env=env
-    )
+    proc = torchrun_nacd("eval", [*common, f"run.out_dir={tmp_path / 'two'}"], 29547)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (one_dir,) = list((tmp_path / "one" / "eval").iterdir())
     two_dir = tmp_path / "two" / "eval" / one_dir.name

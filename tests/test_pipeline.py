@@ -151,3 +151,21 @@ def test_cost_book_records_a_positive_time_for_a_stage_of_microseconds(tmp_path)
     with book.measure("fast", tmp_path / "stage"):
         pass
     assert json.loads((tmp_path / "costs.json").read_text())["fast"]["reused"] is True
+
+
+def test_nacd_run_under_torchrun_gives_the_one_process_table(tiny_overrides, tmp_path):
+    """Issue #13: every stage runs on every process (DDP tunings, distill's meta-batch and eval's batches
+    split), each artifact is written once, and the table is the one-process table."""
+    from conftest import multiprocess_overrides, torchrun_nacd
+
+    common = [a for a in tiny_overrides if not a.startswith("run.out_dir=")]
+    common += [*RUN, "compare.receivers=[]", "compare.seeds=[0]", "distill.meta_batch=2", *multiprocess_overrides()]
+    assert cli.main(["run", *common, f"run.out_dir={tmp_path / 'one'}"]) == 0
+    proc = torchrun_nacd("run", [*common, f"run.out_dir={tmp_path / 'two'}"], 29551, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("report:") == 1  # printed once, by the main process
+    one = json.loads((tmp_path / "one" / "report" / "results.json").read_text())["summary"]["table"]
+    two = json.loads((tmp_path / "two" / "report" / "results.json").read_text())["summary"]["table"]
+    assert two == one
+    assert json.loads((tmp_path / "two" / "distill" / "manifest.json").read_text())["processes"]["count"] == 2
+    assert not list((tmp_path / "two").glob("config.*.yaml"))

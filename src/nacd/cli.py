@@ -187,7 +187,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     _run_log = run_dir.log_path
     with config_kept_on_refusal(run_dir):
         result = module.run(cfg, run_dir)
-    if args.command == "run":
+    if args.command == "run" and result:  # under torchrun only the main process has the report
         _print_report(result, "\n")
     return 0
 

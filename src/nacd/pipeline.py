@@ -33,6 +33,7 @@ from typing import Any
 from nacd.artifacts import RunDir, atomic_write_json, setup_logging
 from nacd.errors import NacdError
 from nacd.evaluate import model_name
+from nacd.ranks import current as current_ranks
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,10 @@ def _recorded_seconds(folder: Path) -> float | None:
 class CostBook:
     """``<run>/costs.json``: wall time, peak memory and device of every stage call."""
 
-    def __init__(self, path: Path, device: str):
+    def __init__(self, path: Path, device: str, writes: bool = True):
         self.path = path
         self.device = device
+        self.writes = writes  # under a launcher only the main process writes the file
         self.entries: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
     @contextmanager
@@ -198,6 +200,8 @@ class CostBook:
     def _write(self, key: str) -> None:
         """Merge this call's entry into the file as it is now: pipelines running other cells of the
         same run folder at the same time keep their entries."""
+        if not self.writes:
+            return
         current = json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
         current[key] = self.entries[key]
         self.entries = {**self.entries, **current}
@@ -237,11 +241,13 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     check(config)
     for spec in config.eval.benchmarks:  # data errors before hours of training
         evaluate.load_benchmark(spec, config.eval.split, config.data.root)
-    run_dir.init(config)
-    setup_logging(config.run.log_level, run_dir.log_path)
-    shared = _SharedRunDir(run_dir.root)
     device = str(resolve_device(config.run.device))
-    book = CostBook(run_dir.root / "costs.json", device)
+    ranks = current_ranks(cpu=device == "cpu")  # under torchrun every stage runs on every process
+    if ranks.is_main:
+        run_dir.init(config)
+    setup_logging(config.run.log_level, run_dir.log_path if ranks.is_main else None)
+    shared = _SharedRunDir(run_dir.root)
+    book = CostBook(run_dir.root / "costs.json", device, writes=ranks.is_main)
     folders = {"select": run_dir.select_dir, "experts": run_dir.experts_dir, "distill": run_dir.distill_dir}
     stages = needed_stages(config)
     cells = plan(config)
@@ -263,6 +269,9 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
                 finetune.run(ft, shared)
         with book.measure(f"eval/{cell.name}", run_dir.eval_dir(cell.name)):
             evaluate.run(ev, shared)
+    ranks.barrier()
+    if not ranks.is_main:  # the main process writes the one report
+        return {}
     return write_report(config, run_dir, cells, book.read())
 
 

@@ -54,6 +54,7 @@ from nacd.artifacts import (
     write_manifest,
 )
 from nacd.errors import DataError, NacdError, StageNotImplementedError
+from nacd.ranks import current as current_ranks
 
 log = logging.getLogger(__name__)
 
@@ -411,8 +412,10 @@ def run(config: Any, run_dir: RunDir) -> Selection:
 
     sc = config.select
     check(config)
-    run_dir.init(config)
-    setup_logging(config.run.log_level, run_dir.log_path)
+    ranks = current_ranks(cpu=True if config.run.device == "cpu" else None)  # every process selects (LESS splits)
+    if ranks.is_main:
+        run_dir.init(config)
+    setup_logging(config.run.log_level, run_dir.log_path if ranks.is_main else None)
     examples, _ = load_corpus(config.data)
     targeted = sc.method in TARGETED
     targets = load_target(config) if targeted else None
@@ -443,6 +446,9 @@ def run(config: Any, run_dir: RunDir) -> Selection:
     start = time.perf_counter()
     selection = select(examples, sc.budget, sc.method, config.run.seed, targets, config, run_dir)
     seconds = time.perf_counter() - start
+    if not ranks.is_main:  # the main process writes the one copy
+        ranks.barrier()
+        return selection
     by_id = {ex.id: ex for ex in examples}
     atomic_write_json(folder / "selection.json", {"ids": selection.ids, "scores": selection.scores})
     lines = [
@@ -461,6 +467,7 @@ def run(config: Any, run_dir: RunDir) -> Selection:
         files=record_files(folder, SELECTION_FILES),
         complete=True,
     )
+    ranks.barrier()
     log.info(
         "select: %d of %d examples (%s, %.1fs) -> %s", len(selection.ids), len(examples), sc.method, seconds, folder
     )
