@@ -129,6 +129,12 @@ def file_record(path: str | Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def entry_record(entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The size and sha256 a manifest entry (a snapshot's) carries beside its other fields; None in
+    manifests written before nacd recorded files."""
+    return {"size": entry["size"], "sha256": entry["sha256"]} if "size" in entry else None
+
+
 def record_files(folder: str | Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """``{name: file_record}`` for the files ``names`` of ``folder`` (a manifest's ``files`` field)."""
     return {name: file_record(Path(folder) / name) for name in names}
@@ -349,11 +355,16 @@ class RunDir:
         return self
 
 
+def log_formatter() -> logging.Formatter:
+    """The format of nacd's console and ``nacd.log`` lines."""
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+
+
 def setup_logging(level: str = "INFO", log_file: str | Path | None = None) -> None:
     """Console logging (and a log file in the run folder when given); safe to call twice."""
     root = logging.getLogger()
     root.setLevel(level)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    fmt = log_formatter()
     if not any(getattr(h, "_nacd", False) for h in root.handlers):
         console = logging.StreamHandler()
         console.setFormatter(fmt)

@@ -226,7 +226,9 @@ def log_error(command: str, exc: BaseException) -> None:
     opened = None
     if not files and _run_log.parent.is_dir():  # refused before the stage opened its log
         opened = logging.FileHandler(_run_log, encoding="utf-8")
-        opened.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        from nacd.artifacts import log_formatter
+
+        opened.setFormatter(log_formatter())
         files = [opened]
     message = f"nacd {command}: error: {exc}" if isinstance(exc, NacdError) else f"nacd {command}: {exc!r}"
     records = [

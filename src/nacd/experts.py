@@ -32,6 +32,7 @@ from nacd.artifacts import (
     MetricsWriter,
     RunDir,
     atomic_save_safetensors,
+    entry_record,
     file_record,
     load_tensors,
     read_manifest,
@@ -145,8 +146,7 @@ def verify_snapshots(folder: Path, manifest: dict[str, Any]) -> None:
     """Every snapshot an expert run's manifest lists exists at its recorded size (cheap: no hashing;
     each snapshot's sha256 is checked when it is loaded)."""
     for entry in manifest.get("snapshots", []):
-        record = {"size": entry["size"], "sha256": entry["sha256"]} if "size" in entry else None
-        verify_file(folder / entry["file"], record, snapshot_fix(folder))
+        verify_file(folder / entry["file"], entry_record(entry), snapshot_fix(folder))
 
 
 def check(config: Any) -> None:
@@ -192,8 +192,7 @@ class ExpertStore:
     def _load(self, run: int, name: str, device: Any = None) -> dict[str, Any]:
         folder = self.folder / f"run_{run:03d}"
         entry = next((s for s in self.manifest(run)["snapshots"] if s["file"] == name), {})
-        record = {"size": entry["size"], "sha256": entry["sha256"]} if "size" in entry else None
-        return load_tensors(folder / name, record, snapshot_fix(folder), device)
+        return load_tensors(folder / name, entry_record(entry), snapshot_fix(folder), device)
 
     def snapshot(self, run: int, epoch: int, device: Any = None) -> dict[str, Any]:
         """LoRA parameters of expert ``run`` at the end of ``epoch`` (0 = before training)."""

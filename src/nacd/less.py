@@ -66,6 +66,7 @@ from typing import Any
 from nacd.artifacts import (
     MetricsWriter,
     atomic_save_safetensors,
+    entry_record,
     file_record,
     load_tensors,
     read_manifest,
@@ -536,7 +537,7 @@ def run_warmup(config: Any, setup: Any, data: Sequence[Any], folder: Path) -> li
     hint = f"delete {folder} to redo the warm-up (its features are then recomputed) or choose another run.out_dir"
     existing = read_matching_manifest(folder, WARMUP_KIND, identity, hint)
     for entry in (existing or {}).get("snapshots", []):  # what a skip or a resume trusts, at its recorded size
-        verify_file(folder / entry["file"], _record(entry), hint)
+        verify_file(folder / entry["file"], entry_record(entry), hint)
     if existing is not None and existing.get("complete"):
         log.info("LESS warm-up: complete in %s, skipped", folder)
         return existing["snapshots"]
@@ -565,11 +566,6 @@ def run_warmup(config: Any, setup: Any, data: Sequence[Any], folder: Path) -> li
         shutil.rmtree(folder / "checkpoint", ignore_errors=True)
     loop.accelerator.wait_for_everyone()
     return manifest["snapshots"]
-
-
-def _record(entry: dict[str, Any]) -> dict[str, Any] | None:
-    """The size and sha256 a manifest's snapshot entry records (None in manifests from before the records)."""
-    return {"size": entry["size"], "sha256": entry["sha256"]} if "size" in entry else None
 
 
 def load_warmup_snapshot(
@@ -640,13 +636,13 @@ def _prepare_features_dir(folder: Path, identity: dict[str, Any]) -> None:
     state.wait_for_everyone()
 
 
-def _shard_ok(folder: Path, k: int) -> bool:
-    """A shard counts as written if it is there at the size its manifest records (when it records one);
-    one of another size (damaged outside nacd: shards are written atomically) is computed again."""
+def _shard_ok(folder: Path, k: int, files: dict[str, Any]) -> bool:
+    """A shard counts as written if it is there at the size ``files`` (its manifest's) records, when it
+    records one; one of another size (damaged outside nacd: shards are written atomically) is computed again."""
     path = shard_path(folder, k)
     if not path.is_file():
         return False
-    record = ((read_manifest(folder, FEATURES_KIND) or {}).get("files") or {}).get(path.name)
+    record = files.get(path.name)
     if record is not None and path.stat().st_size != record["size"]:
         log.warning(
             "%s: %d bytes, its manifest recorded %d; computing it again", path, path.stat().st_size, record["size"]
@@ -681,7 +677,8 @@ def compute_features(
     state = _dist()
     ranges = shard_ranges(len(data), lc.shard_size)
     mine = [k for k in range(len(ranges)) if k % state.num_processes == state.process_index]
-    todo = [k for k in mine if not _shard_ok(folder, k)]
+    recorded = (read_manifest(folder, FEATURES_KIND) or {}).get("files") or {}
+    todo = [k for k in mine if not _shard_ok(folder, k, recorded)]
     if len(todo) < len(mine):
         log.info("%s: %d of %d shard(s) already in %s", desc, len(mine) - len(todo), len(mine), folder)
     total = sum(ranges[k][1] - ranges[k][0] for k in todo)
@@ -790,7 +787,7 @@ def less_scores(config: Any, examples: list[Any], targets: list[Any], workdir: P
     try:
         for snap in snapshots:
             snap_path = workdir / "warmup" / snap["file"]
-            lora, moments = load_warmup_snapshot(snap_path, list(params), _record(snap))
+            lora, moments = load_warmup_snapshot(snap_path, list(params), entry_record(snap))
             load_lora_state(model, lora)
             origin = {"snapshot": {"file": snap["file"], "sha256": sha256_file(snap_path)}, **common}
             folder = workdir / "features" / Path(snap["file"]).stem

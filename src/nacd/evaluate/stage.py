@@ -26,7 +26,7 @@ def apply_adapter(model: Any, adapter: str | Path) -> Any:
     from peft import PeftModel
 
     folder = Path(adapter).expanduser()
-    verify_adapter(folder)
+    verify_adapter(folder, deep=False)  # nacd eval hashed it before loading the model
     try:
         peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as exc:
@@ -86,7 +86,7 @@ def _adapter_identity(adapter: str | None) -> dict[str, Any] | None:
     }
 
 
-def verify_adapter(adapter: str | Path) -> None:
+def verify_adapter(adapter: str | Path, deep: bool = True) -> None:
     """Stop before any model is loaded when ``adapter`` is no peft adapter folder, or when it is a nacd
     tuning's adapter whose files differ from what that tuning's manifest records."""
     from nacd.artifacts import read_manifest, verify_files
@@ -101,7 +101,7 @@ def verify_adapter(adapter: str | Path) -> None:
     body = read_manifest(owner) if folder.name == "adapter" and (owner / "manifest.json").is_file() else None
     if body is not None and body.get("kind") == "finetune":
         fix = f"the adapter is damaged; delete {owner} and run `nacd finetune` again"
-        verify_files(owner, body.get("files"), fix, deep=True)
+        verify_files(owner, body.get("files"), fix, deep=deep)
 
 
 def check(config: Any) -> None:
@@ -136,6 +136,7 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
         atomic_write_json,
         atomic_write_text,
         read_manifest,
+        read_verified,
         record_files,
         setup_logging,
         sha256_json,
@@ -178,9 +179,10 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
     existing = read_manifest(folder, KIND)
     if existing is not None and existing.get("complete") and (folder / "results.json").is_file():
         if all(existing.get(k) == v for k, v in identity.items()):
+            files = existing.get("files") or {}
             try:
-                verify_files(folder, existing.get("files"), "", deep=True)
-                body = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+                verify_files(folder, {k: v for k, v in files.items() if k != "results.json"}, "", deep=True)
+                body = json.loads(read_verified(folder / "results.json", files.get("results.json")).decode("utf-8"))
             except (NacdError, ValueError) as exc:  # the evaluation is its own rebuild: redo it, saying why
                 log.warning("eval %s: %s; evaluating again", name, exc)
             else:
