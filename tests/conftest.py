@@ -36,19 +36,35 @@ def multiprocess_overrides() -> list[str]:
     return [] if torch.cuda.device_count() >= 2 else ["run.device=cpu"]
 
 
-def torchrun_nacd(command: str, args: list[str], port: int, timeout: int = 600, nproc: int = 2):
-    """``torchrun --nproc_per_node NPROC -m nacd COMMAND ARGS`` (one thread per process, so that two
-    processes share 2 cores without oversubscribing them); returns the completed process."""
+def torchrun(target: list[str], port: int, timeout: int = 600, nproc: int = 2):
+    """``torchrun --nproc_per_node NPROC TARGET`` (``TARGET``: ``-m nacd ...`` or a script and its
+    arguments), one thread per process, so that two processes share 2 cores without oversubscribing them;
+    returns the completed process."""
     import os
     import shutil
+    import signal
     import subprocess
     import sys
 
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun, "torchrun is installed with torch"
-    cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(port), "-m", "nacd", command, *args]
+    launcher = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert launcher, "torchrun is installed with torch"
+    cmd = [launcher, "--nproc_per_node", str(nproc), "--master_port", str(port), *target]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hung job: stop torchrun and its workers, not only torchrun
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"{' '.join(cmd[:6])} ...: no end after {timeout} s; stderr:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun_nacd(command: str, args: list[str], port: int, timeout: int = 600, nproc: int = 2):
+    """``torchrun --nproc_per_node NPROC -m nacd COMMAND ARGS``; see :func:`torchrun`."""
+    return torchrun(["-m", "nacd", command, *args], port, timeout, nproc)
 
 
 def assert_same_tensors(a, b, rtol: float = 1e-5, atol: float = 1e-6) -> None:

@@ -326,3 +326,40 @@ def test_run_bm25_on_arc_easy_skips_an_identical_selection_only(tiny_overrides, 
     mean = load_config(None, [*base, "select.budget=5", "select.bm25.aggregate=mean"])
     selection.run(mean, run_dir)  # another method config: selected again
     assert read_manifest(run_dir.select_dir, "selection")["method_config"]["aggregate"] == "mean"
+
+
+#: Run by torchrun: the second process reads the run folder 3 s late, after the main process has written
+#: the selection; both must still take one path (select, then meet at the same collectives).
+_LATE_READER = """
+import sys, time
+import nacd.select as selection
+from nacd.cli import main
+from nacd.ranks import current
+
+ranks = current(cpu=True)
+if not ranks.is_main:
+    read = selection.read_manifest
+
+    def late(*args, **kwargs):
+        time.sleep(3)
+        return read(*args, **kwargs)
+
+    selection.read_manifest = late
+assert main(["select", *sys.argv[1:]]) == 0
+sys.stdout.write(f"gathered {ranks.gather(ranks.rank)}\\n")
+"""
+
+
+def test_two_processes_take_one_path_when_one_reads_late(tiny_overrides, tmp_path):
+    """CI on 2026-11-28 hung here: the second process found the main process's fresh selection, skipped,
+    and went on to the next stage's collectives while the main process waited in select's barrier."""
+    from conftest import torchrun
+
+    script = tmp_path / "late_reader.py"
+    script.write_text(_LATE_READER)
+    args = [a for a in tiny_overrides if not a.startswith("run.out_dir=")]
+    args += ["select.budget=8", "run.device=cpu", f"run.out_dir={tmp_path / 'run'}"]
+    proc = torchrun([str(script), *args], 29557, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("gathered [0, 1]") == 2
+    assert read_manifest(tmp_path / "run" / "select", "selection")["complete"] is True

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -360,13 +361,26 @@ def log_formatter() -> logging.Formatter:
     return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
 
 
+class _Console(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written (not the one it was made with:
+    a library caller, or pytest, may have swapped and closed that one since)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: str = "INFO", log_file: str | Path | None = None) -> None:
     """Console logging (and a log file in the run folder when given); safe to call twice."""
     root = logging.getLogger()
     root.setLevel(level)
     fmt = log_formatter()
     if not any(getattr(h, "_nacd", False) for h in root.handlers):
-        console = logging.StreamHandler()
+        console = _Console()
         console.setFormatter(fmt)
         console._nacd = True  # type: ignore[attr-defined]
         root.addHandler(console)

@@ -454,7 +454,7 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     identity = _identity(config, fingerprint, ids, tokenized_hash(data), alpha0, clip)
     folder = run_dir.distill_dir
     hint = f"delete {folder} to distill again with these settings"
-    existing = read_manifest(folder, KIND)
+    existing = ranks.from_main(read_manifest(folder, KIND))  # one decision for all processes
     if existing is not None:
         check_identity(folder, with_new_defaults(existing, identity["distill"]), identity, hint)
     finished = existing.get("iterations") if existing is not None and existing.get("complete") else None

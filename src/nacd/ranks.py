@@ -48,6 +48,18 @@ class Ranks:
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
+    def from_main(self, obj: Any) -> Any:
+        """The main process's ``obj`` (picklable), on every process. A stage decides from the run folder
+        (skip, resume or start) this way, so that every process takes the same path even when the main
+        process has already written what another is about to read."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist

@@ -435,7 +435,7 @@ def run(config: Any, run_dir: RunDir) -> Selection:
         identity["lora"] = dataclasses.asdict(config.lora)
         identity["max_seq_len"] = config.data.max_seq_len
     folder = run_dir.select_dir
-    existing = read_manifest(folder, KIND)
+    existing = ranks.from_main(read_manifest(folder, KIND))  # one decision for all processes
     if existing is not None and existing.get("complete") and all(existing.get(k) == v for k, v in identity.items()):
         verify_selection(folder, existing)
         body = json.loads((folder / "selection.json").read_text())

@@ -176,7 +176,7 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
         "limit": ec.limit,
         "limits": ec.limits,
     }
-    existing = read_manifest(folder, KIND)
+    existing = ranks.from_main(read_manifest(folder, KIND))  # one decision for all processes
     if existing is not None and existing.get("complete") and (folder / "results.json").is_file():
         if all(existing.get(k) == v for k, v in identity.items()):
             files = existing.get("files") or {}
