@@ -72,6 +72,8 @@ def test_none_and_bool_overrides():
         ("select.budget=2.5", "config key 'select.budget': a count must be a whole number"),
         ("nonsense", "expected key=value"),
         ("run.device=tpu", "config key 'run.device'"),
+        ("distill.ema=1.0", "config key 'distill.ema': must be a decay in (0, 1) or null"),
+        ("distill.init_toward_mean=-0.1", "config key 'distill.init_toward_mean': must be a fraction in [0, 1]"),
     ],
 )
 def test_invalid_values_name_the_key(override, message):

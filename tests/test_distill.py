@@ -446,3 +446,22 @@ def test_two_processes_give_the_one_process_result_with_the_same_meta_batch(prep
     argv[argv.index("distill.meta_batch=2")] = "distill.meta_batch=1"
     proc = torchrun_nacd("distill", argv, 29541)
     assert proc.returncode != 0 and "2 processes but distill.meta_batch=1" in proc.stderr
+
+
+def test_a_moving_average_of_the_prompts_is_measured_written_and_resumed(prepared):
+    """distill.ema: ema_i = decay * ema_{i-1} + (1 - decay) * syn_i from the initial prompts; the set is the
+    average, and a continued run goes on from the checkpoint's average."""
+    from safetensors.torch import load_file
+
+    cfg, run_dir, overrides = prepared
+    base = [*overrides, *REACHABLE, "distill.ema=0.5", "distill.checkpoint_every=1", "distill.panel_size=2"]
+    state = run_dir.distill_dir / "checkpoint" / "state.safetensors"
+    distill.run(load_config(None, [*base, "distill.iterations=1"]), run_dir)
+    one = load_file(state)
+    start = 2 * one["ema"] - one["syn"]  # the initial prompts: mean_vocab, one vector everywhere
+    torch.testing.assert_close(start, start[:1, :1].expand_as(start))
+    assert not torch.equal(one["ema"], one["syn"])
+    two_set = distill.run(load_config(None, [*base, "distill.iterations=2"]), run_dir)
+    two = load_file(state)
+    torch.testing.assert_close(two["ema"], 0.5 * one["ema"] + 0.5 * two["syn"])
+    torch.testing.assert_close(two_set.prompts.float(), two["ema"].float())

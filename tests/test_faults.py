@@ -232,3 +232,87 @@ def test_brief_errors_and_json_faults():
     except json.JSONDecodeError as exc:
         message = json_fault(exc, line)
     assert f"the line ends at column {len(line)}" in message and "near" in message
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+#: Per stage: longer settings (so that a kill lands mid-run), the folder the stage writes, the checkpoint
+#: file whose appearance arms the kill, and the files an uninterrupted run and a resumed one must share.
+KILLED = {
+    "experts": (
+        ["experts.train.epochs=6", "experts.train.checkpoint_every=1"],
+        "experts",
+        "experts/run_000/checkpoint/state.json",
+        [f"experts/run_000/epoch_{e:03d}.safetensors" for e in range(7)],
+    ),
+    "distill": (
+        ["distill.iterations=16", "distill.checkpoint_every=1"],
+        "distill",
+        "distill/checkpoint/state.json",
+        ["distill/prompts.safetensors"],
+    ),
+    "finetune": (
+        ["finetune.train.epochs=6", "finetune.train.checkpoint_every=1", "finetune.name=long"],
+        "finetune/long",
+        "finetune/long/checkpoint/state.json",
+        ["finetune/long/adapter/adapter_model.safetensors"],
+    ),
+}
+
+
+def _same_tensors(a_path, b_path):
+    from safetensors.torch import load_file
+
+    a, b = load_file(a_path), load_file(b_path)
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("command", sorted(KILLED))
+def test_kill_9_at_a_random_point_resumes_to_the_uninterrupted_result(run_copy, tmp_path, command):
+    """SIGKILL (no handler runs, a write may be cut anywhere) at a seeded random moment after the first
+    checkpoint; the rerun resumes and ends bitwise where an uninterrupted run ends (CPU)."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, overrides = run_copy
+    longer, folder, armed, outputs = KILLED[command]
+    reference = tmp_path / "reference"
+    shutil.copytree(root, reference, symlinks=True)
+    for run in (root, reference):
+        shutil.rmtree(run / folder, ignore_errors=True)
+    ref_args = [*overrides[:-1], f"run.out_dir={reference}", *longer]
+    assert cli.main([command, *ref_args]) == 0
+
+    args = [*overrides, *longer]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nacd", command, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not (root / armed).is_file():
+        assert proc.poll() is None, f"nacd {command} ended before its first checkpoint: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.02)
+    time.sleep(random.Random(f"kill-{command}").uniform(0.0, 0.4))
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the stage finished before the kill: lengthen it in KILLED"
+    proc.stderr.close()
+    ckpt = (root / armed).parent
+    done = json.loads((ckpt / "state.json").read_text())["state"]["iteration" if command == "distill" else "step"]
+    assert done >= 1  # the rerun resumes from a checkpoint, the one the kill left whole (or its predecessor)
+    assert not json.loads((root / folder / ("run_000" if command == "experts" else "") / "manifest.json").read_text())[
+        "complete"
+    ]
+    assert cli.main([command, *args, "run.log_level=INFO"]) == 0
+    log = (root / "nacd.log").read_text()
+    assert re.search(rf"resumed from {re.escape(str(ckpt))} at (step|iteration) {done}\b", log), log[-2000:]
+    for rel in outputs:
+        assert _same_tensors(root / rel, reference / rel), rel
+    if command != "experts":  # each step or iteration once in the metrics, however the kill cut them
+        name = "history.jsonl" if command == "distill" else "metrics.jsonl"
+        key = "iteration" if command == "distill" else "step"
+        steps = [row[key] for row in read_jsonl(root / folder / name)]
+        assert steps == list(range(1, len(steps) + 1))

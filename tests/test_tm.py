@@ -290,6 +290,20 @@ def test_token_inits_are_distinct_real_tokens():
         initial_prompts("example_tokens", vocab, 1, 2, seed=0, example_rows=[[]])
 
 
+def test_token_inits_moved_toward_the_mean_stay_distinct():
+    vocab = torch.arange(40.0).reshape(20, 2)
+    rows = [[1, 2, 3, 4, 0], [5, 6, 7, 0], [8, 9, 10, 0], [11, 12, 0]]
+    own = initial_prompts("example_tokens", vocab, 4, 2, seed=0, example_rows=rows)
+    mean = torch.tensor([19.0, 20.0])  # of rows 0..19: (0 + 38) / 2, (1 + 39) / 2
+    quarter = initial_prompts("example_tokens", vocab, 4, 2, seed=0, example_rows=rows, toward_mean=0.25)
+    torch.testing.assert_close(quarter, 0.75 * own + 0.25 * mean)
+    assert len({tuple(v.tolist()) for v in quarter.reshape(-1, 2)}) == 8  # still 8 distinct vectors
+    whole = initial_prompts("example_tokens", vocab, 4, 2, seed=0, example_rows=rows, toward_mean=1.0)
+    torch.testing.assert_close(whole, initial_prompts("mean_vocab", vocab, 4, 2, seed=0))
+    with pytest.raises(Exception, match="init_toward_mean"):
+        initial_prompts("mean_vocab", vocab, 4, 2, seed=0, toward_mean=1.5)
+
+
 def test_endpoint_is_the_unrolls_point(tiny_llama_dir):
     """The panel's first-order student reaches the same theta_N as the differentiable unroll."""
     from nacd.unrolls import endpoint

@@ -353,6 +353,11 @@ class DistillConfig:
         "random, frequent_vocab (distinct frequent tokens of the data), example_tokens (each example's own "
         "distinctive instruction tokens).",
     )
+    init_toward_mean: float = f(
+        0.0,
+        "Move every initial prompt vector this fraction of the way to the mean vocabulary embedding (0: the init "
+        "as it is; 1: mean_vocab's start). Distinct starts nearer the paper's neutral one.",
+    )
     regularizer: Literal["distance", "spacing", "spacing_squared"] = f(
         "spacing_squared",
         "L_reg: distance (Eq. 3, mean euclidean distance to the nearest token), spacing (the same divided by the "
@@ -370,6 +375,11 @@ class DistillConfig:
         "best of a x2 grid from alpha_0 for the initial prompts on alpha_fit_draws training draws, then fixed).",
     )
     alpha_fit_draws: int = f(8, "alpha_mode=fitted: training draws (start epochs stratified) alpha is fitted on.")
+    ema: float | None = f(
+        None,
+        "Keep an exponential moving average of the prompt vectors with this decay (FTD's and DATM's, e.g. 0.9): the "
+        "panel measures it and the distilled set is it. None: the prompts as learned.",
+    )
     meta_batch: int = f(1, "Draws (expert run, start epoch, N batches) whose meta-gradients are averaged per update.")
     skip_above: float | None = f(
         None, "Skip draws whose L_distill exceeds this (DATM's threshold, ~1.0); None: use every draw."
@@ -434,6 +444,8 @@ class DistillConfig:
         _check(self.lr_init is None or self.lr_init > 0, "lr_init", "must be positive or null")
         _check(self.clip_syn is None or self.clip_syn > 0, "clip_syn", "must be positive or null")
         _check(self.beta_warmup >= 0, "beta_warmup", "must be >= 0")
+        _check(self.ema is None or 0.0 < self.ema < 1.0, "ema", "must be a decay in (0, 1) or null")
+        _check(0.0 <= self.init_toward_mean <= 1.0, "init_toward_mean", "must be a fraction in [0, 1]")
         _check(self.panel_size >= 0, "panel_size", "must be >= 0")
         _check(self.skip_above is None or self.skip_above > 0, "skip_above", "must be positive or null")
         _check(self.alpha_mode != "fitted" or self.alpha_fit_draws >= self.max_start_epoch, "alpha_fit_draws",

@@ -242,8 +242,9 @@ def distill(
     device = student.device
     n, k = len(student.data), dc.num_prompt_tokens
     vocab = tm.candidate_rows(student)
-    initial = tm.initial_prompts(dc.init, vocab, n, k, config.run.seed, example_rows).to(device)
+    initial = tm.initial_prompts(dc.init, vocab, n, k, config.run.seed, example_rows, dc.init_toward_mean).to(device)
     syn = torch.nn.Parameter(initial.clone())
+    ema = initial.clone() if dc.ema is not None else None  # the prompts measured and written, when kept
     n_alpha = dc.max_start_epoch if dc.alpha_mode in ("per_epoch", "fitted") else 1
     learned = dc.alpha_mode in ("shared", "per_epoch")
     log_alpha = torch.nn.Parameter(torch.full((n_alpha,), math.log(alpha0), device=device), requires_grad=learned)
@@ -255,7 +256,7 @@ def distill(
     history_path, panel_path, ckpt = folder / "history.jsonl", folder / "panel.jsonl", folder / "checkpoint"
     state = DistillState()
     if ckpt.is_dir():  # renamed into place whole: one with a part missing is refused, not ignored
-        state = load_checkpoint(ckpt, syn, log_alpha, opts, gen)
+        state = load_checkpoint(ckpt, syn, log_alpha, opts, gen, ema)
         if state.iteration > dc.iterations:
             raise NacdError(
                 f"{ckpt}: the checkpoint is at iteration {state.iteration}, past distill.iterations={dc.iterations}; "
@@ -326,7 +327,8 @@ def distill(
     def evaluate_panel() -> None:
         nonlocal last_panel
         start = time.perf_counter()
-        row = {"iteration": state.iteration, **panel.evaluate(syn, lambda t: float(alpha_of(t).detach()))}
+        shown = syn if ema is None else ema
+        row = {"iteration": state.iteration, **panel.evaluate(shown, lambda t: float(alpha_of(t).detach()))}
         row["seconds"] = round(time.perf_counter() - start, 3)
         if ranks.is_main:
             panel_log.write(**row)
@@ -371,6 +373,8 @@ def distill(
                     torch.nn.utils.clip_grad_norm_([syn], dc.clip_syn)
                 for opt in opts.values():
                     opt.step()
+                if ema is not None:
+                    ema.lerp_(syn.detach(), 1.0 - dc.ema)
             for opt in opts.values():
                 opt.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - start
@@ -394,13 +398,13 @@ def distill(
                 evaluate_panel()
             if state.iteration % dc.checkpoint_every == 0 or state.iteration == dc.iterations:
                 if ranks.is_main:
-                    save_checkpoint(ckpt, syn, log_alpha, opts, gen, state)
+                    save_checkpoint(ckpt, syn, log_alpha, opts, gen, state, ema)
                 ranks.barrier()
     finally:
         bar.close()
     alphas = [float(a) for a in log_alpha.detach().exp()]
     return {
-        "syn": syn.detach(),
+        "syn": (syn if ema is None else ema).detach(),
         "alpha": sum(alphas) / len(alphas),
         "alphas": alphas,
         "state": state,

@@ -21,13 +21,15 @@ class DistillState:
 
 
 def save_checkpoint(
-    folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any], gen: Any, state: DistillState
+    folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any], gen: Any, state: DistillState, ema: Any = None
 ) -> None:
     import torch
 
     from nacd.train import optimizer_tensors
 
     tensors = {"syn": syn.detach(), "log_alpha": log_alpha.detach().reshape(-1), "generator": gen.get_state()}
+    if ema is not None:
+        tensors["ema"] = ema.detach()
     tensors["torch_rng"] = torch.get_rng_state()
     meta = {}
     for name, opt in opts.items():
@@ -40,7 +42,9 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps(body, indent=2))
 
 
-def load_checkpoint(folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any], gen: Any) -> DistillState:
+def load_checkpoint(
+    folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any], gen: Any, ema: Any = None
+) -> DistillState:
     import torch
 
     from nacd.train import restore_optimizer
@@ -52,6 +56,15 @@ def load_checkpoint(folder: Path, syn: Any, log_alpha: Any, opts: dict[str, Any]
     with torch.no_grad():
         syn.copy_(tensors["syn"])
         log_alpha.copy_(tensors["log_alpha"].reshape(log_alpha.shape))
+        if ema is not None:
+            if "ema" not in tensors:
+                from nacd.errors import NacdError
+
+                raise NacdError(
+                    f"{folder}: this checkpoint holds no moving average of the prompts (distill.ema was off when "
+                    f"it was written); {hint}"
+                )
+            ema.copy_(tensors["ema"])
     gen.set_state(tensors["generator"])
     torch.set_rng_state(tensors["torch_rng"])
     for name, opt in opts.items():

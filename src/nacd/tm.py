@@ -109,7 +109,13 @@ def vocab_spacing(vocab: Any, sample: int = 1024, seed: int = 0, chunk: int = 81
 
 
 def initial_prompts(
-    kind: str, vocab: Any, n: int, k: int, seed: int, example_rows: Sequence[Sequence[int]] | None = None
+    kind: str,
+    vocab: Any,
+    n: int,
+    k: int,
+    seed: int,
+    example_rows: Sequence[Sequence[int]] | None = None,
+    toward_mean: float = 0.0,
 ) -> Any:
     """D_syn of shape (n, k, d).
 
@@ -118,8 +124,22 @@ def initial_prompts(
     and std; ``frequent_vocab``: distinct rows drawn from the tokens most frequent in the data
     (prompt tuning's "sampled vocab" init); ``example_tokens``: each example's own tokens, k distinct
     rows drawn from the distinctive tokens of its instruction. ``example_rows`` (per example, the
-    candidate-row indices of its instruction tokens) is needed by the last two.
+    candidate-row indices of its instruction tokens) is needed by the last two. ``toward_mean`` in
+    [0, 1] then moves every vector that fraction of the way to the mean embedding: distinct starts
+    nearer the paper's neutral one.
     """
+    if not 0.0 <= toward_mean <= 1.0:
+        raise NacdError(f"distill.init_toward_mean={toward_mean}: expected a fraction in [0, 1]")
+    out = _initial_prompts(kind, vocab, n, k, seed, example_rows)
+    if toward_mean == 0.0:
+        return out
+    mean = vocab.detach().float().cpu().mean(0)
+    return torch.lerp(out, mean.expand_as(out), toward_mean)
+
+
+def _initial_prompts(
+    kind: str, vocab: Any, n: int, k: int, seed: int, example_rows: Sequence[Sequence[int]] | None
+) -> Any:
 
     gen = torch.Generator().manual_seed(seed)
     w = vocab.detach().float().cpu()
