@@ -341,7 +341,7 @@ class RunDir:
 
     def init(self, config: Any) -> RunDir:
         """Create the folder and save the resolved config; an earlier different config is kept aside."""
-        from nacd.config import dump_yaml
+        from nacd.configlib import dump_yaml
 
         self.root.mkdir(parents=True, exist_ok=True)
         text = dump_yaml(config)
