@@ -22,7 +22,7 @@ def test_defaults_are_the_paper_defaults_and_the_measured_recipe():
         "spacing_squared",
         1.0,
         "fixed",
-        1e-3,
+        3e-3,
     )
     assert cfg.model.trust_remote_code is False
     # the paper's recipe stays one file away

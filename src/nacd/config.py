@@ -341,7 +341,9 @@ class DistillConfig:
         "(mean squared scaled distance: a pull that fades near a token).",
     )
     beta_warmup: int = f(0, "Iterations over which beta ramps linearly from 0 to its value (0: no warm-up).")
-    lr_syn: float = f(1e-3, "Adam learning rate of the prompt vectors (the paper's recipe in nacd: 1e-2).")
+    lr_syn: float = f(
+        3e-3, "Adam learning rate of the prompt vectors (measured: docs/DISTILL.md; the paper's recipe in nacd: 1e-2)."
+    )
     lr_lr: float = f(1e-2, "Adam learning rate of log(alpha), the learnable student learning rate.")
     lr_init: float | None = f(None, "alpha_0: initial student learning rate; None = the experts' peak lr.")
     alpha_mode: Literal["shared", "per_epoch", "fixed", "fitted"] = f(
