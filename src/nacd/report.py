@@ -45,6 +45,15 @@ class Scores:
     results: dict[str, Any]
 
 
+#: How the report names each ``distill.alpha_mode`` (manifests from before the modes: learned).
+_ALPHA_MODES = {
+    "shared": "learned",
+    "per_epoch": "learned per start epoch; their mean",
+    "fixed": "fixed at alpha_0",
+    "fitted": "fitted per start epoch with the initial prompts; their mean",
+}
+
+
 def read_scores(eval_dir: Path, metric: str) -> Scores | None:
     """The cell's per-question ``metric`` from ``samples.jsonl``; None if the evaluation is missing."""
     manifest = read_manifest(eval_dir, "eval")
@@ -332,7 +341,8 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         m = ds.manifest
         doc.p(
             f"{m['n_examples']} examples x {m['num_prompt_tokens']} prompt vectors, {m['iterations']} iterations "
-            f"({m.get('skipped_iterations', 0)} skipped), learned student lr alpha = {ds.alpha:.4g}, "
+            f"({m.get('skipped_iterations', 0)} skipped), student lr alpha = {ds.alpha:.4g} "
+            f"({_ALPHA_MODES.get((m.get('distill') or {}).get('alpha_mode'), 'learned')}), "
             f"mean distance to the nearest vocabulary embedding {float(ds.nearest_dist.mean()):.4f}."
         )
         doc.p(ds.gain_line() + " (docs/DISTILL.md: the held-out panel; alpha cannot move this figure).")
