@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from nacd.config import Config, SourceConfig, explain
+from nacd.config import Config, SourceConfig
+from nacd.configlib import explain
 
 HEADER = """\
 # Configuration keys
@@ -37,7 +38,7 @@ def _cell(text: str) -> str:
 
 def render() -> str:
     lines = [HEADER]
-    rows = explain()
+    rows = explain(Config())
     section = None
     docs = {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(Config)}
     for key, type_name, default, doc in rows:

@@ -143,8 +143,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from nacd.config import explain, load_config
-    from nacd.configlib import dump_yaml
+    from nacd.config import load_config
+    from nacd.configlib import dump_yaml, explain
 
     cfg = load_config(args.config, args.overrides)
     if args.explain:

@@ -14,14 +14,12 @@ value raises :class:`~nacd.errors.ConfigError` naming the dotted key.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from nacd.configlib import build, deep_merge, f, load_yaml, parse_override, set_dotted, to_dict, type_name
+from nacd.configlib import build, deep_merge, f, load_yaml, parse_override, set_dotted, to_dict
 from nacd.configlib import check as _check
 from nacd.errors import ConfigError
 
@@ -593,21 +591,3 @@ def _origin(message: str, given: dict[str, str], path: str | Path | None) -> str
         if bad is not None and (bad == key or bad.startswith(key + ".") or key.startswith(bad + ".")):
             return f" (from the command-line override {text!r})"
     return f" (in {path})" if path else ""
-
-
-def explain(obj: Any = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, doc) for every leaf field of a config instance (default: ``Config()``)."""
-    obj = Config() if obj is None else obj
-    rows: list[tuple[str, str, Any, str]] = []
-    hints = typing.get_type_hints(type(obj))
-    for fld in dataclasses.fields(obj):
-        tp = hints[fld.name]
-        key = prefix + fld.name
-        value = getattr(obj, fld.name)
-        if dataclasses.is_dataclass(tp):
-            rows.extend(explain(value, key + "."))
-            continue
-        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
-            value = [to_dict(v) for v in value]
-        rows.append((key, type_name(tp), value, fld.metadata.get("doc", "")))
-    return rows

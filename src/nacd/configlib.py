@@ -99,29 +99,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
             return value.lower() in ("true", "yes", "on")
         raise bad
-    if tp is int:
+    if tp in (int, float):  # bools are ints to Python, not to a config; "2.5" is no int
         if isinstance(value, bool):
             raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
         if isinstance(value, str):
             try:
-                return int(value)
+                return tp(value)
             except ValueError:
                 raise bad from None
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
+        if tp is int and isinstance(value, float):
+            if value.is_integer():
+                return int(value)
             raise bad
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
+            return tp(value)
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -221,3 +212,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def explain(obj: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, value, doc) for every leaf field of a config instance (``Config()``: the defaults)."""
+    rows: list[tuple[str, str, Any, str]] = []
+    hints = typing.get_type_hints(type(obj))
+    for fld in dataclasses.fields(obj):
+        tp = hints[fld.name]
+        key = prefix + fld.name
+        value = getattr(obj, fld.name)
+        if dataclasses.is_dataclass(tp):
+            rows.extend(explain(value, key + "."))
+            continue
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            value = [to_dict(v) for v in value]
+        rows.append((key, type_name(tp), value, fld.metadata.get("doc", "")))
+    return rows

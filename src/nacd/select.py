@@ -48,6 +48,7 @@ from nacd.artifacts import (
     atomic_write_json,
     atomic_write_text,
     read_manifest,
+    read_verified,
     record_files,
     setup_logging,
     verify_files,
@@ -126,10 +127,13 @@ def read_ids(path: str | Path) -> list[str]:
 SELECTION_FILES = ("selection.json", "selected.jsonl")  # what the selection manifest's ``files`` vouches for
 
 
-def verify_selection(folder: Path, manifest: dict[str, Any]) -> None:
-    """The selection's files are what its manifest recorded (sizes and hashes: they are small and read anyway)."""
+def verify_selection(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The selection's files are what its manifest recorded (sizes and hashes: they are small and read
+    anyway); returns ``selection.json``'s body, read once."""
     fix = f"the selection is damaged; delete {folder} and run `nacd select` again"
-    verify_files(folder, manifest.get("files"), fix, deep=True)
+    files = manifest.get("files") or {}
+    verify_files(folder, {k: v for k, v in files.items() if k != "selection.json"}, fix, deep=True)
+    return json.loads(read_verified(folder / "selection.json", files.get("selection.json"), fix).decode("utf-8"))
 
 
 def select_examples(examples: list[Any], ids: list[str], where: str) -> list[Any]:
@@ -437,8 +441,7 @@ def run(config: Any, run_dir: RunDir) -> Selection:
     folder = run_dir.select_dir
     existing = ranks.from_main(read_manifest(folder, KIND))  # one decision for all processes
     if existing is not None and existing.get("complete") and all(existing.get(k) == v for k, v in identity.items()):
-        verify_selection(folder, existing)
-        body = json.loads((folder / "selection.json").read_text())
+        body = verify_selection(folder, existing)
         log.info("select: the same selection exists in %s, skipped", folder)
         return Selection(body["ids"], body["scores"], sc.method)
     if targets:
