@@ -28,6 +28,6 @@ def load_student(config: str, run_dir: str, overrides: list[str]) -> tuple[Any, 
     data = tokenize_corpus(select_examples(load_corpus(cfg.data)[0], ids, str(ids_path)), tok, cfg.data)
     model = add_lora(model, cfg.lora)
     model.train()
-    student = tm.Student(model, data, tok.pad_token_id)
+    student = tm.Student(model, data, tok.pad_token_id, prompt_offset=cfg.distill.prompt_offset)
     student.vocab_ids = torch.tensor(tm.text_token_ids(tok, student.vocab.shape[0]))
     return cfg, ExpertStore(rd.experts_dir), student, device

@@ -6,14 +6,13 @@ alpha fixed at the experts' lr, the student clipped as in ``nacd distill``). On 
 L_distill on that one sample falls step after step; the probe prints L_distill, the norm of its
 gradient w.r.t. the prompts and the mean prompt norm per step, as JSON lines.
 
-``--placement start`` is the library's placement (the prompt before the text). ``after_first``
-puts the prompt after the first text token instead (``<|im_start|>`` or BOS, the position most
-models use as an attention sink); it is a probe of an alternative, not a library option.
+The placement is the config's: ``distill.prompt_offset=1`` (an override) puts the prompt after the
+first text token (``<|im_start|>`` or BOS, the position most models use as an attention sink).
 
 Needs a run folder with ``select/`` and ``experts/`` (``nacd run configs/demo.yaml`` makes one)::
 
     .venv/bin/python bench/probe_prompt_landscape.py -c configs/demo.yaml --run-dir runs/demo \\
-        --lr-syn 1e-3 --iterations 10 --placement start
+        --lr-syn 1e-3 --iterations 10 distill.prompt_offset=1
 """
 
 from __future__ import annotations
@@ -24,23 +23,6 @@ import platform
 import time
 
 
-def after_first_token(embed, scale, prompts, text):
-    """``prompted_inputs`` with the k prompt positions after the first text token."""
-    import torch
-
-    from nacd.data import IGNORE_INDEX
-
-    b, k = prompts.shape[:2]
-    with torch.no_grad():
-        e = embed(text["input_ids"])
-    m, lab = text["attention_mask"], text["labels"]
-    return {
-        "inputs_embeds": torch.cat([e[:, :1], (prompts * scale).to(e.dtype), e[:, 1:]], dim=1),
-        "attention_mask": torch.cat([m[:, :1], m.new_ones(b, k), m[:, 1:]], dim=1),
-        "labels": torch.cat([lab[:, :1], lab.new_full((b, k), IGNORE_INDEX), lab[:, 1:]], dim=1),
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-c", "--config", required=True)
@@ -49,7 +31,6 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--start-epoch", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. distill.lr_init=0.1)")
-    ap.add_argument("--placement", choices=("start", "after_first"), default="start")
     ap.add_argument("--seed", type=int, default=1, help="seed of the fixed student batches")
     ap.add_argument(
         "--steps-along-gradient",
@@ -68,8 +49,6 @@ def main() -> None:
     from nacd.tm import TOKEN_INITS, candidate_rows, instruction_rows
     from nacd.unrolls import unroll
 
-    if args.placement == "after_first":
-        tm.prompted_inputs = after_first_token
     cfg, store, student, device = load_student(args.config, args.run_dir, args.overrides)
     data = student.data
     vocab = candidate_rows(student)

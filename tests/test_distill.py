@@ -222,6 +222,32 @@ def test_non_finite_iterations_are_skipped_then_stop(prepared, monkeypatch):
     assert [r["skipped"] for r in rows] == [False, False, True, True, True]
 
 
+def test_a_prompt_offset_is_distilled_and_tuned_at_the_same_place(prepared, monkeypatch):
+    """``distill.prompt_offset=1``: the student and the tuning of the distilling model both put the
+    prompts after the first token (the tuning reads the offset from the distilled set's manifest)."""
+    from nacd import finetune, tm
+
+    cfg, run_dir, overrides = prepared
+    seen: list[int] = []
+    real = tm.prompted_inputs
+
+    def spy(embed, scale, prompts, text, offset=0):
+        seen.append(offset)
+        return real(embed, scale, prompts, text, offset)
+
+    monkeypatch.setattr(tm, "prompted_inputs", spy)
+    with pytest.raises(NacdError, match="distill.prompt_offset=999: selected example .* has only"):
+        distill.run(load_config(None, [*overrides, *REACHABLE, "distill.prompt_offset=999"]), run_dir)
+    assert not (run_dir.distill_dir / "manifest.json").exists()  # refused before anything is written
+    moved = load_config(None, [*overrides, *REACHABLE, "distill.iterations=3", "distill.prompt_offset=1"])
+    ds = distill.run(moved, run_dir)
+    assert ds.manifest["distill"]["prompt_offset"] == 1 and seen and set(seen) == {1}
+    seen.clear()
+    tune = load_config(None, [*overrides, *REACHABLE, "finetune.dataset=distilled", "finetune.name=nacd"])
+    assert finetune.run(tune, run_dir)["prompt_mode"] == "embeddings"
+    assert seen and set(seen) == {1}
+
+
 def test_finetune_on_the_distilled_set_same_and_other_architecture(prepared, tiny_gemma_dir):
     from nacd import finetune
 

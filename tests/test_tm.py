@@ -7,7 +7,7 @@ import torch
 from nacd.config import LoraConfig, ModelConfig
 from nacd.data import TokenizedExample
 from nacd.models import load_model
-from nacd.tm import Student, initial_prompts, matching_loss, nearest_vocab, regularizer
+from nacd.tm import Student, initial_prompts, matching_loss, nearest_vocab, prompted_inputs, regularizer
 from nacd.train import add_lora, init_lora, lora_parameters
 from nacd.unrolls import fd_relative_error, fd_step, unroll
 
@@ -245,6 +245,33 @@ def test_prompt_positions_carry_no_loss_and_scale_like_tokens(tiny_gemma_dir):
     token7 = student.embed(torch.tensor([[7]]))[0, 0]
     torch.testing.assert_close(batch["inputs_embeds"][0, 0], token7)
     assert student.embed_scale != 1.0  # Gemma scales its embeddings by sqrt(hidden)
+
+
+def test_prompts_after_the_first_token_enter_as_inserted_tokens_would(tiny_gemma_dir):
+    """``prompt_offset=1``: a prompt vector equal to token 7's raw embedding, put after the first text
+    token, gives exactly the loss of the token sequence with 7 inserted there (labels shifted with it)."""
+    student = _student(tiny_gemma_dir, dtype=torch.float32)
+    text = student.text_batch([0, 1])
+    prompt = student.vocab[7].detach().expand(2, 1, -1).clone()
+    student.prompt_offset = 1
+    batch = student.inputs(prompt, text)
+    assert (batch["labels"][:, 1] == -100).all() and batch["attention_mask"][:, 1].all()
+    torch.testing.assert_close(batch["labels"][:, 2:], text["labels"][:, 1:])
+    ids = text["input_ids"]
+    inserted = {
+        "input_ids": torch.cat([ids[:, :1], torch.full_like(ids[:, :1], 7), ids[:, 1:]], dim=1),
+        "attention_mask": batch["attention_mask"],
+        "labels": batch["labels"],
+    }
+    with torch.no_grad():  # the plain model, before the student installs its loss-positions-only forward
+        want = student.model(**inserted).loss
+    theta = [p.detach() for p in lora_parameters(student.model).values()]
+    got = student.step_loss(theta, prompt, text)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    student.prompt_offset = 0  # and the paper's placement differs: the position matters
+    assert float(student.step_loss(theta, prompt, text)) != pytest.approx(float(got))
+    with pytest.raises(ValueError, match="at least 40 text token"):
+        prompted_inputs(student.embed, student.embed_scale, prompt, text, 40)
 
 
 def test_scale_free_regularizers_by_hand():

@@ -318,6 +318,12 @@ class DistillConfig:
     expert_epochs: int = f(1, "M: how many expert epochs ahead the student must land.")
     iterations: int = f(3000, "S: distillation iterations.")
     num_prompt_tokens: int = f(2, "k: learnable prompt vectors per selected example.")
+    prompt_offset: int = f(
+        0,
+        "Text tokens before the k prompt vectors: 0 puts them first (the paper); 1 after the first token (BOS or "
+        "the chat template's first token, the attention-sink position). Tuning the distilling model on the "
+        "distilled set places them the same way; the text mode puts the decoded prompt in the first user message.",
+    )
     max_start_epoch: int = f(2, "T^m: start epochs t are drawn from [0, T^m).")
     beta: float = f(1.0, "Weight of the nearest-vocabulary regularizer (the paper's: 100 with regularizer=distance).")
     batch_size: int = f(8, "Examples per student step.")
@@ -420,6 +426,7 @@ class DistillConfig:
         _check(self.lr_init is None or self.lr_init > 0, "lr_init", "must be positive or null")
         _check(self.clip_syn is None or self.clip_syn > 0, "clip_syn", "must be positive or null")
         _check(self.beta_warmup >= 0, "beta_warmup", "must be >= 0")
+        _check(self.prompt_offset >= 0, "prompt_offset", "must be >= 0")
         _check(self.ema is None or 0.0 < self.ema < 1.0, "ema", "must be a decay in (0, 1) or null")
         _check(0.0 <= self.init_toward_mean <= 1.0, "init_toward_mean", "must be a fraction in [0, 1]")
         _check(self.panel_size >= 0, "panel_size", "must be >= 0")

@@ -448,6 +448,13 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
         raise NacdError(
             f"distill: {len(examples) - len(data)} selected example(s) could not be tokenized (see the log)"
         )
+    offset = config.distill.prompt_offset
+    short = min(range(len(data)), key=lambda i: len(data[i].input_ids))
+    if len(data[short].input_ids) <= offset:
+        raise NacdError(
+            f"distill.prompt_offset={offset}: selected example {examples[short].id!r} has only "
+            f"{len(data[short].input_ids)} token(s); the prompt must come before at least one text token"
+        )
     model = add_lora(model, config.lora)
     shapes = {name: list(p.shape) for name, p in lora_parameters(model).items()}
     lora = {**asdict(config.lora), "target_modules": sorted(model.peft_config["default"].target_modules)}
@@ -480,7 +487,7 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     if finished is None and ranks.is_main:  # a finished set stays valid until its continuation is written
         write_manifest(folder, KIND, **identity, complete=False)
     ranks.barrier()
-    student = Student(model, data, tokenizer.pad_token_id)
+    student = Student(model, data, tokenizer.pad_token_id, prompt_offset=offset)
     if config.distill.nearest == "text":
         import torch
 

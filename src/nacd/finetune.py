@@ -76,14 +76,16 @@ class PromptedExample:
 
 
 class PromptedForward:
-    """Loss on concat(prompt vectors, text embeddings) through the shared loop (embeddings mode)."""
+    """Loss on the text embeddings with the prompt vectors inserted at ``offset`` (as they were distilled)
+    through the shared loop (embeddings mode)."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, offset: int = 0):
         from nacd.tm import embed_scale
         from nacd.train import SparseLogitsForward, causal_lm
 
         self.embed = causal_lm(model).get_input_embeddings()
         self.scale = embed_scale(self.embed)
+        self.offset = offset
         self.sparse = SparseLogitsForward()
         self.ready: bool | None = None
 
@@ -103,7 +105,7 @@ class PromptedForward:
         from nacd.tm import prompted_inputs
         from nacd.train import default_forward
 
-        inputs = prompted_inputs(self.embed, self.scale, batch["prompts"], batch)
+        inputs = prompted_inputs(self.embed, self.scale, batch["prompts"], batch, self.offset)
         if self.ready is None:
             with torch.no_grad():
                 self.ready = self.sparse.install(model, inputs)
@@ -170,7 +172,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
                 f"finetune.prompt_mode=embeddings: {model_cfg.spec!r} is not the model that distilled "
                 f"{distilled.folder} ({distilled.manifest['base_model']['spec']!r}); use prompt_mode=text"
             )
-        forward = PromptedForward(setup.model)
+        forward = PromptedForward(setup.model, int(distilled.manifest["distill"].get("prompt_offset", 0)))
         dataset = [PromptedExample(ex, distilled.embeddings(ex.id)) for ex in setup.data]
 
         def collate(items: list[PromptedExample]) -> dict[str, Any]:

@@ -221,17 +221,26 @@ def embed_scale(embed: Any) -> float:
     return float(getattr(embed, "embed_scale", 1.0))
 
 
-def prompted_inputs(embed: Any, scale: float, prompts: Any, text: dict[str, Any]) -> dict[str, Any]:
-    """``inputs_embeds = concat(prompts * scale, E(input_ids))`` with the attention mask and labels
-    extended over the k prompt positions (attended, no loss). Prompts live in the raw vocabulary
-    space (Eq. 3), so they get the same scale the embedding module gives token rows."""
+def prompted_inputs(embed: Any, scale: float, prompts: Any, text: dict[str, Any], offset: int = 0) -> dict[str, Any]:
+    """``inputs_embeds = concat(E(text[:offset]), prompts * scale, E(text[offset:]))`` with the attention
+    mask and labels extended over the k prompt positions (attended, no loss). ``offset`` 0 puts the
+    prompts first (the paper); 1 after the first text token (BOS or the chat template's first token,
+    the position most models use as an attention sink). Prompts live in the raw vocabulary space
+    (Eq. 3), so they get the same scale the embedding module gives token rows."""
     b, k = prompts.shape[:2]
+    mask, labels = text["attention_mask"], text["labels"]
+    if offset < 0 or offset > mask.shape[1] or (offset and not bool(mask[:, :offset].all())):
+        raise ValueError(
+            f"prompt offset {offset}: every example needs at least {offset} text token(s) before its prompt "
+            f"(shortest here: {int(mask.sum(1).min())})"
+        )
     with torch.no_grad():
         embeds = embed(text["input_ids"])
+    p = (prompts * scale).to(embeds.dtype)
     return {
-        "inputs_embeds": torch.cat([(prompts * scale).to(embeds.dtype), embeds], dim=1),
-        "attention_mask": torch.cat([text["attention_mask"].new_ones(b, k), text["attention_mask"]], dim=1),
-        "labels": torch.cat([text["labels"].new_full((b, k), IGNORE_INDEX), text["labels"]], dim=1),
+        "inputs_embeds": torch.cat([embeds[:, :offset], p, embeds[:, offset:]], dim=1),
+        "attention_mask": torch.cat([mask[:, :offset], mask.new_ones(b, k), mask[:, offset:]], dim=1),
+        "labels": torch.cat([labels[:, :offset], labels.new_full((b, k), IGNORE_INDEX), labels[:, offset:]], dim=1),
     }
 
 
@@ -239,17 +248,18 @@ class Student:
     """The distilling model as a function of its LoRA tensors: the loss of one student step.
 
     ``step_loss(theta, prompts, batch)`` runs the model with the LoRA parameters replaced by
-    ``theta`` (``torch.func.functional_call``), on ``concat(prompts, E(text))`` with an
+    ``theta`` (``torch.func.functional_call``), on the text embeddings with the prompts inserted (``prompted_inputs``), with an
     attention mask and labels that cover the prompt positions with no loss, and returns the
     mean token loss. The frozen base never enters the unrolled state.
     """
 
-    def __init__(self, model: Any, data: Sequence[Any], pad_token_id: int):
+    def __init__(self, model: Any, data: Sequence[Any], pad_token_id: int, prompt_offset: int = 0):
         from nacd.train import SparseLogitsForward, causal_lm, lora_parameters
 
         self.model = model
         self.data = data
         self.pad_token_id = pad_token_id
+        self.prompt_offset = prompt_offset  # text tokens before the prompt vectors (``prompted_inputs``)
         params = lora_parameters(model)
         self.names = list(params)
         self.dtypes = [p.dtype for p in params.values()]  # peft keeps LoRA in float32 on a bf16 base
@@ -272,8 +282,8 @@ class Student:
         return {k: v.to(self.device) for k, v in collate([self.data[i] for i in idx], self.pad_token_id).items()}
 
     def inputs(self, prompts: Any, text: dict[str, Any]) -> dict[str, Any]:
-        """The model inputs of a step: concat(prompts, E(text)), prompt positions without loss."""
-        return prompted_inputs(self.embed, self.embed_scale, prompts, text)
+        """The model inputs of a step: the prompts in the text at ``prompt_offset``, their positions without loss."""
+        return prompted_inputs(self.embed, self.embed_scale, prompts, text, self.prompt_offset)
 
     def _call(self, theta: Sequence[Any]) -> Any:
         from torch.func import functional_call
