@@ -110,3 +110,47 @@ def test_a_first_argument_without_equals_is_the_config_file(capsys):
     assert "builtin:demo/corpus.jsonl" in out and "seed: 3" in out
     assert main(["config", "-c", str(demo), str(demo)]) == 2
     assert "overrides are KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_stopped_or_orphaned_process_says_so_in_one_line(monkeypatch, capsys):
+    """Issue #13: SIGTERM (a launcher stopping every process when one failed, or a user's kill) and a
+    collective that fails because another process is gone each end in one line that says what happened
+    and that the same command resumes; a RuntimeError of any other kind is still a bug (traceback)."""
+    import os
+    import signal
+
+    from nacd import cli
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(cli, "_dispatch", killed)
+    assert main(["distill"]) == 143
+    assert "nacd distill: stopped (SIGTERM); finished work is kept" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives only for the command
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["distill"]) == 143
+    assert "nacd distill (process 1 of 2): stopped by the launcher (SIGTERM)" in capsys.readouterr().err
+
+    def orphaned(args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1")
+
+    monkeypatch.setattr(cli, "_dispatch", orphaned)
+    assert main(["distill"]) == 1
+    err = capsys.readouterr().err
+    assert "nacd distill (process 1 of 2): error: lost contact with another process (RuntimeError: [" in err
+    assert "Traceback" not in err
+
+    def bug(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(cli, "_dispatch", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["distill"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(cli, "_dispatch", orphaned)  # one process: no other process to lose
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        main(["distill"])

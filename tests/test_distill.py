@@ -474,6 +474,63 @@ def test_two_processes_give_the_one_process_result_with_the_same_meta_batch(prep
     assert proc.returncode != 0 and "2 processes but distill.meta_batch=1" in proc.stderr
 
 
+#: Run by torchrun: the second process dies without a word (``os._exit``, as the out-of-memory killer
+#: would end it) in the third iteration, after the main process has checkpointed the first.
+_DIES = """
+import os, sys
+import nacd.distill as d
+from nacd.cli import main
+from nacd.ranks import current
+
+if current(cpu=True).rank == 1:
+    real, calls = d.meta_gradient, [0]
+
+    def dies(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            os._exit(3)
+        return real(*args, **kwargs)
+
+    d.meta_gradient = dies
+sys.exit(main(["distill", *sys.argv[1:]]))
+"""
+
+
+def test_a_process_that_dies_is_named_and_the_run_resumes(prepared, tmp_path):
+    """Issue #13: when one process dies, the others say why they stop (not only torchrun's summary),
+    nothing is marked complete, and the same command resumes to the uninterrupted result."""
+    import re
+    import shutil
+
+    from conftest import multiprocess_overrides, torchrun
+
+    cfg, run_dir, overrides = prepared
+    settings = [*REACHABLE, "distill.iterations=5", "distill.meta_batch=2", "distill.checkpoint_every=1"]
+    settings += ["distill.panel_size=2", *multiprocess_overrides()]
+    two = tmp_path / "two"
+    for stage in ("select", "experts"):
+        shutil.copytree(run_dir.root / stage, two / stage)
+    script = tmp_path / "dies.py"
+    script.write_text(_DIES)
+    argv = [a for a in overrides if not a.startswith("run.out_dir=")] + settings + [f"run.out_dir={two}"]
+    proc = torchrun([str(script), *argv], 29561, timeout=300)
+    assert proc.returncode != 0
+    said = re.search(r"nacd distill \(process 0 of 2\): (stopped by the launcher|error: lost contact)", proc.stderr)
+    assert said, proc.stderr[-3000:]
+    assert "run the same command again" in proc.stderr
+    assert json.loads((two / "distill" / "manifest.json").read_text())["complete"] is False
+    log = (two / "nacd.log").read_text()
+    assert "nacd distill (process 0 of 2)" in log  # the log says it too, for runs without a terminal
+
+    # the same command (here in one process, the same meta-batch) resumes and ends where one process does
+    resumed = distill.run(load_config(None, argv), RunDir(two))
+    at = re.findall(r"resumed from .* at iteration (\d+)", (two / "nacd.log").read_text())
+    assert at and int(at[-1]) >= 1
+    whole = distill.run(load_config(None, [*overrides, *settings]), run_dir)
+    torch.testing.assert_close(resumed.prompts, whole.prompts, rtol=0, atol=1e-6)
+    assert [h["iteration"] for h in resumed.history()] == [1, 2, 3, 4, 5]
+
+
 def test_a_moving_average_of_the_prompts_is_measured_written_and_resumed(prepared):
     """distill.ema: ema_i = decay * ema_{i-1} + (1 - decay) * syn_i from the initial prompts; the set is the
     average, and a continued run goes on from the checkpoint's average."""

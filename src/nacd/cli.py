@@ -12,7 +12,10 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -231,7 +234,9 @@ def log_error(command: str, exc: BaseException) -> None:
 
         opened.setFormatter(log_formatter())
         files = [opened]
-    message = f"nacd {command}: error: {exc}" if isinstance(exc, NacdError) else f"nacd {command}: {exc!r}"
+    message = (
+        f"nacd {command}{who()}: error: {exc}" if isinstance(exc, NacdError) else f"nacd {command}{who()}: {exc!r}"
+    )
     records = [
         log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), None),
         log.makeRecord(log.name, logging.DEBUG, __file__, 0, "traceback:", (), (type(exc), exc, exc.__traceback__)),
@@ -269,20 +274,71 @@ def _config_positional(args: argparse.Namespace) -> None:
         args.config = overrides.pop(0)
 
 
+class Stopped(BaseException):
+    """SIGTERM arrived: a launcher stopping every process because one failed, or a user's ``kill``."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Stopped` for the command's duration, so a stopped process says so (the
+    default action ends it without a word, leaving only the launcher's summary)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _world() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return 1
+
+
+def who() -> str:
+    """'' in one process; ' (process R of W)' under torchrun / ``accelerate launch`` (their RANK, WORLD_SIZE)."""
+    return f" (process {os.environ.get('RANK', '?')} of {_world()})" if _world() > 1 else ""
+
+
+_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+_RESUME = "finished work is kept; run the same command again and the rest resumes from its last checkpoint"
+
+
+def lost_contact(exc: BaseException) -> bool:
+    """Under a launcher: ``exc`` is a collective failing because another process is gone."""
+    if _world() <= 1:
+        return False
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # pragma: no cover (every supported torch has it)
+        DistError = ()  # noqa: N806
+    return isinstance(exc, DistError) or (isinstance(exc, RuntimeError) and any(s in str(exc) for s in _LOST))
+
+
+def stopped_message(command: str) -> str:
+    if _world() <= 1:
+        return f"nacd {command}: stopped (SIGTERM); {_RESUME}"
+    return (
+        f"nacd {command}{who()}: stopped by the launcher (SIGTERM), which stops every process when one fails: "
+        "the launcher's summary below names the one that failed and its exit code (-9, SIGKILL, is often the "
+        f"out-of-memory killer), and its own error is above if it could print one; {_RESUME}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _config_positional(args)
-        if args.command == "models":
-            return _cmd_models(args)
-        if args.command == "config":
-            return _cmd_config(args)
-        if args.command == "inspect":
-            return _cmd_inspect(args)
-        if args.command == "report":
-            return _cmd_report(args)
-        return _cmd_stage(args)
+        with _sigterm_stops():
+            return _dispatch(args)
     except OSError as exc:  # a file-system failure outside nacd's own writers: one line naming the path
         return main_error(args.command, io_error(exc))
     except NacdError as exc:
@@ -291,14 +347,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_error(args.command, exc)
         print(f"nacd {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Stopped as exc:
+        log_error(args.command, exc)
+        print(stopped_message(args.command), file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as exc:  # a bug: the traceback goes to the terminal and to the run's log
+        if lost_contact(exc):  # another process died: say so in one line, not with a collective's traceback
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            return main_error(
+                args.command,
+                NacdError(
+                    f"lost contact with another process ({type(exc).__name__}: {first}): it failed or was "
+                    f"stopped, and its error and the launcher's summary say which; {_RESUME}"
+                ),
+            )
         log_error(args.command, exc)
         raise
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    _config_positional(args)
+    if args.command == "models":
+        return _cmd_models(args)
+    if args.command == "config":
+        return _cmd_config(args)
+    if args.command == "inspect":
+        return _cmd_inspect(args)
+    if args.command == "report":
+        return _cmd_report(args)
+    return _cmd_stage(args)
+
+
 def main_error(command: str, exc: NacdError) -> int:
     log_error(command, exc)
-    print(f"nacd {command}: error: {exc}", file=sys.stderr)
+    print(f"nacd {command}{who()}: error: {exc}", file=sys.stderr)
     return exc.exit_code
 
 
