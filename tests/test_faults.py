@@ -268,16 +268,33 @@ def _same_tensors(a_path, b_path):
     return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("command", sorted(KILLED))
-def test_kill_9_at_a_random_point_resumes_to_the_uninterrupted_result(run_copy, tmp_path, command):
-    """SIGKILL (no handler runs, a write may be cut anywhere) at a seeded random moment after the first
-    checkpoint; the rerun resumes and ends bitwise where an uninterrupted run ends (CPU)."""
+def _start_and_kill_9(command, args, armed, key):
+    """Start ``nacd COMMAND ARGS`` as a process, wait until ``armed()``, sleep a random 0-0.4 s (seeded by
+    ``key``, so that the kill lands mid-step or mid-write, reproducibly) and SIGKILL it."""
     import random
     import signal
     import subprocess
     import sys
     import time
 
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nacd", command, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not armed():
+        assert proc.poll() is None, f"nacd {command} ended before it was armed: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "not armed within 300 s"
+        time.sleep(0.02)
+    time.sleep(random.Random(key).uniform(0.0, 0.4))
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the stage finished before the kill: lengthen it"
+    proc.stderr.close()
+
+
+@pytest.mark.parametrize("command", sorted(KILLED))
+def test_kill_9_at_a_random_point_resumes_to_the_uninterrupted_result(run_copy, tmp_path, command):
+    """SIGKILL (no handler runs, a write may be cut anywhere) at a seeded random moment after the first
+    checkpoint; the rerun resumes and ends bitwise where an uninterrupted run ends (CPU)."""
     root, overrides = run_copy
     longer, folder, armed, outputs = KILLED[command]
     reference = tmp_path / "reference"
@@ -288,18 +305,7 @@ def test_kill_9_at_a_random_point_resumes_to_the_uninterrupted_result(run_copy, 
     assert cli.main([command, *ref_args]) == 0
 
     args = [*overrides, *longer]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nacd", command, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 300
-    while not (root / armed).is_file():
-        assert proc.poll() is None, f"nacd {command} ended before its first checkpoint: {proc.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.02)
-    time.sleep(random.Random(f"kill-{command}").uniform(0.0, 0.4))
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the stage finished before the kill: lengthen it in KILLED"
-    proc.stderr.close()
+    _start_and_kill_9(command, args, lambda: (root / armed).is_file(), f"kill-{command}")
     ckpt = (root / armed).parent
     done = json.loads((ckpt / "state.json").read_text())["state"]["iteration" if command == "distill" else "step"]
     assert done >= 1  # the rerun resumes from a checkpoint, the one the kill left whole (or its predecessor)
@@ -316,3 +322,46 @@ def test_kill_9_at_a_random_point_resumes_to_the_uninterrupted_result(run_copy, 
         key = "iteration" if command == "distill" else "step"
         steps = [row[key] for row in read_jsonl(root / folder / name)]
         assert steps == list(range(1, len(steps) + 1))
+
+
+#: LESS on the fault run's 40 examples: a 2-epoch warm-up on 10, then features in shards of 2 examples
+#: (20 corpus shards per warm-up epoch), so that a kill after the first shard lands among the others.
+LESS_KILLED = [
+    "select.method=less",
+    "select.target=builtin:demo/mc",
+    "select.budget=8",
+    "select.less.warmup_fraction=0.25",
+    "select.less.warmup.epochs=2",
+    "select.less.warmup.batch_size=4",
+    "select.less.proj_dim=256",
+    "select.less.shard_size=2",
+    "select.less.grad_batch_size=2",
+    "select.less.feature_dtype=float32",
+]
+
+
+def test_kill_9_among_less_features_resumes_to_the_uninterrupted_selection(run_copy, tmp_path):
+    """SIGKILL while LESS writes its feature shards: the rerun keeps the whole shards, computes the rest,
+    and selects what an uninterrupted run selects, from bitwise the same features (CPU)."""
+    root, overrides = run_copy
+    reference = tmp_path / "reference"
+    shutil.copytree(root, reference, symlinks=True)
+    for run in (root, reference):
+        shutil.rmtree(run / "select")
+    assert cli.main(["select", *overrides[:-1], f"run.out_dir={reference}", *LESS_KILLED]) == 0
+    features = root / "select" / "less" / "features"
+    args = [*overrides, *LESS_KILLED]
+    _start_and_kill_9("select", args, lambda: any(features.rglob("shard_*.safetensors")), "kill-less")
+    kept = len(list(features.rglob("shard_*.safetensors")))
+    total = len(list((reference / "select" / "less" / "features").rglob("shard_*.safetensors")))
+    assert 1 <= kept < total, (kept, total)
+    manifest = root / "select" / "manifest.json"
+    assert not manifest.exists() or not json.loads(manifest.read_text())["complete"]
+    assert cli.main(["select", *args, "run.log_level=INFO"]) == 0
+    log = (root / "nacd.log").read_text()
+    found = [int(k) for k in re.findall(r"(\d+) of \d+ shard\(s\) already in", log)]
+    assert sum(found) == kept, log[-2000:]  # shards are written atomically: every one on disk is whole, and kept
+    for shard in (reference / "select" / "less" / "features").rglob("shard_*.safetensors"):
+        assert _same_tensors(shard, root / shard.relative_to(reference)), shard
+    for name in ("selection.json",):
+        assert (root / "select" / name).read_bytes() == (reference / "select" / name).read_bytes()
