@@ -12,8 +12,9 @@ def load_student(config: str, run_dir: str, overrides: list[str]) -> tuple[Any, 
 
     import nacd.tm as tm
     from nacd.artifacts import RunDir
+    from nacd.chat import tokenize_corpus
     from nacd.config import load_config
-    from nacd.data import load_corpus, tokenize_corpus
+    from nacd.data import load_corpus
     from nacd.distill import selected_ids
     from nacd.experts import ExpertStore
     from nacd.models import load_model, resolve_device

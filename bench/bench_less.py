@@ -29,8 +29,9 @@ import torch
 
 
 def load_data(args: argparse.Namespace, tokenizer) -> list:
+    from nacd.chat import tokenize_corpus
     from nacd.config import load_config
-    from nacd.data import load_corpus, tokenize_corpus
+    from nacd.data import load_corpus
 
     per_source = args.examples // 4 + 1
     cfg = load_config(
@@ -65,7 +66,7 @@ def setup(args: argparse.Namespace):
 
 
 def main() -> None:
-    from nacd.data import collate
+    from nacd.chat import collate
     from nacd.less import make_projection, shard_features
     from nacd.train import SparseLogitsForward, default_forward
 

@@ -22,8 +22,9 @@ import torch
 
 
 def load_data(args: argparse.Namespace, tokenizer) -> list:
+    from nacd.chat import tokenize_corpus
     from nacd.config import load_config
-    from nacd.data import load_corpus, tokenize_corpus
+    from nacd.data import load_corpus
 
     n = args.steps * args.batch_size
     per_source = n // 4 + 1
@@ -48,8 +49,8 @@ def fresh_model(args: argparse.Namespace):
 
 
 def run_nacd(args, data) -> float:
+    from nacd.chat import collate
     from nacd.config import TrainConfig
-    from nacd.data import collate
     from nacd.train import TrainLoop
 
     model, tok = fresh_model(args)

@@ -72,8 +72,9 @@ def _reset_peak() -> None:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
+    from nacd.chat import tokenize_corpus
     from nacd.config import LoraConfig, ModelConfig, load_config
-    from nacd.data import load_corpus, tokenize_corpus
+    from nacd.data import load_corpus
     from nacd.models import load_model
     from nacd.tm import Student, matching_loss
     from nacd.train import add_lora, init_lora, lora_parameters
@@ -84,7 +85,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.shape:  # a paper-scale shape with random weights (speed does not depend on the values): no download
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from nacd.data import TokenizedExample
+        from nacd.chat import TokenizedExample
 
         mc = AutoConfig.for_model(**SHAPES[args.shape])
         dtype = getattr(torch, args.dtype)

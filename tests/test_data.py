@@ -12,22 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from nacd.config import DataConfig, SourceConfig
-from nacd.data import (
+from nacd.chat import (
     IGNORE_INDEX,
-    Example,
-    LoadReport,
     TokenizedExample,
     collate,
-    corpus_hash,
     corpus_stats,
-    detect_format,
     encode_prompt,
-    load_corpus,
-    load_source,
     tokenize_corpus,
     tokenize_example,
 )
+from nacd.config import DataConfig, SourceConfig
+from nacd.data import Example, LoadReport, corpus_hash, detect_format, load_corpus, load_source
 from nacd.errors import DataError
 
 DOLLY = "instruct/dolly/dolly_subset_dev1000.jsonl"

@@ -259,8 +259,8 @@ def test_finetune_on_the_distilled_set_same_and_other_architecture(prepared, tin
     assert m["distilled"]["alpha"] == ds.alpha
 
     # the prompts really enter the model: zero prompts give a different loss on the same batch
+    from nacd.chat import tokenize_corpus
     from nacd.config import ModelConfig
-    from nacd.data import tokenize_corpus
     from nacd.finetune import PromptedExample, PromptedForward
     from nacd.models import load_model
 
@@ -335,8 +335,8 @@ def test_prompt_gain_is_positive_when_prompts_learn_and_zero_when_frozen(prepare
 def test_meta_batch_gradient_is_the_mean_of_single_draw_gradients(prepared):
     cfg, run_dir, _ = prepared
     from nacd import tm
+    from nacd.chat import tokenize_corpus
     from nacd.config import ModelConfig
-    from nacd.data import tokenize_corpus
     from nacd.experts import ExpertStore
     from nacd.models import load_model
     from nacd.panel import sample_draw

@@ -74,7 +74,8 @@ def test_selected_or_distilled_without_their_inputs_refuse(tiny_overrides):
 
 
 def test_prompt_text_goes_before_the_instruction_inside_the_user_turn(tiny_llama_tokenizer, tiny_gemma_tokenizer):
-    from nacd.data import Example, render_chat
+    from nacd.chat import render_chat
+    from nacd.data import Example
 
     ex = Example(
         "s/1",

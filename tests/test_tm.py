@@ -4,8 +4,8 @@ against finite differences (float64), the student's inputs."""
 import pytest
 import torch
 
+from nacd.chat import TokenizedExample
 from nacd.config import LoraConfig, ModelConfig
-from nacd.data import TokenizedExample
 from nacd.models import load_model
 from nacd.tm import Student, initial_prompts, matching_loss, nearest_vocab, prompted_inputs, regularizer
 from nacd.train import add_lora, init_lora, lora_parameters

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from nacd.chat import TokenizedExample, collate
 from nacd.config import LoraConfig, ModelConfig, TrainConfig
-from nacd.data import TokenizedExample, collate
 from nacd.models import load_model
 from nacd.train import (
     Callback,

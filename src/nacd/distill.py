@@ -416,7 +416,8 @@ def distill(
 
 def run(config: Any, run_dir: RunDir) -> DistilledSet:
     """``nacd distill``: distill D_sel against the run's expert trajectories; resumable."""
-    from nacd.data import load_corpus, tokenize_corpus
+    from nacd.chat import tokenize_corpus
+    from nacd.data import load_corpus
     from nacd.experts import ExpertStore
     from nacd.models import load_model, model_fingerprint, resolve_device
     from nacd.select import select_examples

@@ -92,7 +92,7 @@ class PromptedForward:
     def collate(self, items: list[PromptedExample], pad_token_id: int) -> dict[str, Any]:
         import torch
 
-        from nacd.data import collate
+        from nacd.chat import collate
 
         return {
             **collate([it.example for it in items], pad_token_id),

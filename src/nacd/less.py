@@ -740,7 +740,7 @@ def less_scores(config: Any, examples: list[Any], targets: list[Any], workdir: P
     """
     import torch
 
-    from nacd.data import tokenize_corpus
+    from nacd.chat import tokenize_corpus
 
     lc = config.select.less
     workdir = Path(workdir)

@@ -46,7 +46,8 @@ def greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 16) ->
 
 
 def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
-    from nacd.data import corpus_stats, load_corpus, tokenize_corpus
+    from nacd.chat import corpus_stats, tokenize_corpus
+    from nacd.data import load_corpus
     from nacd.models import describe, load_model, resolve_device
 
     run_dir.init(config)

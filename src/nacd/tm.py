@@ -15,10 +15,8 @@ from typing import Any
 
 import torch
 
+from nacd.chat import IGNORE_INDEX
 from nacd.errors import NacdError
-
-IGNORE_INDEX = -100
-
 
 # --------------------------------------------------------------------------- the math (pure)
 
@@ -277,7 +275,7 @@ class Student:
         return self.vocab.device
 
     def text_batch(self, idx: Sequence[int]) -> dict[str, Any]:
-        from nacd.data import collate
+        from nacd.chat import collate
 
         return {k: v.to(self.device) for k, v in collate([self.data[i] for i in idx], self.pad_token_id).items()}
 

@@ -43,11 +43,10 @@ from nacd.artifacts import (
     trim_jsonl,
     verify_files,
 )
+from nacd.chat import IGNORE_INDEX
 from nacd.errors import NacdError
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class TrainingError(NacdError):
@@ -635,7 +634,7 @@ class TrainingSetup:
     lora_targets: list[str]
 
     def collate(self, batch: list[Any]) -> dict[str, Any]:
-        from nacd.data import collate
+        from nacd.chat import collate
 
         return collate(batch, self.tokenizer.pad_token_id)
 
@@ -654,7 +653,8 @@ def tokenized_hash(data: Sequence[Any]) -> str:
 def setup_training(config: Any, examples: Sequence[Any] | None = None, model_cfg: Any = None) -> TrainingSetup:
     """Load ``model_cfg`` (default ``config.model``), tokenize the corpus (``examples`` or
     ``config.data``), add LoRA."""
-    from nacd.data import load_corpus, tokenize_corpus
+    from nacd.chat import tokenize_corpus
+    from nacd.data import load_corpus
     from nacd.models import load_model, model_fingerprint, resolve_device
 
     model, tokenizer = load_model(model_cfg or config.model, resolve_device(config.run.device))
