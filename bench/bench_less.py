@@ -46,7 +46,7 @@ def load_data(args: argparse.Namespace, tokenizer) -> list:
 def setup(args: argparse.Namespace):
     """The model with a LoRA whose B is not zero (so that every gradient is), and synthetic Adam moments."""
     from nacd.config import LoraConfig, ModelConfig
-    from nacd.less import AdamMoments
+    from nacd.less_math import AdamMoments
     from nacd.models import load_model
     from nacd.train import add_lora, init_lora, lora_parameters
 
@@ -67,7 +67,8 @@ def setup(args: argparse.Namespace):
 
 def main() -> None:
     from nacd.chat import collate
-    from nacd.less import make_projection, shard_features
+    from nacd.less import shard_features
+    from nacd.less_math import make_projection
     from nacd.train import SparseLogitsForward, default_forward
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

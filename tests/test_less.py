@@ -22,19 +22,15 @@ from nacd import less
 from nacd.config import load_config
 from nacd.data import load_corpus
 from nacd.errors import NacdError
-from nacd.less import (
+from nacd.less import batched_grads, epoch_lr_mean, less_scores, per_example_grads_loop, warmup_indices
+from nacd.less_math import (
     AdamMoments,
     GaussianProjection,
     SparseProjection,
     adam_direction,
-    batched_grads,
-    epoch_lr_mean,
     less_match,
-    less_scores,
     make_projection,
-    per_example_grads_loop,
     subtask_means,
-    warmup_indices,
 )
 from nacd.train import SparseLogitsForward, lora_parameters, setup_training
 
