@@ -552,3 +552,13 @@ def test_two_processes_score_like_one(tiny_llama_dir, shared_data, tmp_path):
         contexts = r2[bench]["processes"]["contexts"]
         assert len(contexts) == 2 and sum(contexts) == r1[bench]["n"] and min(contexts) > 0
     assert json.loads((two_dir / "manifest.json").read_text())["processes"] == 2
+
+
+def test_idle_processes_are_named_and_said_harmless():
+    """Issue #13: more processes than batches to score is allowed (the scores do not change) and said."""
+    from nacd.evaluate.evaluation import idle_message
+
+    assert idle_message("mmlu", [12, 8], 4) is None
+    msg = idle_message("demo_mc", [4, 0, 0], 4)
+    assert msg.startswith("eval demo_mc: 2 of 3 processes had nothing to score (process(es) 1, 2)")
+    assert "eval.batch_size=4" in msg and "scores are unaffected" in msg

@@ -146,6 +146,9 @@ def evaluate(
         }
         if ranks.world > 1:
             results[bench.name]["processes"] = {"count": ranks.world, "contexts": shares}
+            idle = idle_message(bench.name, shares, cfg.batch_size)
+            if idle and ranks.is_main:
+                log.warning(idle)
         log.info(
             "%s (%s, %d-shot, n=%d): acc %.4f, acc_norm %.4f, %.1f questions/s",
             bench.name,
@@ -158,3 +161,17 @@ def evaluate(
         )
         samples.extend(bench_samples)
     return results, samples
+
+
+def idle_message(bench: str, contexts: list[int], batch_size: int) -> str | None:
+    """Why some processes scored nothing of ``bench`` (``contexts``: what each scored), or None. The
+    scores are the same with any number of processes; the idle ones only cost their device."""
+    idle = [r for r, n in enumerate(contexts) if n == 0]
+    if not idle:
+        return None
+    return (
+        f"eval {bench}: {len(idle)} of {len(contexts)} processes had nothing to score (process(es) "
+        f"{', '.join(map(str, idle))}): its {sum(contexts)} answer contexts make fewer batches of "
+        f"eval.batch_size={batch_size} than there are processes; the scores are unaffected. Use fewer "
+        "processes or a smaller eval.batch_size to spread it"
+    )
