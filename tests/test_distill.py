@@ -236,7 +236,7 @@ def test_a_prompt_offset_is_distilled_and_tuned_at_the_same_place(prepared, monk
         return real(embed, scale, prompts, text, offset)
 
     monkeypatch.setattr(tm, "prompted_inputs", spy)
-    with pytest.raises(NacdError, match="distill.prompt_offset=999: selected example .* has only"):
+    with pytest.raises(NacdError, match="distill.prompt_offset=999: example .* has only"):
         distill.run(load_config(None, [*overrides, *REACHABLE, "distill.prompt_offset=999"]), run_dir)
     assert not (run_dir.distill_dir / "manifest.json").exists()  # refused before anything is written
     moved = load_config(None, [*overrides, *REACHABLE, "distill.iterations=3", "distill.prompt_offset=1"])

@@ -6,8 +6,17 @@ import torch
 
 from nacd.chat import TokenizedExample
 from nacd.config import LoraConfig, ModelConfig
+from nacd.errors import NacdError
 from nacd.models import load_model
-from nacd.tm import Student, initial_prompts, matching_loss, nearest_vocab, prompted_inputs, regularizer
+from nacd.tm import (
+    Student,
+    check_prompt_offset,
+    initial_prompts,
+    matching_loss,
+    nearest_vocab,
+    prompted_inputs,
+    regularizer,
+)
 from nacd.train import add_lora, init_lora, lora_parameters
 from nacd.unrolls import fd_relative_error, fd_step, unroll
 
@@ -270,8 +279,11 @@ def test_prompts_after_the_first_token_enter_as_inserted_tokens_would(tiny_gemma
     torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
     student.prompt_offset = 0  # and the paper's placement differs: the position matters
     assert float(student.step_loss(theta, prompt, text)) != pytest.approx(float(got))
-    with pytest.raises(ValueError, match="at least 40 text token"):
+    with pytest.raises(ValueError, match="prompt offset 40: the batch has"):
         prompted_inputs(student.embed, student.embed_scale, prompt, text, 40)
+    with pytest.raises(NacdError, match=r"distill.prompt_offset=12: example 'x/0' has only 10 token"):
+        check_prompt_offset(student.data, 12)
+    check_prompt_offset(student.data, 9)  # every example has a token after the 9th
 
 
 def test_scale_free_regularizers_by_hand():

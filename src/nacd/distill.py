@@ -421,7 +421,7 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     from nacd.experts import ExpertStore
     from nacd.models import load_model, model_fingerprint, resolve_device
     from nacd.select import select_examples
-    from nacd.tm import TOKEN_INITS, Student, instruction_rows
+    from nacd.tm import TOKEN_INITS, Student, check_prompt_offset, instruction_rows
     from nacd.train import add_lora, lora_parameters, tokenized_hash
 
     check(config)
@@ -450,12 +450,7 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
             f"distill: {len(examples) - len(data)} selected example(s) could not be tokenized (see the log)"
         )
     offset = config.distill.prompt_offset
-    short = min(range(len(data)), key=lambda i: len(data[i].input_ids))
-    if len(data[short].input_ids) <= offset:
-        raise NacdError(
-            f"distill.prompt_offset={offset}: selected example {examples[short].id!r} has only "
-            f"{len(data[short].input_ids)} token(s); the prompt must come before at least one text token"
-        )
+    check_prompt_offset(data, offset)
     model = add_lora(model, config.lora)
     shapes = {name: list(p.shape) for name, p in lora_parameters(model).items()}
     lora = {**asdict(config.lora), "target_modules": sorted(model.peft_config["default"].target_modules)}

@@ -172,7 +172,11 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
                 f"finetune.prompt_mode=embeddings: {model_cfg.spec!r} is not the model that distilled "
                 f"{distilled.folder} ({distilled.manifest['base_model']['spec']!r}); use prompt_mode=text"
             )
-        forward = PromptedForward(setup.model, int(distilled.manifest["distill"].get("prompt_offset", 0)))
+        from nacd.tm import check_prompt_offset
+
+        offset = int(distilled.manifest["distill"].get("prompt_offset", 0))
+        check_prompt_offset(setup.data, offset, f"{distilled.folder}: distill.prompt_offset")
+        forward = PromptedForward(setup.model, offset)
         dataset = [PromptedExample(ex, distilled.embeddings(ex.id)) for ex in setup.data]
 
         def collate(items: list[PromptedExample]) -> dict[str, Any]:

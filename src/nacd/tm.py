@@ -227,11 +227,8 @@ def prompted_inputs(embed: Any, scale: float, prompts: Any, text: dict[str, Any]
     (Eq. 3), so they get the same scale the embedding module gives token rows."""
     b, k = prompts.shape[:2]
     mask, labels = text["attention_mask"], text["labels"]
-    if offset < 0 or offset > mask.shape[1] or (offset and not bool(mask[:, :offset].all())):
-        raise ValueError(
-            f"prompt offset {offset}: every example needs at least {offset} text token(s) before its prompt "
-            f"(shortest here: {int(mask.sum(1).min())})"
-        )
+    if not 0 <= offset < mask.shape[1]:  # per example: check_prompt_offset, once per stage, not per step
+        raise ValueError(f"prompt offset {offset}: the batch has {mask.shape[1]} text positions")
     with torch.no_grad():
         embeds = embed(text["input_ids"])
     p = (prompts * scale).to(embeds.dtype)
@@ -240,6 +237,17 @@ def prompted_inputs(embed: Any, scale: float, prompts: Any, text: dict[str, Any]
         "attention_mask": torch.cat([mask[:, :offset], mask.new_ones(b, k), mask[:, offset:]], dim=1),
         "labels": torch.cat([labels[:, :offset], labels.new_full((b, k), IGNORE_INDEX), labels[:, offset:]], dim=1),
     }
+
+
+def check_prompt_offset(data: Sequence[Any], offset: int, key: str = "distill.prompt_offset") -> None:
+    """Every tokenized example has a text token after the first ``offset`` (where its prompt goes): a
+    shorter one would get its prompt among the padding. Raises naming the example."""
+    short = min(data, key=lambda ex: len(ex.input_ids))
+    if len(short.input_ids) <= offset:
+        raise NacdError(
+            f"{key}={offset}: example {short.id!r} has only {len(short.input_ids)} token(s); "
+            "the prompt must come before at least one text token"
+        )
 
 
 class Student:
