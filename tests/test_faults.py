@@ -224,7 +224,7 @@ def test_brief_errors_and_json_faults():
     )
     text = evaluate.brief_error(long)
     assert len(text) < 500 and "and 299 more size mismatches" in text and "layer.0.lora_A" in text
-    from nacd.data import json_fault
+    from nacd.sources import json_fault
 
     line = '{"instruction": "Describe the water cycle", "response": "Water evapor'
     try:

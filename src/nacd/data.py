@@ -3,7 +3,7 @@
 Every stage reads its data through this module:
 
 * :func:`load_source` reads one corpus (JSONL, JSON, CSV/TSV, parquet, a local ``datasets``
-  folder or a hub dataset) in one of four record formats (chat, instruction, qa,
+  folder or a hub dataset: located and read by :mod:`nacd.sources`) in one of four record formats (chat, instruction, qa,
   prompt/completion) and normalizes each record to a chat (:class:`Example`).
 * :func:`load_corpus` loads every source of a :class:`~nacd.config.DataConfig`, applies the
   per-source caps (a seeded sample that keeps file order) and reports what it loaded and skipped.
@@ -11,18 +11,15 @@ Every stage reads its data through this module:
 
 Bad input is reported with its file, line (or row) and field: a :class:`~nacd.errors.DataError`
 when ``data.strict`` is on, otherwise a counted :class:`Skip` that is logged. Importing this module
-does no work; ``datasets`` and ``pyarrow`` are imported where they are needed.
+does no work.
 """
 
 from __future__ import annotations
 
-import csv
-import glob
 import hashlib
 import json
 import logging
 import random
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +28,7 @@ from typing import Any
 
 from nacd.config import DataConfig, SourceConfig
 from nacd.errors import DataError
+from nacd.sources import BadRecord, Records, source_inputs, source_name
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +45,6 @@ __all__ = [
     "corpus_hash",
 ]
 
-#: File extensions read by this module's own readers; any other path is a folder or a dataset id.
-FILE_EXTENSIONS = (".jsonl", ".json", ".tsv", ".csv", ".parquet")
-
 #: Record formats, in the order auto-detection tries them.
 FORMATS = ("chat", "instruction", "qa", "prompt_completion")
 
@@ -64,25 +59,6 @@ FORMAT_KEYS = {
 #: The field that holds the response, per format (named in errors about the response).
 RESPONSE_FIELD = {"chat": "messages", "instruction": "output", "qa": "answer", "prompt_completion": "completion"}
 
-#: Canonical field names; a CSV/TSV first row with one of these (or a renamed column) is a header.
-CANONICAL_FIELDS = (
-    "id",
-    "messages",
-    "conversations",
-    "instruction",
-    "input",
-    "output",
-    "response",
-    "question",
-    "answer",
-    "rationale",
-    "prompt",
-    "completion",
-)
-
-#: Column names of a headerless 3-column TSV (the Flan CoT layout).
-FLAN_COT_COLUMNS = ("question", "answer", "rationale")
-
 #: Role names accepted in chats (tulu/oasst1 ``role`` and ShareGPT ``from``) -> normalized role.
 ROLE_ALIASES = {
     "system": "system",
@@ -96,8 +72,6 @@ ROLE_ALIASES = {
 
 #: Skips logged one by one before only a summary is logged.
 LOG_FIRST_SKIPS = 10
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 # --------------------------------------------------------------------------- records and reports
@@ -184,14 +158,6 @@ class LoadReport:
         return "\n".join(lines)
 
 
-class _Bad(Exception):
-    """A record-level problem found while reading or normalizing (becomes a Skip or a DataError)."""
-
-    def __init__(self, field: str, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.field, self.reason, self.detail = field, reason, detail
-
-
 class ExampleError(DataError):
     """A per-example DataError of tokenization: skipped (not raised) by non-strict tokenize_corpus."""
 
@@ -207,196 +173,6 @@ def reject(report: LoadReport, strict: bool, skip: Skip) -> None:
             f"{skip.message()} (data.strict=true stops at the first bad record; false skips and counts them)"
         )
     report.add_skip(skip)
-
-
-# --------------------------------------------------------------------------- locating sources
-
-
-def _has_glob(text: str) -> bool:
-    return any(c in text for c in "*?[")
-
-
-def _is_file_path(path: str) -> bool:
-    return path.lower().endswith(FILE_EXTENSIONS)
-
-
-def source_name(src: SourceConfig) -> str:
-    """``src.name``, or a default: a file's stem, a glob's folder name, a folder's or dataset id's last part."""
-    if src.name:
-        return src.name
-    path = src.path.removeprefix("hf:").rstrip("/\\")
-    if _is_file_path(path):
-        return Path(path).parent.name if _has_glob(path) else Path(path).stem
-    return Path(path).name or path
-
-
-def _candidates(path: str, root: Path) -> list[Path]:
-    """Where a path may be: as given (absolute, or relative to the CWD) first, then under ``root``."""
-    p = Path(path).expanduser()
-    return [p] if p.is_absolute() else [p, root / p]
-
-
-def _resolve_files(path: str, root: Path, key: str) -> list[Path]:
-    """The files of a local file source (a glob gives all matching files, sorted)."""
-    candidates = _candidates(path, root)
-    for cand in candidates:
-        if _has_glob(str(cand)):
-            matches = sorted(Path(m) for m in glob.glob(str(cand), recursive=True) if Path(m).is_file())
-            if matches:
-                return matches
-        elif cand.is_file():
-            return [cand]
-    what = "no file matches" if _has_glob(path) else "file not found"
-    looked = " or ".join(str(c) for c in candidates)
-    raise DataError(f"{key}.path: {what}: {looked} (relative paths are resolved against data.root = {root})")
-
-
-# --------------------------------------------------------------------------- readers
-
-
-_Records = Iterator[tuple[str, "dict[str, Any] | _Bad"]]
-
-
-def _read_jsonl(path: Path) -> _Records:
-    """``(path:line, record)`` per non-blank line; a line that is not a JSON object gives a _Bad."""
-    with open(path, "rb") as fh:
-        for n, raw in enumerate(fh, 1):
-            origin = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield origin, _Bad("", "not valid UTF-8", str(exc))
-                continue
-            if n == 1:
-                line = line.lstrip("\ufeff")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield origin, _Bad("", "malformed JSON", json_fault(exc, line))
-                continue
-            if isinstance(record, dict):
-                yield origin, record
-            else:
-                yield origin, _Bad("", "not a JSON object", f"got a JSON {type(record).__name__}")
-
-
-def json_fault(exc: json.JSONDecodeError, line: str) -> str:
-    """Where a JSONL line breaks, with the text there: the decoder's column is where it gave up (the
-    start of a string it could not close), so the line's end and the text around it are shown too."""
-    text = line.rstrip("\r\n")
-    near = text[max(0, exc.pos - 25) : exc.pos + 25]
-    where = f"{exc.msg} at column {exc.colno} (near {near!r})"
-    if exc.msg.startswith("Unterminated string"):
-        where += f"; the line ends at column {len(text)} before the string closes (a line break inside a string?)"
-    return where
-
-
-def _read_json(path: Path) -> _Records:
-    """``(path:row N, record)`` for a JSON array of records or an object ``{"data": [...]}`` (N from 0)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}:{exc.lineno}: malformed JSON: {exc.msg} at column {exc.colno} (the whole file is unusable)"
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8: {exc}") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        keys = f" with keys {', '.join(map(str, data))}" if isinstance(data, dict) else ""
-        raise DataError(
-            f"{path}: expected a JSON array of records or an object with a 'data' array, got a {type(data).__name__}{keys}"
-        )
-    for i, record in enumerate(data):
-        origin = f"{path}:row {i}"
-        if isinstance(record, dict):
-            yield origin, record
-        else:
-            yield origin, _Bad("", "not a JSON object", f"got a JSON {type(record).__name__}")
-
-
-def _header(row: list[str], line: int, path: Path, src: SourceConfig, key: str, tsv: bool) -> tuple[list[str], bool]:
-    """Column names of a CSV/TSV and whether ``row`` (the first) is a header row."""
-    cells = [c.strip() for c in row]
-    if src.columns:
-        return list(src.columns), cells == list(src.columns)
-    known = set(CANONICAL_FIELDS) | set(src.fields.values())
-    if any(c in known for c in cells) and all(cells) and len(set(cells)) == len(cells):
-        return cells, True
-    if tsv and len(row) == len(FLAN_COT_COLUMNS):
-        return list(FLAN_COT_COLUMNS), False
-    kind = "TSV" if tsv else "CSV"
-    raise DataError(
-        f"{path}:{line}: the first row is not a header (no cell is a known field name: {', '.join(CANONICAL_FIELDS)}) "
-        f"and a headerless {kind} with {len(row)} columns has no default layout: set {key}.columns "
-        "(e.g. [instruction, input, output]) or add a header row"
-    )
-
-
-def _read_delimited(path: Path, src: SourceConfig, key: str) -> _Records:
-    """``(path:line, record)`` per row of a CSV (quoted cells) or TSV (no quoting; ``\\n`` -> newline)."""
-    tsv = path.suffix.lower() == ".tsv"
-    names: list[str] | None = None
-    line = 0
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(
-                fh, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
-            )
-            end = 0
-            for row in reader:
-                line, end = end + 1, reader.line_num
-                if not any(c.strip() for c in row):
-                    continue
-                if tsv:
-                    row = [c.replace("\\n", "\n") for c in row]
-                if names is None:
-                    names, is_header = _header(row, line, path, src, key, tsv)
-                    if is_header:
-                        continue
-                origin = f"{path}:{line}"
-                if len(row) != len(names):
-                    detail = f"expected {len(names)} cells ({', '.join(names)}), got {len(row)}"
-                    yield origin, _Bad("", "wrong number of cells", detail)
-                    continue
-                yield origin, dict(zip(names, row, strict=True))
-    except csv.Error as exc:
-        raise DataError(f"{path}:{line + 1}: unreadable {'TSV' if tsv else 'CSV'}: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 (after line {line}): {exc}") from None
-
-
-def _read_parquet(path: Path) -> _Records:
-    """``(path:row N, record)`` per row of a parquet file (N from 0), via pyarrow."""
-    import pyarrow.parquet as pq
-
-    try:
-        batches = pq.ParquetFile(path).iter_batches()
-        row = 0
-        for batch in batches:
-            for record in batch.to_pylist():
-                yield f"{path}:row {row}", record
-                row += 1
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise DataError(f"{path}: unreadable parquet file: {exc}") from None
-
-
-def _read_datasets(target: str, label: str, src: SourceConfig, key: str) -> _Records:
-    """``(label[split]:row N, record)`` per row of ``datasets.load_dataset(target, name=subset, split=split)``."""
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(target, name=src.subset, split=src.split)
-    except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
-        raise DataError(
-            f"{key}.path: datasets.load_dataset({target!r}, name={src.subset!r}, split={src.split!r}) failed: "
-            f"{type(exc).__name__}: {exc} (offline? use a local .jsonl/.json/.csv/.tsv/.parquet file or folder)"
-        ) from None
-    for i, record in enumerate(dataset):
-        yield f"{label}[{src.split}]:row {i}", record
 
 
 # --------------------------------------------------------------------------- formats
@@ -442,18 +218,18 @@ def _string(
             if value is None and not required:
                 return column, ""
             if not isinstance(value, str):
-                raise _Bad(column, "not a string", f"got {type(value).__name__} {str(value)[:40]!r}")
+                raise BadRecord(column, "not a string", f"got {type(value).__name__} {str(value)[:40]!r}")
             return column, value
     if not required:
         return _column(fields, name), ""
     keys = ", ".join(sorted(map(str, record))) or "none"
-    raise _Bad(_column(fields, name), "missing field", f"record keys: {keys}")
+    raise BadRecord(_column(fields, name), "missing field", f"record keys: {keys}")
 
 
 def _nonempty(column_value: tuple[str, str], what: str) -> str:
     column, value = column_value
     if not value.strip():
-        raise _Bad(column, f"empty {what}", f"the {what} is empty or whitespace")
+        raise BadRecord(column, f"empty {what}", f"the {what} is empty or whitespace")
     return value
 
 
@@ -464,40 +240,40 @@ def _chat_messages(record: dict[str, Any], fields: dict[str, str]) -> list[dict[
     )
     column = _column(fields, name)
     if column not in record:
-        raise _Bad(column, "missing field", f"record keys: {', '.join(sorted(map(str, record)))}")
+        raise BadRecord(column, "missing field", f"record keys: {', '.join(sorted(map(str, record)))}")
     turns = record[column]
     if not isinstance(turns, list):
-        raise _Bad(column, "not a list", f"expected a list of turns, got {type(turns).__name__}")
+        raise BadRecord(column, "not a list", f"expected a list of turns, got {type(turns).__name__}")
     if not turns:
-        raise _Bad(column, "empty conversation", "the list of turns is empty")
+        raise BadRecord(column, "empty conversation", "the list of turns is empty")
     messages = []
     for j, turn in enumerate(turns):
         where = f"{column}[{j}]"
         if not isinstance(turn, dict):
-            raise _Bad(
+            raise BadRecord(
                 where, "not an object", f"expected {{role, content}} or {{from, value}}, got {type(turn).__name__}"
             )
         role_key = "role" if "role" in turn else "from"
         content_key = "content" if "content" in turn else "value"
         if role_key not in turn:
-            raise _Bad(f"{where}.role", "missing field", f"turn keys: {', '.join(sorted(map(str, turn)))}")
+            raise BadRecord(f"{where}.role", "missing field", f"turn keys: {', '.join(sorted(map(str, turn)))}")
         if content_key not in turn:
-            raise _Bad(f"{where}.content", "missing field", f"turn keys: {', '.join(sorted(map(str, turn)))}")
+            raise BadRecord(f"{where}.content", "missing field", f"turn keys: {', '.join(sorted(map(str, turn)))}")
         role, content = turn[role_key], turn[content_key]
         if not isinstance(role, str) or role.strip().lower() not in ROLE_ALIASES:
-            raise _Bad(
+            raise BadRecord(
                 f"{where}.{role_key}",
                 "bad role",
                 f"got {role!r}; expected user, assistant or system (or {', '.join(ROLE_ALIASES)})",
             )
         if not isinstance(content, str):
-            raise _Bad(f"{where}.{content_key}", "not a string", f"got {type(content).__name__}")
+            raise BadRecord(f"{where}.{content_key}", "not a string", f"got {type(content).__name__}")
         role = ROLE_ALIASES[role.strip().lower()]
         if role == "assistant":
             _nonempty((f"{where}.{content_key}", content), "response")
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "assistant":
-        raise _Bad(
+        raise BadRecord(
             column,
             "no final assistant turn",
             f"the last turn is a {messages[-1]['role']} turn: there is no response to learn",
@@ -506,7 +282,7 @@ def _chat_messages(record: dict[str, Any], fields: dict[str, str]) -> list[dict[
 
 
 def normalize_record(record: dict[str, Any], fmt: str, fields: dict[str, str] | None = None) -> list[dict[str, str]]:
-    """The chat of one record in format ``fmt``; raises ``_Bad`` (field, reason) for bad input."""
+    """The chat of one record in format ``fmt``; raises ``BadRecord`` (field, reason) for bad input."""
     fields = fields or {}
     if fmt == "chat":
         return _chat_messages(record, fields)
@@ -544,12 +320,12 @@ def _unique_id(base: str, seen: set[str]) -> str:
 
 
 def _examples(
-    records: _Records, src: SourceConfig, name: str, key: str, strict: bool, report: LoadReport, seen: set[str]
+    records: Records, src: SourceConfig, name: str, key: str, strict: bool, report: LoadReport, seen: set[str]
 ) -> Iterator[Example]:
     """Normalize the records of one file (or dataset split); auto-detect the format on the first record."""
     fmt = None if src.format == "auto" else src.format
     for origin, record in records:
-        if isinstance(record, _Bad):
+        if isinstance(record, BadRecord):
             reject(report, strict, Skip(origin, record.field, record.reason, record.detail))
             continue
         if fmt is None:
@@ -564,7 +340,7 @@ def _examples(
             logger.debug("%s: %s records", origin.rsplit(":", 1)[0], fmt)
         try:
             messages = normalize_record(record, fmt, src.fields)
-        except _Bad as bad:
+        except BadRecord as bad:
             reject(report, strict, Skip(origin, bad.field, bad.reason, bad.detail))
             continue
         upstream = record.get(_column(src.fields, "id"))
@@ -588,31 +364,9 @@ def load_source(
     """
     root = Path(root).expanduser()
     name = source_name(src)
-    path = src.path.strip()
     seen: set[str] = set()
-    if path.startswith("builtin:"):
-        from nacd.demo_data import builtin_path
-
-        path = str(builtin_path(path))
-    if path.startswith("hf:"):
-        inputs = [(path, _read_datasets(path[3:], path, src, key))]
-    elif _is_file_path(path):
-        files = _resolve_files(path, root, key)
-        inputs = [(str(f), _reader(f, src, key)) for f in files]
-    else:
-        folder = next((c for c in _candidates(path, root) if c.is_dir()), None)
-        if folder is not None:
-            inputs = [(str(folder), _read_datasets(str(folder), str(folder), src, key))]
-        elif _HUB_ID.match(path):
-            inputs = [(path, _read_datasets(path, path, src, key))]
-        else:
-            looked = " or ".join(str(c) for c in _candidates(path, root))
-            raise DataError(
-                f"{key}.path: {path!r} is not a file with a known extension ({', '.join(FILE_EXTENSIONS)}), "
-                f"an existing folder ({looked}) or a hub dataset id (owner/name)"
-            )
     examples: list[Example] = []
-    for label, records in inputs:
+    for label, records in source_inputs(src, root, key):
         before = len(examples)
         examples.extend(_examples(records, src, name, key, strict, report, seen))
         if len(examples) == before:
@@ -622,21 +376,6 @@ def load_source(
     report.available[name] = len(examples)
     report.loaded[name] = len(examples)
     return examples
-
-
-def _reader(path: Path, src: SourceConfig, key: str) -> _Records:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix in (".csv", ".tsv"):
-        return _read_delimited(path, src, key)
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    raise DataError(
-        f"{key}.path: {path}: unsupported file type {suffix!r}; expected one of {', '.join(FILE_EXTENSIONS)}"
-    )
 
 
 def sample_cap(examples: list[Example], cap: int | None, seed: int, name: str) -> list[Example]:
