@@ -17,9 +17,9 @@ def load_student(config: str, run_dir: str, overrides: list[str]) -> tuple[Any, 
     from nacd.data import load_corpus
     from nacd.distill import selected_ids
     from nacd.experts import ExpertStore
+    from nacd.lora import add_lora
     from nacd.models import load_model, resolve_device
     from nacd.select import select_examples
-    from nacd.train import add_lora
 
     cfg = load_config(config, [*overrides, f"run.out_dir={run_dir}"])
     rd = RunDir(cfg.run.out_dir)

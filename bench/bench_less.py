@@ -47,8 +47,8 @@ def setup(args: argparse.Namespace):
     """The model with a LoRA whose B is not zero (so that every gradient is), and synthetic Adam moments."""
     from nacd.config import LoraConfig, ModelConfig
     from nacd.less_math import AdamMoments
+    from nacd.lora import add_lora, init_lora, lora_parameters
     from nacd.models import load_model
-    from nacd.train import add_lora, init_lora, lora_parameters
 
     model, tokenizer = load_model(ModelConfig(spec=args.model, attn_implementation="sdpa"), torch.device("cpu"))
     model = add_lora(model, LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))

@@ -39,8 +39,8 @@ def load_data(args: argparse.Namespace, tokenizer) -> list:
 
 def fresh_model(args: argparse.Namespace):
     from nacd.config import LoraConfig, ModelConfig
+    from nacd.lora import add_lora, init_lora
     from nacd.models import load_model
-    from nacd.train import add_lora, init_lora
 
     model, tokenizer = load_model(ModelConfig(spec=args.model, attn_implementation="sdpa"), torch.device("cpu"))
     model = add_lora(model, LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))

@@ -75,9 +75,9 @@ def worker(args: argparse.Namespace) -> dict:
     from nacd.chat import tokenize_corpus
     from nacd.config import LoraConfig, ModelConfig, load_config
     from nacd.data import load_corpus
+    from nacd.lora import add_lora, init_lora, lora_parameters
     from nacd.models import load_model
     from nacd.tm import Student, matching_loss
-    from nacd.train import add_lora, init_lora, lora_parameters
     from nacd.unrolls import unroll
 
     torch.manual_seed(0)

@@ -322,6 +322,10 @@ def test_prompt_gain_is_positive_when_prompts_learn_and_zero_when_frozen(prepare
     assert gain["ci_low"] <= gain["mean"] <= gain["ci_high"]
     assert set(panel[-1]["residual_share"]) == {"lora_A", "lora_B"}
     assert sum(panel[-1]["residual_share"].values()) == pytest.approx(1.0)
+    by_layer = panel[-1]["residual_share_by_layer"]  # the tiny model's blocks, in order
+    assert list(by_layer) == [str(i) for i in range(len(by_layer))] and len(by_layer) >= 2
+    assert sum(by_layer.values()) == pytest.approx(1.0)
+    assert sum(panel[-1]["residual_share_by_module"].values()) == pytest.approx(1.0)
     assert "prompt gain on 16 held-out draws at iteration 30" in ds.gain_line() and "above 0" in ds.gain_line()
 
     shutil_rm(run_dir.distill_dir)
@@ -338,10 +342,10 @@ def test_meta_batch_gradient_is_the_mean_of_single_draw_gradients(prepared):
     from nacd.chat import tokenize_corpus
     from nacd.config import ModelConfig
     from nacd.experts import ExpertStore
+    from nacd.lora import add_lora
     from nacd.models import load_model
     from nacd.panel import sample_draw
     from nacd.select import read_ids, select_examples
-    from nacd.train import add_lora
 
     model, tok = load_model(ModelConfig(spec=cfg.model.spec), torch.device("cpu"), needs_double_backward=True)
     model = add_lora(model, cfg.lora)

@@ -409,7 +409,7 @@ def _toy_file(tmp_path: Path) -> Path:
 def adapter_dir(tiny_llama_dir, tmp_path):
     """A LoRA adapter with non-zero weights, saved like the finetune stage saves one."""
     from nacd.config import LoraConfig
-    from nacd.train import add_lora
+    from nacd.lora import add_lora
 
     model, _ = _load(tiny_llama_dir)
     peft_model = add_lora(model, LoraConfig(r=4, alpha=8.0))

@@ -18,7 +18,8 @@ from nacd import experts
 from nacd.artifacts import RunDir
 from nacd.config import load_config
 from nacd.errors import NacdError
-from nacd.train import lora_state, setup_training
+from nacd.lora import lora_state
+from nacd.train import setup_training
 
 
 def _snapshots(folder: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -32,7 +32,8 @@ from nacd.less_math import (
     make_projection,
     subtask_means,
 )
-from nacd.train import SparseLogitsForward, lora_parameters, setup_training
+from nacd.lora import lora_parameters
+from nacd.train import SparseLogitsForward, setup_training
 
 #: A tiny LESS run: 40 examples of 64 tokens, warm-up on 10 of them (2 epochs of 3 steps), 5 shards.
 LESS_OVERRIDES = (

@@ -3,7 +3,18 @@
 import pytest
 import torch
 
-from nacd.panel import flat_cosine, gain_line, panel_draws, prompt_gain, residual_shares, sample_draw, split_runs
+from nacd.panel import (
+    all_residual_shares,
+    flat_cosine,
+    gain_line,
+    lora_layer,
+    lora_module,
+    panel_draws,
+    prompt_gain,
+    residual_shares,
+    sample_draw,
+    split_runs,
+)
 
 
 def test_one_run_is_held_out_when_there_are_two_or_more():
@@ -48,6 +59,29 @@ def test_cosine_and_residual_shares_by_hand():
     theta = [torch.tensor([3.0]), torch.tensor([1.0])]
     shares = residual_shares(theta, [torch.tensor([0.0]), torch.tensor([0.0])], names)
     assert shares == {"lora_A": pytest.approx(0.9), "lora_B": pytest.approx(0.1)}
+
+
+def test_residual_shares_by_layer_and_module_by_hand():
+    names = [
+        "base_model.model.model.layers.10.self_attn.q_proj.lora_A.default.weight",
+        "base_model.model.model.layers.10.self_attn.v_proj.lora_B.default.weight",
+        "base_model.model.model.layers.2.self_attn.q_proj.lora_B.default.weight",
+        "base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight",  # GPT-2 names its blocks h
+    ]
+    assert [lora_layer(n) for n in names] == ["10", "10", "2", "0"]
+    assert [lora_module(n) for n in names] == ["q_proj", "v_proj", "q_proj", "c_attn"]
+    assert lora_layer("lm_head.weight") == "other" and lora_module("lm_head.weight") == "other"
+    theta = [torch.tensor([1.0]), torch.tensor([2.0, 0.0]), torch.tensor([[2.0]]), torch.tensor([1.0])]
+    zeros = [torch.zeros_like(t) for t in theta]  # squared residuals 1, 4, 4, 1: total 10
+    shares = all_residual_shares(theta, zeros, names)
+    assert shares["layer"] == {"0": pytest.approx(0.1), "2": pytest.approx(0.4), "10": pytest.approx(0.5)}
+    assert list(shares["layer"]) == ["0", "2", "10"]  # numeric order, not "10" before "2"
+    assert shares["module"] == {
+        "c_attn": pytest.approx(0.1),
+        "q_proj": pytest.approx(0.5),
+        "v_proj": pytest.approx(0.4),
+    }
+    assert shares["factor"] == {"lora_A": pytest.approx(0.2), "lora_B": pytest.approx(0.8)}
 
 
 def test_fit_alpha_walks_the_grid_to_the_minimum():

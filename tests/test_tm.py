@@ -7,6 +7,7 @@ import torch
 from nacd.chat import TokenizedExample
 from nacd.config import LoraConfig, ModelConfig
 from nacd.errors import NacdError
+from nacd.lora import add_lora, init_lora, lora_parameters
 from nacd.models import load_model
 from nacd.tm import (
     Student,
@@ -17,7 +18,6 @@ from nacd.tm import (
     prompted_inputs,
     regularizer,
 )
-from nacd.train import add_lora, init_lora, lora_parameters
 from nacd.unrolls import fd_relative_error, fd_step, unroll
 
 # ---------------------------------------------------------------- Eq. 2 and Eq. 3

@@ -419,10 +419,11 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     from nacd.chat import tokenize_corpus
     from nacd.data import load_corpus
     from nacd.experts import ExpertStore
+    from nacd.lora import add_lora, lora_parameters
     from nacd.models import load_model, model_fingerprint, resolve_device
     from nacd.select import select_examples
     from nacd.tm import TOKEN_INITS, Student, check_prompt_offset, instruction_rows
-    from nacd.train import add_lora, lora_parameters, tokenized_hash
+    from nacd.train import tokenized_hash
 
     check(config)
     ids, ids_path = selected_ids(config, run_dir)

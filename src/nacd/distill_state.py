@@ -25,7 +25,7 @@ def save_checkpoint(
 ) -> None:
     import torch
 
-    from nacd.train import optimizer_tensors
+    from nacd.lora import optimizer_tensors
 
     tensors = {"syn": syn.detach(), "log_alpha": log_alpha.detach().reshape(-1), "generator": gen.get_state()}
     if ema is not None:
@@ -47,7 +47,7 @@ def load_checkpoint(
 ) -> DistillState:
     import torch
 
-    from nacd.train import restore_optimizer
+    from nacd.lora import restore_optimizer
 
     hint = f"the distillation checkpoint is damaged; restore it, or delete {folder.parent} to distill from iteration 0"
     body = read_checkpoint_body(folder, hint, DistillState, "optimizers")

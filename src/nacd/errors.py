@@ -26,6 +26,10 @@ class ModelError(NacdError):
     """A model spec cannot be resolved, prepared or loaded."""
 
 
+class TrainingError(NacdError):
+    """Training cannot start or cannot go on (bad setup, non-finite loss, a LoRA state that does not fit)."""
+
+
 class StageNotImplementedError(NacdError):
     """A pipeline stage that has not been built yet. Never pretends to succeed."""
 

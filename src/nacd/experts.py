@@ -42,7 +42,8 @@ from nacd.artifacts import (
     write_manifest,
 )
 from nacd.errors import NacdError
-from nacd.train import Callback, TrainingSetup, TrainLoop, init_lora, lora_parameters, lora_state, setup_training
+from nacd.lora import init_lora, lora_parameters, lora_state
+from nacd.train import Callback, TrainingSetup, TrainLoop, setup_training
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,9 @@ from nacd.artifacts import (
     write_manifest,
 )
 from nacd.errors import NacdError
+from nacd.lora import init_lora, lora_parameters
 from nacd.select import read_ids, select_examples
-from nacd.train import CheckpointEvery, TrainLoop, init_lora, lora_parameters, setup_training
+from nacd.train import CheckpointEvery, TrainLoop, setup_training
 
 log = logging.getLogger(__name__)
 

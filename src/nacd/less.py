@@ -85,18 +85,14 @@ from nacd.less_math import (
     normalize_rows,
     subtask_means,
 )
+from nacd.lora import init_lora, load_lora_state, lora_parameters, lora_state, optimizer_tensors
 from nacd.train import (
     IGNORE_INDEX,
     Callback,
     SparseLogitsForward,
     TrainLoop,
     default_forward,
-    init_lora,
-    load_lora_state,
-    lora_parameters,
-    lora_state,
     lr_factor,
-    optimizer_tensors,
     setup_training,
     tokenized_hash,
 )
@@ -141,7 +137,7 @@ def batched_grads(model: Any, batch: dict[str, Any], forward: Callable = default
     Forward hooks record each LoRA ``nn.Linear``'s input ``x`` and output ``y``; one
     ``torch.autograd.grad`` of the summed token loss gives ``dL/dy``; example ``i``'s weight
     gradient is ``dL/dy[i]^T x[i]`` (summed over positions), divided by its loss-token count.
-    Parameters are in :func:`~nacd.train.lora_parameters` order, each flattened row-major.
+    Parameters are in :func:`~nacd.lora.lora_parameters` order, each flattened row-major.
     """
     import torch
 

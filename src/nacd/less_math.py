@@ -172,7 +172,7 @@ def make_projection(kind: str, n: int, dim: int, seed: int, device: Any = "cpu",
 
 @dataclass
 class AdamMoments:
-    """Adam's state at a warm-up checkpoint, flattened in the order of :func:`~nacd.train.lora_parameters`."""
+    """Adam's state at a warm-up checkpoint, flattened in the order of :func:`~nacd.lora.lora_parameters`."""
 
     exp_avg: Any  # m_t, [n]
     exp_avg_sq: Any  # v_t, [n]

@@ -19,7 +19,8 @@ alpha cannot fake:
   expert's theta*_{t+M} - theta*_t, for both prompt sets: with clipped student steps alpha sets
   only the length of the student's path, the prompts its direction.
 - **Where the residual sits.** The share of ||theta_N - theta*_{t+M}||^2 (current prompts) in
-  the LoRA A and B tensors.
+  the LoRA A and B tensors, in each block (layer) and in each adapted module (``q_proj``, ...),
+  averaged over the draws.
 
 Cost per evaluation: 2 x P x N first-order student steps (P x N when the initial prompts'
 endpoints are cached: alpha fixed); ``distill.eval_every`` sets how often. Results go to
@@ -94,14 +95,46 @@ def flat_cosine(a: Sequence[Any], b: Sequence[Any]) -> float:
     return dot / (na * nb) if na > 0 and nb > 0 else 0.0
 
 
-def residual_shares(theta_n: Sequence[Any], target: Sequence[Any], names: Sequence[str]) -> dict[str, float]:
-    """Shares of ||theta_N - target||^2 in the LoRA A and B tensors (and anything else)."""
+def lora_factor(name: str) -> str:
+    """``lora_A`` / ``lora_B`` (``other`` for anything else): the factor a LoRA tensor belongs to."""
+    return "lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "other"
+
+
+def lora_layer(name: str) -> str:
+    """The block a LoRA tensor sits in: the first number in its dotted name (``layers.3.`` -> ``3``),
+    whatever the architecture calls its blocks; ``other`` where the name has none."""
+    return next((part for part in name.split(".") if part.isdigit()), "other")
+
+
+def lora_module(name: str) -> str:
+    """The adapted linear layer of a LoRA tensor (``...q_proj.lora_A.default.weight`` -> ``q_proj``)."""
+    parts = name.split(".")
+    for factor in ("lora_A", "lora_B"):
+        if factor in parts and parts.index(factor) > 0:
+            return parts[parts.index(factor) - 1]
+    return "other"
+
+
+def residual_shares(
+    theta_n: Sequence[Any], target: Sequence[Any], names: Sequence[str], group: Callable[[str], str] = lora_factor
+) -> dict[str, float]:
+    """Shares of ||theta_N - target||^2 by ``group`` of the tensor names (default: LoRA A and B)."""
     parts: dict[str, float] = {}
     for name, a, b in zip(names, theta_n, target, strict=True):
-        group = "lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "other"
-        parts[group] = parts.get(group, 0.0) + float(((a.double() - b.double()) ** 2).sum())
+        key = group(name)
+        parts[key] = parts.get(key, 0.0) + float(((a.double() - b.double()) ** 2).sum())
     total = sum(parts.values()) or 1.0
-    return {k: v / total for k, v in sorted(parts.items())}
+    order = sorted(parts, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    return {k: parts[k] / total for k in order}
+
+
+def all_residual_shares(theta_n: Sequence[Any], target: Sequence[Any], names: Sequence[str]) -> dict[str, dict]:
+    """The residual's shares by LoRA factor, by block (layer) and by adapted module."""
+    return {
+        "factor": residual_shares(theta_n, target, names, lora_factor),
+        "layer": residual_shares(theta_n, target, names, lora_layer),
+        "module": residual_shares(theta_n, target, names, lora_module),
+    }
 
 
 def prompt_gain(l_initial: Sequence[float], l_current: Sequence[float], seed: int = 0) -> dict[str, float]:
@@ -190,18 +223,19 @@ class Panel:
                     self._initial_cache[key] = (li, ci)
                 li, ci = self._initial_cache[key]
                 target = self.snapshot(draw.run, draw.start_epoch + self.expert_epochs)
-                measured.append((i, li, loss, ci, cos, residual_shares(theta_n, target, self.student.names)))
+                measured.append((i, li, loss, ci, cos, all_residual_shares(theta_n, target, self.student.names)))
         measured = sorted((m for part in self.ranks.gather(measured) for m in part), key=lambda m: m[0])
         _, l_init, l_cur, c_init, c_cur, shares = (list(column) for column in zip(*measured, strict=True))
         if len(self._initial_cache) > 4 * len(self.draws):  # alpha moves: keep only the latest values
             self._initial_cache = {k: v for k, v in list(self._initial_cache.items())[-len(self.draws) :]}
-        groups = sorted({g for s in shares for g in s})
         return {
             "prompt_gain": prompt_gain(l_init, l_cur, self.seed),
             "cosine": {"initial": _mean(c_init), "current": _mean(c_cur), "gain": _mean(c_cur) - _mean(c_init)},
             "l_initial_mean": _mean(l_init),
             "l_current_mean": _mean(l_cur),
-            "residual_share": {g: _mean([s.get(g, 0.0) for s in shares]) for g in groups},
+            "residual_share": _mean_shares([s["factor"] for s in shares]),
+            "residual_share_by_layer": _mean_shares([s["layer"] for s in shares]),
+            "residual_share_by_module": _mean_shares([s["module"] for s in shares]),
             "per_draw": [
                 {
                     "run": d.run,
@@ -264,6 +298,12 @@ def fit_alphas(panel: Panel, alpha0: float, n_alpha: int) -> tuple[list[float], 
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def _mean_shares(shares: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The mean over draws of each group's share (a group a draw lacks counts 0), in the draws' order."""
+    groups = list(dict.fromkeys(g for s in shares for g in s))
+    return {g: _mean([s.get(g, 0.0) for s in shares]) for g in groups}
 
 
 def gain_line(row: dict[str, Any]) -> str:

@@ -260,7 +260,8 @@ class Student:
     """
 
     def __init__(self, model: Any, data: Sequence[Any], pad_token_id: int, prompt_offset: int = 0):
-        from nacd.train import SparseLogitsForward, causal_lm, lora_parameters
+        from nacd.lora import lora_parameters
+        from nacd.train import SparseLogitsForward, causal_lm
 
         self.model = model
         self.data = data

@@ -15,8 +15,8 @@ Design points:
   same gradient up to summation order.
 - **Resumable, bitwise.** A checkpoint (LoRA tensors, optimizer state, RNG
   state, position in the data) is written atomically whenever a callback asks
-  for one; rerunning continues from it and gives the same numbers as an
-  uninterrupted run on CPU.
+  for one (:mod:`nacd.lora`); rerunning continues from it and gives the same
+  numbers as an uninterrupted run on CPU.
 - **Small pure pieces.** :func:`lr_factor`, :func:`epoch_order`,
   :func:`global_batches` and :func:`token_loss_sum` are plain functions that
   tests check by hand.
@@ -30,27 +30,16 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nacd.artifacts import (
-    atomic_dir,
-    atomic_save_safetensors,
-    load_tensors,
-    read_checkpoint_body,
-    record_files,
-    trim_jsonl,
-    verify_files,
-)
+from nacd.artifacts import trim_jsonl
 from nacd.chat import IGNORE_INDEX
-from nacd.errors import NacdError
+from nacd.errors import TrainingError
+from nacd.lora import TrainState, add_lora, load_checkpoint, lora_parameters, save_checkpoint, unwrap
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(NacdError):
-    """Training cannot start or cannot go on (bad setup, non-finite loss)."""
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -108,167 +97,6 @@ def loss_tokens(example: Any) -> int:
     return sum(1 for lab in example.labels[1:] if lab != IGNORE_INDEX)
 
 
-# --------------------------------------------------------------------------- LoRA
-
-
-def add_lora(model: Any, lora_cfg: Any) -> Any:
-    """Freeze the base model and wrap it with a peft LoRA adapter (named ``default``)."""
-    from peft import LoraConfig, get_peft_model
-
-    from nacd.models import default_lora_targets
-
-    targets = list(lora_cfg.target_modules) if lora_cfg.target_modules else default_lora_targets(model)
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in leaves]
-    if missing:
-        raise TrainingError(
-            f"lora.target_modules: {', '.join(missing)} not found in {type(model).__name__} "
-            f"(its linear layers include: {', '.join(sorted(_linear_names(model))[:12])})"
-        )
-    for p in model.parameters():
-        p.requires_grad_(False)
-    peft_cfg = LoraConfig(
-        r=lora_cfg.r,
-        lora_alpha=lora_cfg.alpha,
-        lora_dropout=lora_cfg.dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, peft_cfg)
-
-
-def _linear_names(model: Any) -> set[str]:
-    import torch
-
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-
-
-def lora_parameters(model: Any) -> dict[str, Any]:
-    """The trainable LoRA parameters by name, in a stable (sorted) order."""
-    params = {name: p for name, p in _unwrap(model).named_parameters() if p.requires_grad}
-    return dict(sorted(params.items()))
-
-
-def lora_state(model: Any) -> dict[str, Any]:
-    """Detached CPU copies of the LoRA parameters (what a snapshot stores)."""
-    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in lora_parameters(model).items()}
-
-
-def load_lora_state(model: Any, state: dict[str, Any]) -> None:
-    """Copy ``state`` into the model's LoRA parameters; names and shapes must match exactly."""
-    import torch
-
-    params = lora_parameters(model)
-    if set(params) != set(state):
-        extra, missing = sorted(set(state) - set(params)), sorted(set(params) - set(state))
-        raise TrainingError(f"LoRA state does not match the model: unexpected {extra[:3]}, missing {missing[:3]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != state[name].shape:
-                raise TrainingError(
-                    f"LoRA parameter {name}: shape {tuple(state[name].shape)} != model {tuple(p.shape)}"
-                )
-            p.copy_(state[name].to(p.device, p.dtype))
-
-
-def _unwrap(model: Any) -> Any:
-    return getattr(model, "module", model)  # DDP
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class TrainState:
-    """Where training stands; saved in every checkpoint."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # epochs completed
-    batch_in_epoch: int = 0  # optimizer steps done inside the current epoch
-    loss_tokens: int = 0  # loss-carrying tokens seen
-    seconds: float = 0.0  # training time so far
-    last_loss: float = float("nan")
-    window_loss_sum: float = 0.0  # loss accumulated since the last snapshot (for its mean)
-    window_steps: int = 0
-
-    def window_mean(self) -> float | None:
-        return self.window_loss_sum / self.window_steps if self.window_steps else None
-
-
-def optimizer_tensors(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An optimizer's state as (tensors for safetensors, JSON-able rest): no pickles."""
-    import torch
-
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value
-            else:
-                scalars[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def restore_optimizer(optimizer: Any, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Inverse of :func:`optimizer_tensors`."""
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    for key, value in meta["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def save_checkpoint(
-    folder: str | Path, model: Any, optimizer: Any, state: TrainState, extra: dict | None = None
-) -> None:
-    """LoRA tensors, optimizer state (safetensors + JSON) and RNG state, written atomically."""
-    import torch
-
-    tensors, meta = optimizer_tensors(optimizer)
-    with atomic_dir(folder) as tmp:
-        names = ["lora.safetensors", "rng.safetensors"]
-        atomic_save_safetensors(lora_state(model), tmp / "lora.safetensors")
-        if tensors:  # plain SGD keeps no tensors (and safetensors cannot read back an empty file)
-            atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
-            names.append("optimizer.safetensors")
-        atomic_save_safetensors({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-        body = {"state": asdict(state), "optimizer": meta, "files": record_files(tmp, names), **(extra or {})}
-        (tmp / "state.json").write_text(json.dumps(body, indent=2, default=float))
-
-
-def load_checkpoint(folder: str | Path, model: Any, optimizer: Any) -> tuple[TrainState, dict[str, Any]]:
-    """Restore what :func:`save_checkpoint` wrote; returns the state and the extra fields.
-
-    Every file the checkpoint's ``state.json`` lists is checked (size and sha256) before anything is
-    restored: a checkpoint with a missing or damaged part is refused, never half-used (a lost
-    optimizer state would silently restart AdamW's moments)."""
-    import torch
-
-    folder = Path(folder)
-    fix = f"the checkpoint is incomplete or damaged; delete {folder} to train again from step 0"
-    body = read_checkpoint_body(folder, fix, TrainState, "optimizer")
-    records = body.get("files")  # absent in checkpoints written before nacd recorded files
-    if records is not None:
-        verify_files(folder, records, fix)  # sizes of every part first, before anything is restored
-    else:
-        records = {name: None for name in ("lora.safetensors", "rng.safetensors")}
-        if (folder / "optimizer.safetensors").is_file():
-            records["optimizer.safetensors"] = None
-    parts = {name: load_tensors(folder / name, record, fix) for name, record in records.items()}
-    device = next(iter(lora_parameters(model).values())).device
-    load_lora_state(model, parts["lora.safetensors"])
-    opt = {k: v.to(device) for k, v in parts.get("optimizer.safetensors", {}).items()}
-    restore_optimizer(optimizer, opt, body["optimizer"])
-    torch.set_rng_state(parts["rng.safetensors"]["cpu"])
-    extra = {k: v for k, v in body.items() if k not in ("state", "optimizer", "files")}
-    return TrainState(**body["state"]), extra
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -303,7 +131,7 @@ def default_forward(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
 
 def causal_lm(model: Any) -> Any:
     """The Hugging Face causal LM inside DDP and peft wrappers."""
-    model = _unwrap(model)
+    model = unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -606,7 +434,7 @@ def _make_optimizer(params: list[Any], cfg: Any) -> Any:
 
 
 def _base_dtype(model: Any) -> str:
-    for p in _unwrap(model).parameters():
+    for p in unwrap(model).parameters():
         if not p.requires_grad:
             return str(p.dtype).replace("torch.", "")
     return "float32"
@@ -666,18 +494,6 @@ def setup_training(config: Any, examples: Sequence[Any] | None = None, model_cfg
     model = add_lora(model, config.lora)
     targets = sorted(model.peft_config["default"].target_modules)
     return TrainingSetup(model, tokenizer, data, tokenized_hash(data), fingerprint, targets)
-
-
-def init_lora(model: Any, seed: int) -> None:
-    """Re-initialise every LoRA layer from ``seed`` (A: peft's Kaiming init, B: zeros)."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in _unwrap(model).modules():
-            if isinstance(module, LoraLayer):
-                module.reset_lora_parameters("default", True)
 
 
 class CheckpointEvery(Callback):
