@@ -5,7 +5,9 @@ in the same order: ``bench/ablate_distill.py`` makes them so). For each draw, th
 with the current prompts of setting B minus that of setting A (positive: A is lower, i.e. better),
 at an iteration both evaluated (default: the last one they share); the mean difference with its 95%
 paired-bootstrap interval over the draws (``nacd.stats.paired_bootstrap``, 2000 resamples), how many
-draws A wins, and the same for the cosine to the expert path. One JSON line per comparison::
+draws A wins, and the same for the cosine to the expert path; where the panels recorded them, each
+setting's shares of the residual by LoRA factor, block (layer) and module. One JSON line per
+comparison::
 
     .venv/bin/python bench/compare_panels.py runs/ablate6/offset1 runs/ablate5/lr3e3 [--iteration 40]
 """
@@ -53,7 +55,17 @@ def compare(a: Path, b: Path, iteration: int | None = None) -> dict:
         "a_wins": sum(x < y for x, y in zip(la, lb, strict=True)),
         "cosine_a_minus_b": cos["diff"],
         "cosine_ci": [cos["lo"], cos["hi"]],
+        "residual_a": _shares(pa[it]),
+        "residual_b": _shares(pb[it]),
     }
+
+
+def _shares(row: dict) -> dict | None:
+    """The residual's shares by factor, layer and module, rounded (None for panels that predate them)."""
+    keys = {"factor": "residual_share", "layer": "residual_share_by_layer", "module": "residual_share_by_module"}
+    if "residual_share_by_layer" not in row:
+        return None
+    return {name: {g: round(v, 4) for g, v in row[key].items()} for name, key in keys.items()}
 
 
 def main() -> None:

@@ -55,6 +55,40 @@ def test_atomic_dir(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_atomic_dir_killed_between_its_renames_leaves_a_whole_version(tmp_path, monkeypatch):
+    """A kill between renaming the old folder aside and the new one in: the folder is missing, its
+    previous version whole aside; a reader (recover_dir) and the next write put it back."""
+    import os
+
+    from nacd import artifacts
+
+    out = tmp_path / "ck"
+    with atomic_dir(out) as tmp:
+        (tmp / "a").write_text("v1")
+        (tmp / "b").write_text("v1")
+    real = os.replace
+    calls = []
+
+    def killed_after_the_first_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new folder's rename never happens
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(artifacts.os, "replace", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(out) as tmp:
+        (tmp / "a").write_text("v2")
+    monkeypatch.setattr(artifacts.os, "replace", real)
+    assert not out.exists() and (tmp_path / ".ck.old" / "b").read_text() == "v1"
+    assert artifacts.recover_dir(out) == out
+    assert (out / "a").read_text() == "v1" and (out / "b").read_text() == "v1"  # the previous version, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    (tmp_path / ".ck.old").mkdir()  # left by a kill after a swap: stale, removed by the next write
+    with atomic_dir(out) as tmp:
+        (tmp / "a").write_text("v3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"] and sorted(p.name for p in out.iterdir()) == ["a"]
+
+
 def test_safetensors_with_metadata(tmp_path):
     t = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}
     atomic_save_safetensors(t, tmp_path / "t.safetensors", {"epoch": "1"})

@@ -85,24 +85,47 @@ def atomic_save_safetensors(
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a folder under a temporary name and rename it into place only if the block succeeds."""
+    """Build a folder under a temporary name and rename it into place only if the block succeeds.
+
+    An existing folder is renamed aside (``.<name>.old``) before the new one is renamed in and only then
+    deleted, so a process killed at any moment leaves one whole version: the new one, or the previous one
+    in place or aside, which :func:`recover_dir` (called here and by every reader of a checkpoint) puts
+    back. Deleting the previous folder in place first, file by file, would leave a half folder."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        recover_dir(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as exc:
         raise io_error(exc, path, "write") from exc
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        aside = _aside(path)
         if path.exists():
-            shutil.rmtree(path)
+            shutil.rmtree(aside, ignore_errors=True)  # left by a kill after an earlier swap: stale
+            os.replace(path, aside)
         os.replace(tmp, path)
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
             raise io_error(exc, path, "write") from exc
         raise
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_dir(path: str | Path) -> Path:
+    """``path``, with the previous version put back where :func:`atomic_dir` was killed between its two
+    renames (the folder missing, its previous version aside)."""
+    path = Path(path)
+    aside = _aside(path)
+    if not path.exists() and aside.is_dir():
+        os.replace(aside, path)
+    return path
 
 
 # --------------------------------------------------------------------------- hashing

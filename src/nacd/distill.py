@@ -42,6 +42,7 @@ from nacd.artifacts import (
     check_identity,
     read_jsonl,
     read_manifest,
+    recover_dir,
     setup_logging,
     trim_jsonl,
     write_manifest,
@@ -255,7 +256,7 @@ def distill(
     gen = torch.Generator().manual_seed(config.run.seed)
     history_path, panel_path, ckpt = folder / "history.jsonl", folder / "panel.jsonl", folder / "checkpoint"
     state = DistillState()
-    if ckpt.is_dir():  # renamed into place whole: one with a part missing is refused, not ignored
+    if recover_dir(ckpt).is_dir():  # renamed into place whole: one with a part missing is refused, not ignored
         state = load_checkpoint(ckpt, syn, log_alpha, opts, gen, ema)
         if state.iteration > dc.iterations:
             raise NacdError(
@@ -475,7 +476,7 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
             f"distill.iterations={config.distill.iterations}; it is kept as it is. Use another run.out_dir to "
             f"distill {config.distill.iterations} iterations, or ask for {finished} or more to keep or continue it"
         )
-    if finished is not None and not (folder / "checkpoint").is_dir():
+    if finished is not None and not recover_dir(folder / "checkpoint").is_dir():
         raise NacdError(
             f"{folder / 'checkpoint'}: missing, so the finished {finished}-iteration distillation cannot be "
             f"continued to {config.distill.iterations}; it is kept as it is. Use another run.out_dir to distill anew"

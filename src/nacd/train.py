@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nacd.artifacts import trim_jsonl
+from nacd.artifacts import recover_dir, trim_jsonl
 from nacd.chat import IGNORE_INDEX
 from nacd.errors import TrainingError
 from nacd.lora import TrainState, add_lora, load_checkpoint, lora_parameters, save_checkpoint, unwrap
@@ -337,7 +337,7 @@ class TrainLoop:
     def maybe_resume(self) -> bool:
         """Load the checkpoint in ``checkpoint_dir`` if there is one (checkpoints are folders renamed
         into place whole, so one with a missing or damaged part is refused, not skipped)."""
-        if self.checkpoint_dir is None or not Path(self.checkpoint_dir).is_dir():
+        if self.checkpoint_dir is None or not recover_dir(self.checkpoint_dir).is_dir():
             return False
         self.state, _ = load_checkpoint(self.checkpoint_dir, self.model, self.optimizer)
         log.info(
