@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 
-def panel_at(folder: Path, iteration: int | None) -> dict[int, dict]:
+def panel_at(folder: Path) -> dict[int, dict]:
     path = folder / "distill" / "panel.jsonl" if (folder / "distill").is_dir() else folder / "panel.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {row["iteration"]: row for row in rows}
@@ -28,7 +28,7 @@ def panel_at(folder: Path, iteration: int | None) -> dict[int, dict]:
 def compare(a: Path, b: Path, iteration: int | None = None) -> dict:
     from nacd.stats import paired_bootstrap
 
-    pa, pb = panel_at(a, iteration), panel_at(b, iteration)
+    pa, pb = panel_at(a), panel_at(b)
     shared = sorted(set(pa) & set(pb) - {0})
     if not shared:
         raise SystemExit(f"{a} and {b} share no panel evaluation after iteration 0")

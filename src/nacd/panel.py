@@ -109,31 +109,39 @@ def lora_layer(name: str) -> str:
 def lora_module(name: str) -> str:
     """The adapted linear layer of a LoRA tensor (``...q_proj.lora_A.default.weight`` -> ``q_proj``)."""
     parts = name.split(".")
-    for factor in ("lora_A", "lora_B"):
-        if factor in parts and parts.index(factor) > 0:
-            return parts[parts.index(factor) - 1]
-    return "other"
+    i = next((i for i, part in enumerate(parts) if part in ("lora_A", "lora_B")), 0)
+    return parts[i - 1] if i > 0 else "other"
+
+
+def _squared_residuals(theta_n: Sequence[Any], target: Sequence[Any], names: Sequence[str]) -> dict[str, float]:
+    return {
+        name: float(((a.double() - b.double()) ** 2).sum()) for name, a, b in zip(names, theta_n, target, strict=True)
+    }
+
+
+def _shares(squared: dict[str, float], group: Callable[[str], str]) -> dict[str, float]:
+    parts: dict[str, float] = {}
+    for name, value in squared.items():
+        parts[group(name)] = parts.get(group(name), 0.0) + value
+    total = sum(parts.values()) or 1.0
+    order = sorted(parts, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))  # blocks numerically
+    return {k: parts[k] / total for k in order}
 
 
 def residual_shares(
     theta_n: Sequence[Any], target: Sequence[Any], names: Sequence[str], group: Callable[[str], str] = lora_factor
 ) -> dict[str, float]:
     """Shares of ||theta_N - target||^2 by ``group`` of the tensor names (default: LoRA A and B)."""
-    parts: dict[str, float] = {}
-    for name, a, b in zip(names, theta_n, target, strict=True):
-        key = group(name)
-        parts[key] = parts.get(key, 0.0) + float(((a.double() - b.double()) ** 2).sum())
-    total = sum(parts.values()) or 1.0
-    order = sorted(parts, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
-    return {k: parts[k] / total for k in order}
+    return _shares(_squared_residuals(theta_n, target, names), group)
 
 
 def all_residual_shares(theta_n: Sequence[Any], target: Sequence[Any], names: Sequence[str]) -> dict[str, dict]:
-    """The residual's shares by LoRA factor, by block (layer) and by adapted module."""
+    """The residual's shares by LoRA factor, by block (layer) and by adapted module (one pass over the tensors)."""
+    squared = _squared_residuals(theta_n, target, names)
     return {
-        "factor": residual_shares(theta_n, target, names, lora_factor),
-        "layer": residual_shares(theta_n, target, names, lora_layer),
-        "module": residual_shares(theta_n, target, names, lora_module),
+        "factor": _shares(squared, lora_factor),
+        "layer": _shares(squared, lora_layer),
+        "module": _shares(squared, lora_module),
     }
 
 

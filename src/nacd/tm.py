@@ -242,6 +242,8 @@ def prompted_inputs(embed: Any, scale: float, prompts: Any, text: dict[str, Any]
 def check_prompt_offset(data: Sequence[Any], offset: int, key: str = "distill.prompt_offset") -> None:
     """Every tokenized example has a text token after the first ``offset`` (where its prompt goes): a
     shorter one would get its prompt among the padding. Raises naming the example."""
+    if not data:  # nothing to place a prompt in; the stage says so itself
+        return
     short = min(data, key=lambda ex: len(ex.input_ids))
     if len(short.input_ids) <= offset:
         raise NacdError(
