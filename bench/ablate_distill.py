@@ -13,6 +13,11 @@ the markdown table at the end (docs/DISTILL.md records them).
         --common distill.iterations=60 distill.eval_every=30 \\
         --setting paper "" --setting fixed "distill.alpha_mode=fixed distill.beta=0"
 
+``--fit-panel`` makes the training draws the panel's own draws, cycled in order (draw i at iteration
+i mod P): the gain then is in-sample, a ceiling on what the prompts can do for those trajectories (their
+capacity), not evidence that they generalise. Set beside the same setting's held-out run, it separates
+"the prompts cannot express it" from "what they learn on some draws does not carry to others".
+
 ``--tiny ../shared/data`` runs the settings on the tests' tiny reachable target instead (a random
 tiny Llama whose experts a 2-step student can imitate): seconds per setting, a lab for the
 mechanics, not evidence about real models.
@@ -21,6 +26,7 @@ mechanics, not evidence about real models.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import shlex
@@ -28,7 +34,39 @@ import time
 from pathlib import Path
 
 
-def run_setting(config: str | None, run_dir: Path, out: Path, name: str, overrides: list[str]) -> dict:
+@contextlib.contextmanager
+def panel_as_training(seed: int):
+    """While open, ``nacd distill`` trains on its panel's draws: the draws of the ``panel_draws`` call made
+    with the run's own seed (the panel; the alpha fit and the unroll choice use other seeds) replace
+    ``sample_draw``'s, one per call, in the panel's order, cycling (a resumed run starts the cycle again)."""
+    import nacd.panel as panel
+
+    real_draws, real_sample = panel.panel_draws, panel.sample_draw
+    captured: list = []
+    calls = iter(range(1 << 62))
+
+    def draws(runs, max_start_epoch, n, batch, steps, size, draw_seed):
+        out = real_draws(runs, max_start_epoch, n, batch, steps, size, draw_seed)
+        if draw_seed == seed and not captured:
+            captured.extend(out)
+        return out
+
+    def sample(gen, runs, max_start_epoch, n, batch, steps):
+        real_sample(gen, runs, max_start_epoch, n, batch, steps)  # the generator advances as in a normal run
+        if not captured:
+            raise RuntimeError("--fit-panel: the panel was not built before the first training draw")
+        return captured[next(calls) % len(captured)]
+
+    panel.panel_draws, panel.sample_draw = draws, sample
+    try:
+        yield captured
+    finally:
+        panel.panel_draws, panel.sample_draw = real_draws, real_sample
+
+
+def run_setting(
+    config: str | None, run_dir: Path, out: Path, name: str, overrides: list[str], fit_panel: bool = False
+) -> dict:
     from nacd import distill
     from nacd.artifacts import RunDir
     from nacd.config import load_config
@@ -40,8 +78,16 @@ def run_setting(config: str | None, run_dir: Path, out: Path, name: str, overrid
         if not link.exists():
             link.symlink_to((run_dir / stage).resolve(), target_is_directory=True)
     cfg = load_config(config, [*overrides, f"run.out_dir={folder}"])
+    marker = folder / "FIT_PANEL"  # an in-sample folder is never resumed as a held-out one, nor the reverse
+    if (folder / "distill").exists() and marker.exists() != fit_panel:
+        raise SystemExit(
+            f"{folder}: distilled {'with' if marker.exists() else 'without'} --fit-panel; use another --out"
+        )
+    if fit_panel:
+        marker.write_text("trained on the panel's own draws (--fit-panel): the prompt gain here is in-sample\n")
     start = time.perf_counter()
-    ds = distill.run(cfg, RunDir(cfg.run.out_dir))
+    with panel_as_training(cfg.run.seed) if fit_panel else contextlib.nullcontext():
+        ds = distill.run(cfg, RunDir(cfg.run.out_dir))
     wall = time.perf_counter() - start
     gain = ds.manifest.get("prompt_gain") or {}
     hist = ds.history()
@@ -117,6 +163,11 @@ def main() -> None:
         metavar="DATA_ROOT",
         help="instead of --run-dir/-c: the tests' tiny reachable target on the shared data at DATA_ROOT, built under --out",
     )
+    ap.add_argument(
+        "--fit-panel",
+        action="store_true",
+        help="train on the panel's own draws (in-sample: the prompts' capacity, not a held-out gain)",
+    )
     ap.add_argument("--out", required=True, type=Path, help="one folder per setting goes here")
     ap.add_argument("--common", nargs="*", default=[], help="overrides every setting gets")
     ap.add_argument(
@@ -135,6 +186,7 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d"),
                 "config": args.config,
                 "common": args.common,
+                "fit_panel": args.fit_panel,
             }
         ),
         flush=True,
@@ -147,7 +199,7 @@ def main() -> None:
         ap.error("give --run-dir (a run folder with select/ and experts/) or --tiny DATA_ROOT")
     rows = []
     for name, extra in args.setting:
-        row = run_setting(args.config, args.run_dir, args.out, name, [*common, *shlex.split(extra)])
+        row = run_setting(args.config, args.run_dir, args.out, name, [*common, *shlex.split(extra)], args.fit_panel)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(table(rows))
