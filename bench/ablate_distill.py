@@ -13,8 +13,8 @@ the markdown table at the end (docs/DISTILL.md records them).
         --common distill.iterations=60 distill.eval_every=30 \\
         --setting paper "" --setting fixed "distill.alpha_mode=fixed distill.beta=0"
 
-``--fit-panel`` makes the training draws the panel's own draws, cycled in order (draw i at iteration
-i mod P): the gain then is in-sample, a ceiling on what the prompts can do for those trajectories (their
+``--fit-panel`` makes the training draws the panel's own draws, cycled in order (the k-th training
+draw is panel draw k mod P): the gain then is in-sample, a ceiling on what the prompts can do for those trajectories (their
 capacity), not evidence that they generalise. Set beside the same setting's held-out run, it separates
 "the prompts cannot express it" from "what they learn on some draws does not carry to others".
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import platform
 import shlex
@@ -43,7 +44,7 @@ def panel_as_training(seed: int):
 
     real_draws, real_sample = panel.panel_draws, panel.sample_draw
     captured: list = []
-    calls = iter(range(1 << 62))
+    calls = itertools.count()
 
     def draws(runs, max_start_epoch, n, batch, steps, size, draw_seed):
         out = real_draws(runs, max_start_epoch, n, batch, steps, size, draw_seed)

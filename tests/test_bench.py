@@ -31,8 +31,8 @@ def test_fit_panel_trains_on_the_panels_own_draws_in_order_and_restores_the_samp
         panel.panel_draws([0], 2, 10, 3, 2, 5, seed + panel.FIT_SEED_OFFSET)
         gen = torch.Generator().manual_seed(seed)
         got = [panel.sample_draw(gen, [0], 2, 10, 3, 2) for _ in range(6)]
-    assert captured == held  # the panel's draws, not the fit's
-    assert got == [held[i % 4] for i in range(6)]  # cycled in order, from the held-out run
+    assert all(c is h for c, h in zip(captured, held, strict=True))  # the panel's draws, not the fit's
+    assert all(g is held[i % 4] for i, g in enumerate(got))  # cycled in order, from the held-out run
     # the training generator advanced as in a normal run (same state as 6 real draws)
     ref = torch.Generator().manual_seed(seed)
     for _ in range(6):
