@@ -363,3 +363,29 @@ def test_two_processes_take_one_path_when_one_reads_late(tiny_overrides, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("gathered [0, 1]") == 2
     assert read_manifest(tmp_path / "run" / "select", "selection")["complete"] is True
+
+
+_EXIT_CHECK = """
+import atexit, sys
+import torch.distributed as dist
+from nacd.ranks import current
+
+# registered before the group exists, so it runs after nacd's handler (atexit runs last-in first-out)
+atexit.register(lambda: sys.stdout.write(f"group alive at exit: {dist.is_initialized()}\\n"))
+ranks = current(cpu=True)
+current(cpu=True)  # a second call registers nothing more
+sys.stdout.write(f"gathered {ranks.gather(ranks.rank)}\\n")
+"""
+
+
+def test_processes_release_the_group_before_the_interpreter_ends(tmp_path):
+    """CI on 2026-11-29: both processes aborted (SIGABRT, 'terminate called without an active exception')
+    after their work was done, with the gloo group still alive in interpreter finalisation."""
+    from conftest import torchrun
+
+    script = tmp_path / "exit_check.py"
+    script.write_text(_EXIT_CHECK)
+    proc = torchrun([str(script)], 29558, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("gathered [0, 1]") == 2
+    assert proc.stdout.count("group alive at exit: False") == 2, proc.stdout

@@ -86,6 +86,7 @@ from nacd.less_math import (
     subtask_means,
 )
 from nacd.lora import init_lora, load_lora_state, lora_parameters, lora_state, optimizer_tensors
+from nacd.ranks import release_at_exit
 from nacd.train import (
     IGNORE_INDEX,
     Callback,
@@ -381,7 +382,9 @@ def _dist() -> Any:
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available())
+    release_at_exit()
+    return state
 
 
 def _prepare_features_dir(folder: Path, identity: dict[str, Any]) -> None:

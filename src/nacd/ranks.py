@@ -9,6 +9,7 @@ loop and LESS's features use it.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,28 @@ class Ranks:
             dist.barrier()
 
 
+_released: list[bool] = []
+
+
+def release_at_exit() -> None:
+    """Destroy the process group when the interpreter exits (registered once per process). A process
+    that ends with a gloo group alive can abort in interpreter finalisation (``terminate called without
+    an active exception``, SIGABRT, exit -6, seen in CI on 2026-11-29 after every rank had finished):
+    gloo's worker threads still hold objects whose release needs the interpreter. Every place that
+    creates the group calls this."""
+    if _released:
+        return
+    _released.append(True)
+    atexit.register(_destroy_group)
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def current(cpu: bool | None = None) -> Ranks:
     """This process's place in the launch (``Ranks()`` without a launcher); ``cpu``: the processes work on
     the CPU (gloo) even where CUDA is present (default: only where it is not)."""
@@ -76,4 +99,5 @@ def current(cpu: bool | None = None) -> Ranks:
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available() if cpu is None else cpu)
+    release_at_exit()
     return Ranks(state.process_index, state.num_processes)

@@ -38,6 +38,7 @@ from nacd.artifacts import recover_dir, trim_jsonl
 from nacd.chat import IGNORE_INDEX
 from nacd.errors import TrainingError
 from nacd.lora import TrainState, add_lora, load_checkpoint, lora_parameters, save_checkpoint, unwrap
+from nacd.ranks import release_at_exit
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ class TrainLoop:
 
         if self.accelerator is None:  # the processes' backend follows the model: gloo for a model on the CPU
             self.accelerator = Accelerator(cpu=_model_device(self.model).type != "cuda")
+            release_at_exit()
         if self.accelerator.num_processes > 1:
             self.model = self.accelerator.prepare_model(self.model)  # DDP over the LoRA parameters
         n = len(self.dataset)
