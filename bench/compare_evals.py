@@ -1,0 +1,70 @@
+"""Is one evaluation better than another on the same questions? A paired comparison of eval folders.
+
+Each argument is an evaluation folder (``<run>/eval/NAME/``, holding ``samples.jsonl``) or a folder of
+seed folders (``<run>/eval/MODEL/VARIANT/`` with ``seed0/``, ``seed1/``, ...: their questions are the
+rows of one (seeds, questions) matrix). For every benchmark both hold, A - B in accuracy points with
+the 95% paired bootstrap of :func:`nacd.stats.paired_bootstrap` (questions, and seeds where there are
+several, resampled with the same indices for both; one seed against several repeats the one), one
+JSON line per benchmark::
+
+    .venv/bin/python bench/compare_evals.py runs/cs01/eval/expert_r000_e002 runs/cs01/eval/smollm2-135m/sel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def scores(folder: Path, metric: str = "acc") -> dict[str, dict[str, list[float]]]:
+    """``{benchmark: {question id: [score per seed]}}`` of an eval folder or a folder of seed folders."""
+    seeds = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "samples.jsonl").is_file())
+    files = [folder / "samples.jsonl"] if (folder / "samples.jsonl").is_file() else [p / "samples.jsonl" for p in seeds]
+    if not files:
+        raise SystemExit(f"{folder}: no samples.jsonl in it or in its seed folders")
+    out: dict[str, dict[str, list[float]]] = {}
+    for path in files:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                out.setdefault(row["benchmark"], {}).setdefault(row["id"], []).append(float(row[metric]))
+    return out
+
+
+def compare(a: Path, b: Path, metric: str = "acc") -> list[dict]:
+    import numpy as np
+
+    from nacd.stats import paired_bootstrap
+
+    sa, sb = scores(a, metric), scores(b, metric)
+    lines = []
+    for bench in sorted(set(sa) & set(sb)):
+        ids = sorted(set(sa[bench]) & set(sb[bench]))
+        ma = np.array([sa[bench][i] for i in ids]).T  # (seeds, questions)
+        mb = np.array([sb[bench][i] for i in ids]).T
+        seeds = [int(ma.shape[0]), int(mb.shape[0])]
+        if ma.shape[0] != mb.shape[0]:  # one evaluation against several seeds: repeat the single one
+            ma, mb = np.broadcast_arrays(ma, mb) if 1 in (ma.shape[0], mb.shape[0]) else (ma, mb)
+        res = paired_bootstrap(ma, mb)
+        lines.append(
+            {"benchmark": bench, "questions": len(ids), "seeds": seeds,
+             "a": round(100 * float(ma.mean()), 2), "b": round(100 * float(mb.mean()), 2),
+             "a_minus_b": round(100 * res["diff"], 2), "ci": [round(100 * res["lo"], 2), round(100 * res["hi"], 2)],
+             "p_le_0": round(res["p_le_0"], 3)}
+        )  # fmt: skip
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--metric", default="acc", choices=["acc", "acc_norm"])
+    args = p.parse_args(argv)
+    for line in compare(args.a, args.b, args.metric):
+        print(json.dumps({"a": str(args.a), "b": str(args.b), **line}))
+
+
+if __name__ == "__main__":
+    main()
