@@ -552,3 +552,55 @@ def test_a_moving_average_of_the_prompts_is_measured_written_and_resumed(prepare
     two = load_file(state)
     torch.testing.assert_close(two["ema"], 0.5 * one["ema"] + 0.5 * two["syn"])
     torch.testing.assert_close(two_set.prompts.float(), two["ema"].float())
+
+
+def test_a_resumed_run_takes_the_initial_prompts_panel_values_from_the_checkpoint(prepared, monkeypatch):
+    """With alpha fixed the panel measures the initial prompts once; a resumed run reads those values from
+    the checkpoint instead of measuring them again, and its panel rows are the uninterrupted run's."""
+    from nacd import unrolls
+    from nacd.artifacts import read_jsonl
+    from nacd.panel import Panel
+
+    cfg, run_dir, overrides = prepared
+    args = [*overrides, *REACHABLE, "distill.alpha_mode=fixed", "distill.iterations=6", "distill.checkpoint_every=3",
+            "distill.eval_every=3", "distill.panel_size=3"]  # fmt: skip
+    config = load_config(None, args)
+    panel_path = run_dir.distill_dir / "panel.jsonl"
+    distill.run(config, run_dir)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "time")} for r in rows]  # noqa: E731
+    clean = strip(read_jsonl(panel_path))
+    shutil_rm(run_dir.distill_dir)
+
+    real_unroll, real_measure = unrolls.unroll, Panel._measure
+    calls, initial_measured = {"n": 0}, []
+
+    def unroll_then_stop(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # iteration 5, after the checkpoint at iteration 3
+            raise KeyboardInterrupt
+        return real_unroll(*a, **kw)
+
+    def measure(self, i, draw, alpha, syn):
+        initial_measured.append(torch.equal(syn, self.initial.to(syn.device)))
+        return real_measure(self, i, draw, alpha, syn)
+
+    monkeypatch.setattr(unrolls, "unroll", unroll_then_stop)
+    monkeypatch.setattr(Panel, "_measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(config, run_dir)
+    state = json.loads((run_dir.distill_dir / "checkpoint" / "state.json").read_text())["state"]
+    assert state["iteration"] == 3 and len(state["panel_initial"]) == 3
+    assert initial_measured.count(True) == 3  # iteration 0 only (the prompts are the initial ones); cached at 3
+    initial_measured.clear()
+    monkeypatch.setattr(unrolls, "unroll", real_unroll)
+    distill.run(config, run_dir)
+    assert initial_measured == [False] * 3  # iteration 6: the current prompts only
+    assert strip(read_jsonl(panel_path)) == clean
+
+    # a damaged entry is named, not used
+    state_json = run_dir.distill_dir / "checkpoint" / "state.json"
+    body = json.loads(state_json.read_text())
+    body["state"]["panel_initial"][0] = [99, 0.2, 1.0, 0.5]
+    state_json.write_text(json.dumps(body))
+    with pytest.raises(NacdError, match="panel_initial"):
+        distill.run(load_config(None, [*args, "distill.iterations=7"]), run_dir)

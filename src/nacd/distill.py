@@ -296,6 +296,7 @@ def distill(
     if dc.panel_size:
         draws = panel_draws(held_runs, dc.max_start_epoch, n, batch, dc.syn_steps, dc.panel_size, config.run.seed)
         panel = Panel(student, draws, snapshot, dc.expert_epochs, initial, clip, config.run.seed, ranks)
+        panel.restore_initial(state.panel_initial, str(ckpt / "state.json"))
     fit_path = folder / "alpha_fit.json"
     if dc.alpha_mode == "fitted" and state.iteration == 0:  # before the first update; a resume keeps the checkpoint's
         fit_panel = Panel(
@@ -399,6 +400,7 @@ def distill(
                 evaluate_panel()
             if state.iteration % dc.checkpoint_every == 0 or state.iteration == dc.iterations:
                 if ranks.is_main:
+                    state.panel_initial = panel.initial_entries() if panel is not None else []
                     save_checkpoint(ckpt, syn, log_alpha, opts, gen, state, ema)
                 ranks.barrier()
     finally:

@@ -5,7 +5,7 @@ checked against the sizes and hashes its ``state.json`` records before anything 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ class DistillState:
     bad_in_a_row: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    # the held-out panel's values for the initial prompts, [draw, alpha, L, cosine] (nacd.panel.Panel)
+    panel_initial: list = field(default_factory=list)
 
 
 def save_checkpoint(

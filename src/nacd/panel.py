@@ -23,7 +23,8 @@ alpha cannot fake:
   averaged over the draws.
 
 Cost per evaluation: 2 x P x N first-order student steps (P x N when the initial prompts'
-endpoints are cached: alpha fixed); ``distill.eval_every`` sets how often. Results go to
+endpoints are cached: alpha fixed or fitted; the cache is part of the checkpoint, so a resumed run
+does not measure them again); ``distill.eval_every`` sets how often. Results go to
 ``<run>/distill/panel.jsonl`` (one row per evaluation) and the final one to the manifest's
 ``prompt_gain``.
 """
@@ -184,6 +185,24 @@ class Panel:
         self.initial = initial.detach().clone()
         self._initial_cache: dict[tuple[int, float], tuple[float, float]] = {}
 
+    def initial_entries(self) -> list[list[float]]:
+        """The initial prompts' measured values, ``[draw, alpha, L, cosine]`` each, for a checkpoint: a resumed
+        run then does not measure them again while alpha stays where it was (fixed or fitted alpha)."""
+        return [[i, a, loss, cos] for (i, a), (loss, cos) in self._initial_cache.items()]
+
+    def restore_initial(self, entries: Sequence[Sequence[float]], source: str) -> None:
+        """Take back :meth:`initial_entries` from a checkpoint (``source`` names it in an error)."""
+        from nacd.errors import NacdError
+
+        for entry in entries:
+            ok = isinstance(entry, (list, tuple)) and len(entry) == 4
+            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry)
+            if not ok or not float(entry[0]).is_integer() or not 0 <= int(entry[0]) < len(self.draws):
+                raise NacdError(
+                    f"{source}: panel_initial entry {entry!r} is not [draw, alpha, L, cosine] of this panel"
+                )
+            self._initial_cache[(int(entry[0]), float(entry[1]))] = (float(entry[2]), float(entry[3]))
+
     def _endpoint(self, i: int, draw: Draw, alpha: float, syn: Any) -> list[Any]:
         """theta_N of draw ``i`` with prompts ``syn``; the random stream is forked and seeded per draw, so
         both prompt sets see the same dropout masks and training's stream is untouched."""
@@ -233,6 +252,8 @@ class Panel:
                 target = self.snapshot(draw.run, draw.start_epoch + self.expert_epochs)
                 measured.append((i, li, loss, ci, cos, all_residual_shares(theta_n, target, self.student.names)))
         measured = sorted((m for part in self.ranks.gather(measured) for m in part), key=lambda m: m[0])
+        for i, li, _, ci, _, _ in measured:  # every process holds every draw's initial values (for checkpoints)
+            self._initial_cache[(i, float(alpha_of(self.draws[i].start_epoch)))] = (li, ci)
         _, l_init, l_cur, c_init, c_cur, shares = (list(column) for column in zip(*measured, strict=True))
         if len(self._initial_cache) > 4 * len(self.draws):  # alpha moves: keep only the latest values
             self._initial_cache = {k: v for k, v in list(self._initial_cache.items())[-len(self.draws) :]}
