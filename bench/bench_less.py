@@ -6,7 +6,7 @@ to ``--proj-dim`` dimensions (``--projection``: the sparse JL transform by defau
 ``nacd.less`` uses; one pass of each projection kind is also timed) and normalizes them, as one
 feature shard of ``nacd.less`` does. Rows:
 
-* ``batched``: :func:`nacd.less.batched_grads`, ``--grad-batch-size`` examples per forward and
+* ``batched``: :func:`nacd.less_grads.batched_grads`, ``--grad-batch-size`` examples per forward and
   backward, logits only at loss positions (what ``less_scores`` runs);
 * ``batched, full logits``: the same with the full output head, to separate the two effects;
 * ``loop``: one forward and one backward per example (full logits), as the LESS code does.
@@ -67,7 +67,7 @@ def setup(args: argparse.Namespace):
 
 def main() -> None:
     from nacd.chat import collate
-    from nacd.less import shard_features
+    from nacd.less_grads import shard_features
     from nacd.less_math import make_projection
     from nacd.train import SparseLogitsForward, default_forward
 

@@ -21,13 +21,12 @@ from pathlib import Path
 
 
 def make_adapter(config, snapshot: Path, out: Path) -> Path:
-    """A peft adapter folder holding ``snapshot``'s LoRA parameters on ``config``'s model and LoRA."""
+    """A peft adapter folder holding ``snapshot``'s LoRA parameters on ``config``'s model and LoRA (made
+    anew each time, so that experts recorded again are never evaluated through a stale adapter)."""
     from nacd.artifacts import atomic_dir, load_tensors
     from nacd.lora import add_lora, load_lora_state
     from nacd.models import load_model
 
-    if (out / "adapter_config.json").is_file():
-        return out
     model, _ = load_model(config.model, "cpu")
     model = add_lora(model, config.lora)
     tensors = load_tensors(snapshot)

@@ -22,7 +22,8 @@ from nacd import less
 from nacd.config import load_config
 from nacd.data import load_corpus
 from nacd.errors import NacdError
-from nacd.less import batched_grads, epoch_lr_mean, less_scores, per_example_grads_loop, warmup_indices
+from nacd.less import epoch_lr_mean, less_scores, warmup_indices
+from nacd.less_grads import batched_grads, per_example_grads_loop
 from nacd.less_math import (
     AdamMoments,
     GaussianProjection,

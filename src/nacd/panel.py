@@ -242,17 +242,16 @@ class Panel:
                 draw = self.draws[i]
                 alpha = float(alpha_of(draw.start_epoch))
                 loss, cos, theta_n = self._measure(i, draw, alpha, syn)
-                key = (i, alpha)
                 if same:
-                    self._initial_cache[key] = (loss, cos)
-                elif key not in self._initial_cache:
+                    li, ci = loss, cos
+                elif (i, alpha) in self._initial_cache:
+                    li, ci = self._initial_cache[(i, alpha)]
+                else:
                     li, ci, _ = self._measure(i, draw, alpha, self.initial.to(syn.device))
-                    self._initial_cache[key] = (li, ci)
-                li, ci = self._initial_cache[key]
                 target = self.snapshot(draw.run, draw.start_epoch + self.expert_epochs)
                 measured.append((i, li, loss, ci, cos, all_residual_shares(theta_n, target, self.student.names)))
         measured = sorted((m for part in self.ranks.gather(measured) for m in part), key=lambda m: m[0])
-        for i, li, _, ci, _, _ in measured:  # every process holds every draw's initial values (for checkpoints)
+        for i, li, _, ci, _, _ in measured:  # cached on every process, every draw (a checkpoint holds them all)
             self._initial_cache[(i, float(alpha_of(self.draws[i].start_epoch)))] = (li, ci)
         _, l_init, l_cur, c_init, c_cur, shares = (list(column) for column in zip(*measured, strict=True))
         if len(self._initial_cache) > 4 * len(self.draws):  # alpha moves: keep only the latest values

@@ -10,6 +10,7 @@ loop and LESS's features use it.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,18 +69,13 @@ class Ranks:
             dist.barrier()
 
 
-_released: list[bool] = []
-
-
+@functools.cache
 def release_at_exit() -> None:
     """Destroy the process group when the interpreter exits (registered once per process). A process
     that ends with a gloo group alive can abort in interpreter finalisation (``terminate called without
     an active exception``, SIGABRT, exit -6, seen in CI on 2026-11-29 after every rank had finished):
     gloo's worker threads still hold objects whose release needs the interpreter. Every place that
     creates the group calls this."""
-    if _released:
-        return
-    _released.append(True)
     atexit.register(_destroy_group)
 
 
