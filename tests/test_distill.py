@@ -334,6 +334,30 @@ def test_prompt_gain_is_positive_when_prompts_learn_and_zero_when_frozen(prepare
     assert gain2["ci_low"] <= 0 <= gain2["ci_high"], gain2
     assert abs(gain2["mean"]) < 1e-6
     assert ds2.alpha != pytest.approx(0.2)  # alpha learned all the same: the panel is blind to it
+    # frozen prompts decode to their initial tokens: a receiving model gets nothing new, and is told so
+    assert torch.equal(ds2.nearest_ids, ds2.initial_ids)
+    assert ds2.manifest["tokens_moved"] == 0 and ds2.manifest["examples_moved"] == 0
+    assert ds2.moved_line().startswith(f"nearest tokens: 0 of {ds2.nearest_ids.numel()} prompt vectors left")
+
+
+def test_prompts_that_cross_to_other_tokens_are_counted(prepared):
+    """A prompt step far larger than the vocabulary's spacing (lr_syn 1, no regulariser) carries prompt
+    vectors to other tokens: the manifest counts them, the records keep both texts, inspect says so."""
+    from nacd.inspection import describe_examples
+    from nacd.models import load_tokenizer
+
+    cfg, run_dir, overrides = prepared
+    jump = [*overrides, *REACHABLE, "distill.iterations=3", "distill.panel_size=0", "distill.alpha_mode=fixed"]
+    ds = distill.run(load_config(None, [*jump, "distill.lr_syn=1.0", "distill.beta=0"]), run_dir)
+    moved = ds.nearest_ids != ds.initial_ids
+    assert ds.manifest["tokens_moved"] == int(moved.sum()) > 0
+    assert ds.manifest["examples_moved"] == int(moved.any(dim=1).sum()) > 0
+    tok = load_tokenizer(cfg.model.spec)
+    for rec, row in zip(ds.records, ds.initial_ids.tolist(), strict=True):
+        assert rec["initial_prompt_tokens"] == [tok.decode([t]) for t in row]
+    text = describe_examples(ds, count=len(ds.records))
+    assert f"{int(moved.sum())} of {moved.numel()} prompt vectors left their initial token" in text
+    assert "(initially " in text
 
 
 def test_meta_batch_gradient_is_the_mean_of_single_draw_gradients(prepared):

@@ -298,8 +298,9 @@ class ExpertsConfig:
 
     num_experts: int = f(3, "Number of expert runs (different seeds / data orders).")
     train: TrainConfig = f(
-        TrainConfig(epochs=3, batch_size=16, optimizer="sgd", lr=1.0, warmup_ratio=0.0),
-        "Training of each expert: plain SGD like the student (LoRA under SGD needs a large lr; see docs/TRAINING.md).",
+        TrainConfig(epochs=3, batch_size=16, optimizer="sgd", lr=0.1, warmup_ratio=0.0, lr_schedule="constant"),
+        "Training of each expert: plain SGD at a constant lr like the student (MTT's experts); lr 0.1, not 1: the "
+        "prompts learn several times more on held-out draws (docs/DISTILL.md, docs/TRAINING.md).",
     )
     save_every_steps: int | None = f(
         None, "Also snapshot every K optimizer steps (snapshots are always taken at each epoch end)."

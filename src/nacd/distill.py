@@ -12,8 +12,10 @@ updates D_syn and log(alpha) with Adam on
 
 Output, ``<run>/distill/``::
 
-    prompts.safetensors  "prompts" (n, k, d) float32, "nearest_ids" (n, k), "nearest_dist" (n, k)
-    records.jsonl        per example: id, source, nearest token ids and pieces, decoded prompt text,
+    prompts.safetensors  "prompts" (n, k, d) float32, "nearest_ids" (n, k), "nearest_dist" (n, k),
+                         "initial_ids" (n, k): the tokens nearest the initial prompts
+    records.jsonl        per example: id, source, nearest token ids and pieces, decoded prompt text, the
+                         initial prompt's tokens,
                          the original messages (plain text: usable by any tokenizer)
     history.jsonl        per iteration: L_distill, L_reg, L, alpha, the draws (expert run, start epoch), seconds
     panel.jsonl          per evaluation of the held-out panel: the prompt gain (:mod:`nacd.panel`)
@@ -408,6 +410,7 @@ def distill(
     alphas = [float(a) for a in log_alpha.detach().exp()]
     return {
         "syn": (syn if ema is None else ema).detach(),
+        "initial": initial.detach(),
         "alpha": sum(alphas) / len(alphas),
         "alphas": alphas,
         "state": state,

@@ -43,12 +43,19 @@ def write_distilled(
 
     syn = result["syn"].float().cpu()
     n, k, d = syn.shape
-    dist, idx = nearest_vocab(syn.reshape(-1, d), candidate_rows(student).float().cpu(), chunk)
-    if student.vocab_ids is not None:
-        idx = student.vocab_ids.cpu()[idx]
-    dist, idx = dist.reshape(n, k).detach(), idx.reshape(n, k)
+    rows = candidate_rows(student).float().cpu()
+
+    def nearest(vectors: Any) -> tuple[Any, Any]:
+        dist, idx = nearest_vocab(vectors.float().cpu().reshape(-1, d), rows, chunk)
+        if student.vocab_ids is not None:
+            idx = student.vocab_ids.cpu()[idx]
+        return dist.reshape(n, k).detach(), idx.reshape(n, k)
+
+    dist, idx = nearest(syn)
+    init_ids = nearest(result["initial"])[1]  # what a receiving model would read had nothing been learned
+    moved = idx != init_ids
     atomic_save_safetensors(
-        {"prompts": syn, "nearest_ids": idx, "nearest_dist": dist},
+        {"prompts": syn, "nearest_ids": idx, "nearest_dist": dist, "initial_ids": init_ids},
         folder / "prompts.safetensors",
         {"kind": KIND, "alpha": repr(result["alpha"])},
     )
@@ -63,6 +70,7 @@ def write_distilled(
                     "prompt_token_ids": ids,
                     "prompt_tokens": [tokenizer.decode([t]) for t in ids],
                     "prompt_text": tokenizer.decode(ids),
+                    "initial_prompt_tokens": [tokenizer.decode([t]) for t in init_ids[i].tolist()],
                     "nearest_distance": [round(x, 6) for x in dist[i].tolist()],
                     "messages": list(ex.messages),
                 },
@@ -92,6 +100,8 @@ def write_distilled(
         unroll=result.get("unroll"),
         processes=result.get("processes"),
         distinct_prompts=len({tuple(row) for row in idx.tolist()}),
+        tokens_moved=int(moved.sum()),
+        examples_moved=int(moved.any(dim=1).sum()),
         n_examples=n,
         num_prompt_tokens=k,
         hidden_size=d,
@@ -117,6 +127,7 @@ class DistilledSet:
     nearest_ids: Any  # (n, k)
     nearest_dist: Any  # (n, k)
     records: list[dict[str, Any]]
+    initial_ids: Any = None  # (n, k): the initial prompts' nearest tokens (absent in sets written before 2026-11-29)
 
     @classmethod
     def load(cls, folder: str | Path) -> DistilledSet:
@@ -132,7 +143,15 @@ class DistilledSet:
         if missing:
             raise NacdError(f"{folder / 'prompts.safetensors'}: no tensor {missing[0]!r}; {fix}")
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return cls(folder, manifest, tensors["prompts"], tensors["nearest_ids"], tensors["nearest_dist"], records)
+        return cls(
+            folder,
+            manifest,
+            tensors["prompts"],
+            tensors["nearest_ids"],
+            tensors["nearest_dist"],
+            records,
+            tensors.get("initial_ids"),
+        )
 
     @property
     def ids(self) -> list[str]:
@@ -153,6 +172,17 @@ class DistilledSet:
         """The prompt-gain evaluations (``panel.jsonl``; empty when the diagnostic was off)."""
         path = self.folder / "panel.jsonl"
         return read_jsonl(path) if path.is_file() else []
+
+    def moved_line(self) -> str:
+        """How many prompt vectors decode to another token than their initial one: what a receiving model
+        (which reads the nearest tokens as text) gets that the initialisation alone would not give it."""
+        if self.initial_ids is None:
+            return "nearest tokens against the initial ones: not recorded (a set written before nacd kept them)"
+        moved = self.nearest_ids != self.initial_ids
+        return (
+            f"nearest tokens: {int(moved.sum())} of {moved.numel()} prompt vectors left their initial token "
+            f"({int(moved.any(dim=1).sum())} of {moved.shape[0]} examples decode to new text for a receiving model)"
+        )
 
     def gain_line(self) -> str:
         """The final prompt gain in one line (or why there is none)."""

@@ -26,6 +26,7 @@ def describe_examples(ds: DistilledSet, count: int = 5, ids: list[str] | None = 
         f"mean distance to the nearest token {float(ds.nearest_dist.mean()):.4f}, "
         f"{len({tuple(r) for r in ds.nearest_ids.tolist()})} distinct prompts",
         ds.gain_line(),
+        ds.moved_line(),
     ]
     for rec in chosen:
         pieces = " ".join(
@@ -37,7 +38,8 @@ def describe_examples(ds: DistilledSet, count: int = 5, ids: list[str] | None = 
             "",
             f"[{rec['id']}] ({rec['source']})",
             f"  pseudo tokens : {pieces}",
-            f"  prompt text   : {rec['prompt_text']!r}",
+            f"  prompt text   : {rec['prompt_text']!r}"
+            + (f" (initially {''.join(rec['initial_prompt_tokens'])!r})" if "initial_prompt_tokens" in rec else ""),
             f"  instruction   : {_short(user, width)}",
             f"  response      : {_short(answer, width)}",
         ]

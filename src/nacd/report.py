@@ -346,6 +346,7 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
             f"mean distance to the nearest vocabulary embedding {float(ds.nearest_dist.mean()):.4f}."
         )
         doc.p(ds.gain_line() + " (docs/DISTILL.md: the held-out panel; alpha cannot move this figure).")
+        doc.p(ds.moved_line() + ".")
         gain_plot = plot_panel(ds.folder, folder / "prompt_gain.png")
         if gain_plot is not None:
             doc.img(gain_plot, "Prompt gain on the held-out panel per evaluation, with its 95% paired-bootstrap band")
@@ -373,5 +374,5 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         "table": markdown_table(header, rows),
         "report": str(md_path),
         "summary": summary,
-        "prompt_gain": ds.gain_line() if ds is not None else None,
+        "prompt_gain": f"{ds.gain_line()}\n{ds.moved_line()}" if ds is not None else None,
     }
