@@ -115,6 +115,7 @@ def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, caps
     assert entry["per_seed"] == {"0": pytest.approx(accs[0]), "1": pytest.approx(accs[1])}
     assert f"{sum(accs) / 2:.2f} ±" in md and f"{sum(accs) / 2:.2f} ±" in out
     assert "report:" in out and str(report / "report.md") in out
+    assert "prompt gain on" in out and "prompt vectors left their initial token" in out
     assert set(summary["bootstrap"]) == {cfg.model.spec, str(tiny_gemma_dir)}
 
     # a rerun does no work: every stage's outputs are complete and the recorded costs are kept

@@ -374,5 +374,6 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         "table": markdown_table(header, rows),
         "report": str(md_path),
         "summary": summary,
-        "prompt_gain": f"{ds.gain_line()}\n{ds.moved_line()}" if ds is not None else None,
+        "prompt_gain": ds.gain_line() if ds is not None else None,
+        "tokens_moved": ds.moved_line() if ds is not None else None,
     }
