@@ -179,6 +179,41 @@ def test_prompt_completion_and_qa_without_rationale(tmp_path: Path) -> None:
     assert ex.format == "qa" and ex.messages[1]["content"] == "A"
 
 
+def test_multiple_choice_rows_read_as_the_evaluation_prompts_them(tmp_path: Path) -> None:
+    """ARC rows (choices {text, label}, answerKey) and {question, choices, answer} rows become the text
+    protocol's prompt and the gold choice; detection prefers them over qa; bad answers are skipped by field."""
+    from nacd.evaluate import doc_from_record, doc_to_text
+
+    arc = {
+        "id": "Mercury_1",
+        "question": "Which is a gas at room temperature?",
+        "choices": {"text": ["iron", "oxygen", "salt"], "label": ["1", "2", "3"]},
+        "answerKey": "2",
+    }
+    rows = [
+        arc,
+        {"question": "2+2?", "choices": ["3", "4"], "answer": 1},
+        {"question": "Sky?", "choices": ["green", "blue"], "answer": "B"},
+        {"question": "Bad?", "choices": ["x", "y"], "answer": 5},
+        {"question": "Bad?", "choices": "x", "answer": 0},
+    ]
+    examples, report = load(write_jsonl(tmp_path / "train.jsonl", rows))
+    assert [ex.format for ex in examples] == ["multiple_choice"] * 3
+    assert examples[0].messages == (
+        {"role": "user", "content": doc_to_text(doc_from_record(arc, "x", "x"), "text")},
+        {"role": "assistant", "content": "oxygen"},
+    )
+    assert examples[0].messages[0]["content"] == "Question: Which is a gas at room temperature?\nAnswer:"
+    assert [ex.messages[1]["content"] for ex in examples[1:]] == ["4", "blue"]
+    assert report.skip_counts() == {"bad multiple-choice field": 2}
+    assert sorted(s.field for s in report.skipped) == ["answer", "choices"]
+    renamed = write_jsonl(tmp_path / "renamed.jsonl", [{"q": "2+2?", "options": ["3", "4"], "gold": 0}])
+    (ex,), _ = load(renamed, fields={"question": "q", "choices": "options", "answer": "gold"})
+    assert ex.format == "multiple_choice" and ex.messages[1]["content"] == "3"
+    with pytest.raises(DataError, match=r"train\.jsonl:4: field .answer."):
+        load(tmp_path / "train.jsonl", strict=True)
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_json_array_rows(tmp_path: Path, wrapped: bool) -> None:
     rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "input": "ctx", "response": "d"}]

@@ -104,7 +104,7 @@ class SourceConfig:
         "",
         "Local file (.jsonl/.json/.tsv/.csv/.parquet, glob allowed), local folder, or hub dataset id (hf:owner/name or owner/name).",
     )
-    format: Literal["auto", "chat", "instruction", "qa", "prompt_completion"] = f(
+    format: Literal["auto", "chat", "instruction", "multiple_choice", "qa", "prompt_completion"] = f(
         "auto", "Record format; auto detects it from the fields of the first record."
     )
     name: str = f("", "Source name used in example ids and statistics; default: file stem or dataset id.")

@@ -3,8 +3,8 @@
 Every stage reads its data through this module:
 
 * :func:`load_source` reads one corpus (JSONL, JSON, CSV/TSV, parquet, a local ``datasets``
-  folder or a hub dataset: located and read by :mod:`nacd.sources`) in one of four record formats (chat, instruction, qa,
-  prompt/completion) and normalizes each record to a chat (:class:`Example`).
+  folder or a hub dataset: located and read by :mod:`nacd.sources`) in one of five record formats (chat, instruction,
+  multiple choice, qa, prompt/completion) and normalizes each record to a chat (:class:`Example`).
 * :func:`load_corpus` loads every source of a :class:`~nacd.config.DataConfig`, applies the
   per-source caps (a seeded sample that keeps file order) and reports what it loaded and skipped.
 * :func:`corpus_hash` names a corpus by its contents.
@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -46,18 +47,25 @@ __all__ = [
 ]
 
 #: Record formats, in the order auto-detection tries them.
-FORMATS = ("chat", "instruction", "qa", "prompt_completion")
+FORMATS = ("chat", "instruction", "multiple_choice", "qa", "prompt_completion")
 
 #: What auto-detection looks for (canonical field names; ``data.sources[].fields`` renames them).
 FORMAT_KEYS = {
     "chat": "messages or conversations",
     "instruction": "instruction, output (or response)",
+    "multiple_choice": "question, choices, answer (or answerKey)",
     "qa": "question, answer",
     "prompt_completion": "prompt, completion",
 }
 
 #: The field that holds the response, per format (named in errors about the response).
-RESPONSE_FIELD = {"chat": "messages", "instruction": "output", "qa": "answer", "prompt_completion": "completion"}
+RESPONSE_FIELD = {
+    "chat": "messages",
+    "instruction": "output",
+    "multiple_choice": "answer",
+    "qa": "answer",
+    "prompt_completion": "completion",
+}
 
 #: Role names accepted in chats (tulu/oasst1 ``role`` and ShareGPT ``from``) -> normalized role.
 ROLE_ALIASES = {
@@ -90,7 +98,7 @@ class Example:
     origin: str
     """Where it came from: ``path:line`` (JSONL, CSV, TSV) or ``path:row N`` (JSON arrays, parquet, datasets)."""
     format: str = "chat"
-    """Record format it was read in (chat, instruction, qa, prompt_completion)."""
+    """Record format it was read in (chat, instruction, multiple_choice, qa, prompt_completion)."""
 
 
 @dataclass
@@ -189,13 +197,16 @@ def _has(record: dict[str, Any], fields: dict[str, str], name: str) -> bool:
 def detect_format(record: dict[str, Any], fields: dict[str, str] | None = None) -> str | None:
     """The format whose required fields ``record`` has (first of :data:`FORMATS`), or None.
 
-    ``instruction`` wins over ``prompt_completion``: Dolly and S-NI rows carry a ``prompt`` too.
+    ``instruction`` wins over ``prompt_completion``: Dolly and S-NI rows carry a ``prompt`` too, and
+    ``multiple_choice`` over ``qa``: a benchmark row's ``answer`` is an index or a letter, not the reply.
     """
     fields = fields or {}
     if _has(record, fields, "messages") or _has(record, fields, "conversations"):
         return "chat"
     if _has(record, fields, "instruction") and (_has(record, fields, "output") or _has(record, fields, "response")):
         return "instruction"
+    if _has(record, fields, "question") and _has(record, fields, "choices"):
+        return "multiple_choice"
     if _has(record, fields, "question") and _has(record, fields, "answer"):
         return "qa"
     if _has(record, fields, "prompt") and _has(record, fields, "completion"):
@@ -281,6 +292,34 @@ def _chat_messages(record: dict[str, Any], fields: dict[str, str]) -> list[dict[
     return messages
 
 
+def _multiple_choice_messages(record: dict[str, Any], fields: dict[str, str]) -> list[dict[str, str]]:
+    """A benchmark-style question as a chat: the evaluation's text prompt, then the gold choice's text.
+
+    The rows of ``allenai/ai2_arc`` (``choices: {text, label}``, ``answerKey``) and of ``{question,
+    choices, answer}`` files (answer: a 0-based index, a letter, a label or the choice text), as Flan's
+    collection carries ARC, read exactly as the evaluation reads them (``nacd.evaluate.doc_from_record``).
+    """
+    from nacd.evaluate.benchmarks import doc_from_record
+    from nacd.evaluate.prompts import doc_to_choices, doc_to_text
+
+    renamed = {
+        canonical: record[_column(fields, canonical)]
+        for canonical in ("question", "choices", "answer", "answerKey")
+        if _column(fields, canonical) in record
+    }
+    try:
+        doc = doc_from_record(renamed, "record", "-")
+    except DataError as err:
+        match = re.search(r"field '(\w+)': (.*)", str(err))
+        name, reason = match.groups() if match else ("question", str(err))
+        raise BadRecord(_column(fields, name), "bad multiple-choice field", reason) from None
+    prompt = doc_to_text(doc, "text")
+    return [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": doc_to_choices(doc, "text")[doc.gold]},
+    ]
+
+
 def normalize_record(record: dict[str, Any], fmt: str, fields: dict[str, str] | None = None) -> list[dict[str, str]]:
     """The chat of one record in format ``fmt``; raises ``BadRecord`` (field, reason) for bad input."""
     fields = fields or {}
@@ -293,6 +332,8 @@ def normalize_record(record: dict[str, Any], fmt: str, fields: dict[str, str] | 
         user = f"{instruction[1]}\n\n{context}" if context.strip() else instruction[1]
         _nonempty((instruction[0], user), "prompt")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    if fmt == "multiple_choice":
+        return _multiple_choice_messages(record, fields)
     if fmt == "qa":
         question = _nonempty(_string(record, fields, "question"), "prompt")
         answer = _nonempty(_string(record, fields, "answer"), "response")
