@@ -44,6 +44,7 @@ __all__ = [
     "load_source",
     "load_corpus",
     "corpus_hash",
+    "doc_messages",
 ]
 
 #: Record formats, in the order auto-detection tries them.
@@ -292,15 +293,25 @@ def _chat_messages(record: dict[str, Any], fields: dict[str, str]) -> list[dict[
     return messages
 
 
+def doc_messages(doc: Any) -> list[dict[str, str]]:
+    """A benchmark question (``nacd.evaluate.Doc``) as a chat: the text protocol's prompt, then the gold
+    choice's text. Shared by the ``multiple_choice`` format and ``select.target``'s benchmark examples."""
+    from nacd.evaluate.prompts import doc_to_choices, doc_to_text
+
+    return [
+        {"role": "user", "content": doc_to_text(doc, "text")},
+        {"role": "assistant", "content": doc_to_choices(doc, "text")[doc.gold]},
+    ]
+
+
 def _multiple_choice_messages(record: dict[str, Any], fields: dict[str, str]) -> list[dict[str, str]]:
-    """A benchmark-style question as a chat: the evaluation's text prompt, then the gold choice's text.
+    """A benchmark-style question as a chat (:func:`doc_messages`).
 
     The rows of ``allenai/ai2_arc`` (``choices: {text, label}``, ``answerKey``) and of ``{question,
     choices, answer}`` files (answer: a 0-based index, a letter, a label or the choice text), as Flan's
     collection carries ARC, read exactly as the evaluation reads them (``nacd.evaluate.doc_from_record``).
     """
     from nacd.evaluate.benchmarks import doc_from_record
-    from nacd.evaluate.prompts import doc_to_choices, doc_to_text
 
     renamed = {
         canonical: record[_column(fields, canonical)]
@@ -309,15 +320,11 @@ def _multiple_choice_messages(record: dict[str, Any], fields: dict[str, str]) ->
     }
     try:
         doc = doc_from_record(renamed, "record", "-")
-    except DataError as err:
+    except DataError as err:  # "record: field 'choices': expected ..." -> the field, and what was wrong
         match = re.search(r"field '(\w+)': (.*)", str(err))
         name, reason = match.groups() if match else ("question", str(err))
         raise BadRecord(_column(fields, name), "bad multiple-choice field", reason) from None
-    prompt = doc_to_text(doc, "text")
-    return [
-        {"role": "user", "content": prompt},
-        {"role": "assistant", "content": doc_to_choices(doc, "text")[doc.gold]},
-    ]
+    return doc_messages(doc)
 
 
 def normalize_record(record: dict[str, Any], fmt: str, fields: dict[str, str] | None = None) -> list[dict[str, str]]:

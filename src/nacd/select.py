@@ -270,14 +270,10 @@ def is_benchmark_target(spec: str, split: str, data_root: str | Path) -> bool:
 
 def doc_example(doc: Any, benchmark: str) -> Any:
     """A benchmark question as an instruction example: the text-protocol prompt, then the gold answer."""
-    from nacd.data import Example
-    from nacd.evaluate import doc_to_choices, doc_to_text
+    from nacd.data import Example, doc_messages
 
-    messages = (
-        {"role": "user", "content": doc_to_text(doc, "text")},
-        {"role": "assistant", "content": doc_to_choices(doc, "text")[doc.gold]},
-    )
-    return Example(f"target/{doc.id}", doc.subject or benchmark, messages, f"{benchmark}:{doc.id}", "qa")
+    messages = tuple(doc_messages(doc))
+    return Example(f"target/{doc.id}", doc.subject or benchmark, messages, f"{benchmark}:{doc.id}", "multiple_choice")
 
 
 def load_target(config: Any) -> list[Any]:
