@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -311,7 +310,7 @@ def _multiple_choice_messages(record: dict[str, Any], fields: dict[str, str]) ->
     choices, answer}`` files (answer: a 0-based index, a letter, a label or the choice text), as Flan's
     collection carries ARC, read exactly as the evaluation reads them (``nacd.evaluate.doc_from_record``).
     """
-    from nacd.evaluate.benchmarks import doc_from_record
+    from nacd.evaluate.benchmarks import FieldError, doc_from_record
 
     renamed = {
         canonical: record[_column(fields, canonical)]
@@ -320,10 +319,8 @@ def _multiple_choice_messages(record: dict[str, Any], fields: dict[str, str]) ->
     }
     try:
         doc = doc_from_record(renamed, "record", "-")
-    except DataError as err:  # "record: field 'choices': expected ..." -> the field, and what was wrong
-        match = re.search(r"field '(\w+)': (.*)", str(err))
-        name, reason = match.groups() if match else ("question", str(err))
-        raise BadRecord(_column(fields, name), "bad multiple-choice field", reason) from None
+    except FieldError as err:
+        raise BadRecord(_column(fields, err.field), "bad multiple-choice field", err.reason) from None
     return doc_messages(doc)
 
 

@@ -83,29 +83,37 @@ BUILTINS: dict[str, _Builtin] = {
 }
 
 
+class FieldError(DataError):
+    """A bad field of one benchmark record; ``field`` and ``reason`` are kept apart for callers that report them
+    separately (the ``multiple_choice`` record format of :mod:`nacd.data`)."""
+
+    def __init__(self, where: str, field: str, reason: str):
+        super().__init__(f"{where}: field '{field}': {reason}")
+        self.field, self.reason = field, reason
+
+
 def _answer_index(value: Any, choices: Sequence[str], labels: Sequence[str] | None, where: str, key: str) -> int:
     """The gold index of an answer given as an index, a label, a letter or the choice text."""
     n = len(choices)
     if isinstance(value, bool) or value is None:
-        raise DataError(f"{where}: field '{key}': expected an index, a label or the answer text, got {value!r}")
+        raise FieldError(where, key, f"expected an index, a label or the answer text, got {value!r}")
     if isinstance(value, int):
         if 0 <= value < n:
             return value
-        raise DataError(f"{where}: field '{key}': index {value} is out of range for {n} choices (0-based)")
+        raise FieldError(where, key, f"index {value} is out of range for {n} choices (0-based)")
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}': expected an int or a string, got {type(value).__name__}")
+        raise FieldError(where, key, f"expected an int or a string, got {type(value).__name__}")
     text = value.strip()
     if labels is not None:
         if text in labels:
             return list(labels).index(text)
-        raise DataError(f"{where}: field '{key}': {value!r} is not one of the choice labels {list(labels)}")
+        raise FieldError(where, key, f"{value!r} is not one of the choice labels {list(labels)}")
     if choices.count(value) == 1:
         return choices.index(value)
     if len(text) == 1 and text.upper() in LETTERS[:n]:
         return LETTERS.index(text.upper())
-    raise DataError(
-        f"{where}: field '{key}': {value!r} is neither a letter A-{LETTERS[n - 1]}, a 0-based int index "
-        f"nor the text of one choice"
+    raise FieldError(
+        where, key, f"{value!r} is neither a letter A-{LETTERS[n - 1]}, a 0-based int index nor the text of one choice"
     )
 
 
@@ -116,21 +124,21 @@ def doc_from_record(record: dict[str, Any], where: str, default_id: str, subject
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():
         keys = ", ".join(sorted(map(str, record)))
-        raise DataError(f"{where}: field 'question': missing or not a non-empty string (record keys: {keys})")
+        raise FieldError(where, "question", f"missing or not a non-empty string (record keys: {keys})")
     raw = record.get("choices")
     labels: list[str] | None = None
     if isinstance(raw, dict):  # ai2_arc: {"text": [...], "label": [...]}
         texts, labels = raw.get("text"), raw.get("label")
         if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels):
-            raise DataError(f"{where}: field 'choices': expected {{text: [...], label: [...]}} of equal length")
+            raise FieldError(where, "choices", "expected {text: [...], label: [...]} of equal length")
         labels = [str(label).strip() for label in labels]
         raw = texts
     if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(c, str) for c in raw):
-        raise DataError(f"{where}: field 'choices': expected a list of at least 2 strings, got {raw!r:.80}")
+        raise FieldError(where, "choices", f"expected a list of at least 2 strings, got {raw!r:.80}")
     choices = tuple(raw)
     key = "answerKey" if "answerKey" in record and "answer" not in record else "answer"
     if key not in record:
-        raise DataError(f"{where}: field 'answer': missing (an index, a letter, a label or the answer text)")
+        raise FieldError(where, "answer", "missing (an index, a letter, a label or the answer text)")
     gold = _answer_index(record[key], choices, labels, where, key)
     rid = record.get("id")
     doc_id = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip() else default_id
