@@ -69,7 +69,20 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def worker(args: argparse.Namespace) -> dict:
+def timed(fn, repeats: int, sync) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn``, each ended by ``sync`` (a CUDA synchronize, or nothing)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def build(args: argparse.Namespace) -> tuple:
+    """``(student, theta0, target, syn0, batches, device)`` of the benchmark: the model (or a random-weight
+    shape) with LoRA r=8 on q/v, ``n_steps`` batches of full-length examples, prompts at the mean embedding."""
     import torch
 
     from nacd.chat import tokenize_corpus
@@ -77,8 +90,7 @@ def worker(args: argparse.Namespace) -> dict:
     from nacd.data import load_corpus
     from nacd.lora import add_lora, init_lora, lora_parameters
     from nacd.models import load_model
-    from nacd.tm import Student, matching_loss
-    from nacd.unrolls import unroll
+    from nacd.tm import Student
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -117,6 +129,16 @@ def worker(args: argparse.Namespace) -> dict:
     d = student.vocab.shape[1]
     syn0 = student.vocab.detach().mean(0).expand(len(data), args.k, d).clone()
     batches = [torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=device) for i in range(args.n_steps)]
+    return student, theta0, target, syn0, batches, device
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from nacd.tm import matching_loss
+    from nacd.unrolls import unroll
+
+    student, theta0, target, syn0, batches, device = build(args)
     alpha = 1.0
 
     def plain_steps() -> None:
@@ -148,12 +170,7 @@ def worker(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         _reset_peak()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
+    times = timed(fn, args.repeats, sync)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _vm("VmHWM")
     return {
         "mode": args.mode,

@@ -55,7 +55,7 @@ def few_shot_requests() -> list[tuple[str, str]]:
 
 def hand_logprob(model, context_ids, cont_ids) -> float:
     """Plain forward pass on context + continuation; sum of log-softmax at the continuation tokens."""
-    ids = torch.tensor([context_ids + cont_ids])
+    ids = torch.tensor([context_ids + cont_ids], device=next(model.parameters()).device)
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
     return sum(logp[len(context_ids) - 1 + j, t].item() for j, t in enumerate(cont_ids))
@@ -143,15 +143,18 @@ def test_packed_scoring_respects_a_sliding_window(tiny_gemma_dir):
     assert abs(score_loglikelihood(wide, tok, REQUESTS[4:5])[0][0] - packed[4][0]) > 1e-3
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("window", [4096, 40])
-def test_sliding_window_models_share_a_prefix_inside_their_window(tiny_gemma_dir, window, monkeypatch):
+def test_sliding_window_models_share_a_prefix_inside_their_window(tiny_gemma_dir, window, device, monkeypatch):
     """Gemma3 shares the few-shot prefix when the batch fits in its window (the window masks nothing
-    then) and not otherwise; both score as the plain forward pass does."""
+    then) and not otherwise; both score as the plain forward pass does (on CUDA too, where SDPA takes
+    the packed batch's 4D masks on its GPU kernels)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(tiny_gemma_dir)
     config.sliding_window = window
-    model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, config=config, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, config=config, attn_implementation="sdpa")
+    model = model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(tiny_gemma_dir)
     requests = few_shot_requests()
     longest = max(len(c) + len(k) - 1 for c, k in (encode_pair(tok, *r) for r in requests))

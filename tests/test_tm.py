@@ -61,9 +61,18 @@ def test_initial_prompts():
 # ---------------------------------------------------------------- the unroll modes
 
 
-def _student(model_dir, dtype=torch.float64, n=6, seed=0, dropout=0.0):
-    model, tok = load_model(ModelConfig(spec=str(model_dir)), torch.device("cpu"), needs_double_backward=True)
-    model = add_lora(model, LoraConfig(r=2, alpha=4, dropout=dropout)).to(dtype)
+#: The devices the device-dependent tests run on: the CPU always, CUDA where there is one (``gpu``).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _student(model_dir, dtype=torch.float64, n=6, seed=0, dropout=0.0, device="cpu", base_dtype=None):
+    """A Student on the tiny model; ``base_dtype`` loads the base in that dtype and leaves the LoRA
+    tensors as peft makes them (float32), as a bf16 run does; else everything is cast to ``dtype``."""
+    mcfg = ModelConfig(spec=str(model_dir), dtype=str(base_dtype).split(".")[-1] if base_dtype else "auto")
+    model, tok = load_model(mcfg, torch.device(device), needs_double_backward=True)
+    model = add_lora(model, LoraConfig(r=2, alpha=4, dropout=dropout))
+    if base_dtype is None:
+        model = model.to(dtype)
     init_lora(model, seed)
     g = torch.Generator().manual_seed(5)
     data = []
@@ -73,21 +82,27 @@ def _student(model_dir, dtype=torch.float64, n=6, seed=0, dropout=0.0):
     return Student(model, data, tok.pad_token_id)
 
 
-def _setup(student, seed=0):
+def _setup(student, seed=0, syn_dtype=None):
     g = torch.Generator().manual_seed(seed)
     params = lora_parameters(student.model)
+    dev = student.device
+
+    def noise(t, scale):
+        return scale * torch.randn(t.shape, generator=g, dtype=t.dtype).to(dev)
+
     theta0 = [p.detach().clone() for p in params.values()]
-    theta0 = [t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype) for t in theta0]  # B != 0
-    target = [t + 0.1 * torch.randn(t.shape, generator=g, dtype=t.dtype) for t in theta0]
+    theta0 = [t + noise(t.cpu(), 0.05) for t in theta0]  # B != 0
+    target = [t + noise(t.cpu(), 0.1) for t in theta0]
     d = student.vocab.shape[1]
-    syn = student.vocab.detach().mean(0) + 0.1 * torch.randn(6, 2, d, generator=g, dtype=student.vocab.dtype)
+    dtype = syn_dtype or student.vocab.dtype
+    syn = student.vocab.detach().to(dtype).mean(0) + 0.1 * torch.randn(6, 2, d, generator=g, dtype=dtype).to(dev)
     batches = [torch.tensor([0, 3]), torch.tensor([1, 4]), torch.tensor([0, 5])]  # example 0 twice
-    return theta0, target, syn, batches
+    return theta0, target, syn, [b.to(dev) for b in batches]
 
 
 def _grads(mode, student, theta0, target, syn, batches, log_alpha=-1.0, clip=None):
     syn = syn.clone().requires_grad_(True)
-    la = torch.tensor(log_alpha, dtype=syn.dtype, requires_grad=True)
+    la = torch.tensor(log_alpha, dtype=syn.dtype, device=syn.device, requires_grad=True)
     theta_n = unroll(mode, student, theta0, la.exp(), syn, batches, fd_eps=1e-4, clip=clip)
     loss = matching_loss(theta_n, target, theta0)
     loss.backward()
@@ -135,6 +150,68 @@ def test_modes_agree_and_match_finite_differences(fixture, request):
     _, g_fd, a_fd = _grads("fd", student, theta0, target, syn, batches)
     assert (g_fd - g_naive).norm() / g_naive.norm() < 1e-2
     assert (a_fd - a_naive).abs() / a_naive.abs() < 1e-2
+
+
+def test_flat_keeps_the_last_steps_graph_and_rebuilds_only_the_others(tiny_llama_dir):
+    """flat runs 2N - 1 student steps per outer step (N forward, N - 1 rebuilt: the last forward step
+    keeps its graph for the walk), N without a gradient to take; the kept graph is used once."""
+    student = _student(tiny_llama_dir)
+    theta0, target, syn, batches = _setup(student)
+    calls = []
+    real = student.step_loss
+    student.step_loss = lambda *a, **k: calls.append(torch.is_grad_enabled()) or real(*a, **k)
+    l_flat, g_flat, a_flat = _grads("flat", student, theta0, target, syn, batches)
+    assert len(calls) == 2 * len(batches) - 1
+    calls.clear()
+    l_naive, g_naive, a_naive = _grads("naive", student, theta0, target, syn, batches)
+    assert len(calls) == len(batches)
+    assert l_flat.item() == pytest.approx(l_naive.item(), rel=1e-12)
+    assert (g_flat - g_naive).norm() / g_naive.norm() < 1e-4
+    calls.clear()
+    _loss(student, theta0, target, syn, batches, -1.0)  # no gradient asked: N plain steps, no graph kept
+    assert len(calls) == len(batches)
+
+    # a second backward through the same unroll (retain_graph) rebuilds the step whose graph was used
+    s = syn.clone().requires_grad_(True)
+    alpha = torch.tensor(0.4, dtype=syn.dtype)
+    loss = matching_loss(unroll("flat", student, theta0, alpha, s, batches), target, theta0)
+    first = torch.autograd.grad(loss, s, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, s)[0]
+    torch.testing.assert_close(first, second)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flat_on_mixed_kernels_matches_naive(tiny_llama_dir, device):
+    """On the device's own kernels (CUDA: SDPA's fast kernels for flat's forward steps, the math
+    backend where differentiated twice; naive is math throughout), float32: flat's gradients are naive's."""
+    student = _student(tiny_llama_dir, dtype=torch.float32, device=device)
+    theta0, target, syn, batches = _setup(student)
+    l_naive, g_naive, a_naive = _grads("naive", student, theta0, target, syn, batches, clip=0.05)
+    l_flat, g_flat, a_flat = _grads("flat", student, theta0, target, syn, batches, clip=0.05)
+    assert g_flat.device.type == device and g_naive.norm() > 0
+    assert l_flat.item() == pytest.approx(l_naive.item(), rel=1e-4)
+    assert (g_flat - g_naive).norm() / g_naive.norm() < 1e-3
+    assert (a_flat - a_naive).abs() / a_naive.abs() < 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_bf16_base_with_float32_lora_distills_close_to_float32(tiny_llama_dir, device):
+    """A bf16 base (a GPU run's default) with peft's float32 LoRA tensors and float32 prompts: the
+    unrolls keep theta in float32, flat and naive agree, and both are near the float32 model's gradient."""
+    ref = _student(tiny_llama_dir, dtype=torch.float32, device=device)
+    theta0, target, syn, batches = _setup(ref)
+    _, g_ref, a_ref = _grads("naive", ref, theta0, target, syn, batches)
+    student = _student(tiny_llama_dir, device=device, base_dtype=torch.bfloat16)
+    assert student.vocab.dtype == torch.bfloat16 and set(student.dtypes) == {torch.float32}
+    theta_n = unroll("flat", student, theta0, torch.tensor(0.4, device=student.device), syn, batches)
+    assert {t.dtype for t in theta_n} == {torch.float32}
+    grads = {mode: _grads(mode, student, theta0, target, syn, batches) for mode in ("flat", "naive")}
+    for mode, (loss, g, a) in grads.items():
+        assert g.dtype == torch.float32 and torch.isfinite(g).all() and torch.isfinite(loss), mode
+        assert (g - g_ref).norm() / g_ref.norm() < 0.1, mode  # bf16 rounding, not a wrong gradient
+        assert (a - a_ref).abs() / a_ref.abs() < 0.1, mode
+    (_, g_flat, _), (_, g_naive, _) = grads["flat"], grads["naive"]
+    assert (g_flat - g_naive).norm() / g_naive.norm() < 0.05
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -182,15 +182,38 @@ def _reverse_walk(thetas, grads, batches, alpha, syn, lam, products, clip=None) 
     return d_alpha, d_syn, lam
 
 
-def _exact_products(student: Student, syn: Any, rngs: Sequence[Any]):
+def _graph_step(student: Student, theta: Sequence[Any], syn: Any, idx: Any) -> tuple[list[Any], Any, Any, list[Any]]:
+    """One student step's loss and LoRA gradient *with* their second-order graph: ``(theta leaves,
+    prompt leaf, loss, gradients w.r.t. theta)``. Only theta's gradient is built (the prompts' own
+    first-order gradient is never needed); the double backward reaches the prompts through the graph."""
+    with torch.enable_grad(), double_backward_attention():
+        th = [t.detach().clone().requires_grad_(True) for t in theta]
+        p = syn[idx].detach().clone().requires_grad_(True)
+        loss = student.step_loss(th, p, student.text_batch(idx.tolist()))
+        g = list(torch.autograd.grad(loss, th, create_graph=True))
+    return th, p, loss, g
+
+
+def _double_backward(th: Sequence[Any], p: Any, g: Sequence[Any], lam: Sequence[Any]) -> list[Any]:
+    """``[H u ..., d<g, u>/dp]`` from a step's graph (:func:`_graph_step`), u = ``lam``; frees the graph."""
+    with torch.enable_grad(), double_backward_attention():
+        dot = sum((gi * li).sum() for gi, li in zip(g, lam, strict=True))
+        hv = torch.autograd.grad(dot, [*th, p], allow_unused=True)
+    return _zeros_if_none(hv, [*th, p])
+
+
+def _exact_products(student: Student, syn: Any, rngs: Sequence[Any], kept: dict[int, Any] | None = None):
+    """Flat's products: step n's graph rebuilt (with its dropout masks replayed), or the one the forward
+    pass kept for it in ``kept`` (used once, then dropped)."""
+    kept = {} if kept is None else kept
+
     def products(n: int, theta_prev: Sequence[Any], idx: Any, lam: Sequence[Any]) -> list[Any]:
-        with torch.enable_grad(), _replayed_rng(rngs[n], student.device), double_backward_attention():
-            th = [t.clone().requires_grad_(True) for t in theta_prev]
-            p = syn[idx].detach().clone().requires_grad_(True)
-            _, g = _step_grads(student, th, p, idx, create_graph=True)
-            dot = sum((gi * li).sum() for gi, li in zip(g[: len(th)], lam, strict=True))
-            hv = torch.autograd.grad(dot, [*th, p], allow_unused=True)
-        return _zeros_if_none(hv, [*th, p])
+        if n in kept:
+            th, p, g = kept.pop(n)
+        else:
+            with _replayed_rng(rngs[n], student.device):
+                th, p, _, g = _graph_step(student, theta_prev, syn, idx)
+        return _double_backward(th, p, g, lam)
 
     return products
 
@@ -224,20 +247,38 @@ def _fd_products(student: Student, syn: Any, rel_eps: float, rngs: Sequence[Any]
 
 
 class _Flat(torch.autograd.Function):
-    """Exact, memory-flat: N plain steps forward; the reverse walk rebuilds one step's graph at a time."""
+    """Exact, memory-flat: N - 1 plain steps forward, then the last step with its second-order graph,
+    which the reverse walk uses first (instead of rebuilding it: one student step fewer per outer step,
+    at no extra peak memory, since the walk holds one step's graph anyway); the walk then rebuilds one
+    step's graph at a time."""
 
     @staticmethod
     def forward(ctx, student, batches, alpha, syn, clip, *theta0):  # type: ignore[override]
-        thetas, grads, theta_n, rngs = _forward_steps(student, theta0, alpha.detach(), syn, batches, False, clip)
+        a = alpha.detach()
+        keep = bool(batches) and any(ctx.needs_input_grad)  # no graph to keep for a caller without grad
+        plain = batches[:-1] if keep else batches
+        thetas, grads, theta, rngs = _forward_steps(student, theta0, a, syn, plain, False, clip)
+        ctx.kept = {}
+        if keep:
+            n = len(batches) - 1
+            thetas.append(theta)
+            rngs.append(_rng_state(student.device))
+            th, p, loss, g = _graph_step(student, theta, syn, batches[n])
+            ctx.kept[n] = (th, p, g)
+            step = [x.detach() for x in g]
+            grads.append(step)
+            student.record_step(loss, step)
+            scale = clip_scale(global_norm(step), clip)
+            theta = [t.detach() - a * scale * gi for t, gi in zip(theta, step, strict=True)]
         ctx.student, ctx.batches, ctx.thetas, ctx.grads = student, batches, thetas, grads
         ctx.clip, ctx.rngs = clip, rngs
         ctx.save_for_backward(alpha, syn)
-        return tuple(theta_n)
+        return tuple(theta)
 
     @staticmethod
     def backward(ctx, *lam):  # type: ignore[override]
         alpha, syn = ctx.saved_tensors
-        products = _exact_products(ctx.student, syn, ctx.rngs)
+        products = _exact_products(ctx.student, syn, ctx.rngs, ctx.kept)
         d_alpha, d_syn, lam0 = _reverse_walk(ctx.thetas, ctx.grads, ctx.batches, alpha, syn, lam, products, ctx.clip)
         return (None, None, d_alpha, d_syn, None, *lam0)
 
