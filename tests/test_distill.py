@@ -169,6 +169,15 @@ def test_a_finished_set_survives_fewer_iterations_and_a_damaged_checkpoint(prepa
     intact()
     assert distill.run(load_config(None, [*base, "distill.iterations=4"]), run_dir).manifest["iterations"] == 4
 
+    # the exact unroll modes make the same set: one made with auto is reused under flat or naive, not fd
+    assert done.manifest["distill"]["unroll"] == "auto"
+    for mode in ("flat", "naive"):
+        again = distill.run(load_config(None, [*base, "distill.iterations=4", f"distill.unroll={mode}"]), run_dir)
+        assert again.manifest["iterations"] == 4 and again.manifest["distill"]["unroll"] == "auto"
+    intact()
+    with pytest.raises(NacdError, match=r"field 'distill.unroll' was 'auto' when this was made, now 'fd'"):
+        distill.run(load_config(None, [*base, "distill.iterations=4", "distill.unroll=fd"]), run_dir)
+
     # a set distilled before an option existed matches when the option has its default now, not otherwise
     path = folder / "manifest.json"
     body = json.loads(path.read_text())

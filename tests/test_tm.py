@@ -238,6 +238,13 @@ def test_auto_unroll_takes_naive_where_it_fits_and_flat_where_not(tiny_llama_dir
     assert step > 0  # one step's second-order graph holds memory
     info = unrolls.choose_unroll("auto", student, theta0, target, alpha, syn.float(), batches)
     assert info["used"] == "naive" and info["naive_bytes"] < info["free_bytes"] / 2
+    free = 4 * info["naive_bytes"]  # naive fits in half of it for one process on the node, not for two
+    monkeypatch.setattr(unrolls, "_available_memory", lambda: free)
+    assert unrolls.choose_unroll("auto", student, theta0, target, alpha, syn.float(), batches)["used"] == "naive"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # three processes share the CPU's memory: a third each
+    info = unrolls.choose_unroll("auto", student, theta0, target, alpha, syn.float(), batches)
+    assert info["used"] == "flat" and info["free_bytes"] == free // 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(unrolls, "_available_memory", lambda: 1024)  # 1 kB free: naive cannot fit
     info = unrolls.choose_unroll("auto", student, theta0, target, alpha, syn.float(), batches)
     assert info["used"] == "flat" and info["free_bytes"] == 1024
@@ -245,6 +252,17 @@ def test_auto_unroll_takes_naive_where_it_fits_and_flat_where_not(tiny_llama_dir
         "requested": "flat",
         "used": "flat",
     }
+
+
+def test_processes_that_choose_different_unrolls_all_take_flat():
+    from nacd.unrolls import agreed_unroll
+
+    one = {"requested": "auto", "used": "naive", "naive_bytes": 10, "free_bytes": 100}
+    assert agreed_unroll([one, dict(one)]) == one
+    other = {**one, "used": "flat", "free_bytes": 15}  # a device with less free memory
+    assert agreed_unroll([one, other]) == {**one, "used": "flat", "per_process": ["naive", "flat"]}
+    fd = {"requested": "fd", "used": "fd"}
+    assert agreed_unroll([fd, {**fd, "used": "flat"}])["used"] == "flat"
 
 
 def test_lora_dropout_masks_are_replayed_in_the_reverse_walk(tiny_llama_dir):

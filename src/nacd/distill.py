@@ -121,6 +121,23 @@ def _identity(
     }
 
 
+#: Unroll modes that give the same meta-gradients up to rounding: a set made with one is the set any
+#: other would make, so switching among them never makes a distillation "other settings".
+EXACT_UNROLLS = ("auto", "flat", "naive")
+
+
+def same_exact_unroll(made: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """``made`` (a manifest) with its ``distill.unroll`` read as ``now``'s when both are exact modes
+    (:data:`EXACT_UNROLLS`): the set is the one the other mode would make. ``fd``, an approximation,
+    differs from all of them. The manifest on disk keeps the mode it was made with."""
+    then, asked = (x.get("distill") for x in (made, now))
+    if not (isinstance(then, dict) and isinstance(asked, dict)):
+        return made
+    if then.get("unroll") in EXACT_UNROLLS and asked.get("unroll") in EXACT_UNROLLS:
+        return {**made, "distill": {**then, "unroll": asked["unroll"]}}
+    return made
+
+
 def with_new_defaults(manifest: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
     """``manifest`` with the ``distill`` keys added since it was written filled in at their defaults: a
     set distilled before a new option existed was made as that option's default makes it, so it stays
@@ -319,7 +336,7 @@ def distill(
         info = unrolls.choose_unroll(
             dc.unroll, student, theta_t, target, alpha_of(d.start_epoch), syn, batches, dc.fd_eps, dc.fd_check, clip
         )
-        info = ranks.gather(info)[0]  # the main process's choice (free memory may differ between devices)
+        info = unrolls.agreed_unroll(ranks.gather(info))  # free memory may differ between devices
         (log.warning if dc.unroll == "fd" and info["used"] != "fd" else log.info)("distill: unroll %s", info)
         if ranks.is_main:
             atomic_write_json(unroll_path, info)
@@ -470,7 +487,8 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     hint = f"delete {folder} to distill again with these settings"
     existing = ranks.from_main(read_manifest(folder, KIND))  # one decision for all processes
     if existing is not None:
-        check_identity(folder, with_new_defaults(existing, identity["distill"]), identity, hint)
+        made = same_exact_unroll(with_new_defaults(existing, identity["distill"]), identity)
+        check_identity(folder, made, identity, hint)
     finished = existing.get("iterations") if existing is not None and existing.get("complete") else None
     if finished == config.distill.iterations:
         log.info("distill: complete in %s, skipped", folder)

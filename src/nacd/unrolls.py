@@ -28,6 +28,7 @@ only when it runs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -373,20 +374,33 @@ def choose_unroll(
     clip: float | None = None,
 ) -> dict[str, Any]:
     """The unroll a run uses, decided on one draw before the first update: ``auto`` -> ``naive`` (the
-    fastest exact mode on small models) when N+1 of its steps' graphs fit in half the free memory, else
-    ``flat``; ``fd`` -> ``fd`` when within ``fd_check`` of the exact gradient, else ``flat``; others as asked.
+    fastest exact mode on small models) when N+1 of its steps' graphs fit in half the free memory (on the
+    CPU: of this process's share, the free memory over ``LOCAL_WORLD_SIZE``), else ``flat``; ``fd`` -> ``fd`` when within ``fd_check`` of the exact gradient, else ``flat``; others as asked.
     Returns ``{"requested", "used", ...the figures behind the choice}``."""
     info: dict[str, Any] = {"requested": requested, "used": requested}
     if requested == "auto":
         device = torch.device(student.device)
         step = naive_step_bytes(student, theta0, alpha, syn, batches[0])
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_memory()
+        if device.type == "cuda":  # each process has a GPU of its own (nacd.models.resolve_device)
+            free = torch.cuda.mem_get_info(device)[0]
+        else:  # the node's processes share the CPU's memory, and each decides alone
+            free = _available_memory() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         need = (len(batches) + 1) * step
         info.update(used="naive" if need < free / 2 else "flat", naive_bytes=need, free_bytes=free)
     elif requested == "fd" and fd_check is not None:
         err = fd_relative_error(student, theta0, target, alpha, syn, batches, fd_eps, clip)
         info.update(used="fd" if err <= fd_check else "flat", fd_relative_error=err, fd_check=fd_check)
     return info
+
+
+def agreed_unroll(infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One mode for all the processes of a run, from each one's :func:`choose_unroll`: theirs where they
+    agree, else ``flat`` (exact, memory-flat: safe wherever naive did not fit or fd was off), with
+    each process's choice kept under ``per_process``."""
+    used = [i["used"] for i in infos]
+    if len(set(used)) == 1:
+        return dict(infos[0])
+    return {**infos[0], "used": "flat", "per_process": used}
 
 
 def fd_relative_error(
