@@ -375,7 +375,8 @@ def choose_unroll(
 ) -> dict[str, Any]:
     """The unroll a run uses, decided on one draw before the first update: ``auto`` -> ``naive`` (the
     fastest exact mode on small models) when N+1 of its steps' graphs fit in half the free memory (on the
-    CPU: of this process's share, the free memory over ``LOCAL_WORLD_SIZE``), else ``flat``; ``fd`` -> ``fd`` when within ``fd_check`` of the exact gradient, else ``flat``; others as asked.
+    CPU: of this process's share, the free memory over ``LOCAL_WORLD_SIZE``), else ``flat``; ``fd`` ->
+    ``fd`` when within ``fd_check`` of the exact gradient, else ``flat``; others as asked.
     Returns ``{"requested", "used", ...the figures behind the choice}``."""
     info: dict[str, Any] = {"requested": requested, "used": requested}
     if requested == "auto":
