@@ -124,18 +124,21 @@ def _identity(
 #: Unroll modes that give the same meta-gradients up to rounding: a set made with one is the set any
 #: other would make, so switching among them never makes a distillation "other settings".
 EXACT_UNROLLS = ("auto", "flat", "naive")
+#: ``distill`` keys that change how the work is done, not its result (up to rounding).
+RESULT_FREE = ("vocab_chunk",)
 
 
-def same_exact_unroll(made: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
-    """``made`` (a manifest) with its ``distill.unroll`` read as ``now``'s when both are exact modes
-    (:data:`EXACT_UNROLLS`): the set is the one the other mode would make. ``fd``, an approximation,
-    differs from all of them. The manifest on disk keeps the mode it was made with."""
+def same_up_to_rounding(made: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """``made`` (a manifest) with the settings that cannot change the result read as ``now``'s: an exact
+    ``distill.unroll`` where both are exact (:data:`EXACT_UNROLLS`; ``fd``, an approximation, differs
+    from all of them) and the :data:`RESULT_FREE` keys. The manifest on disk keeps what it was made with."""
     then, asked = (x.get("distill") for x in (made, now))
     if not (isinstance(then, dict) and isinstance(asked, dict)):
         return made
+    same = {k: asked[k] for k in RESULT_FREE if k in asked and k in then}
     if then.get("unroll") in EXACT_UNROLLS and asked.get("unroll") in EXACT_UNROLLS:
-        return {**made, "distill": {**then, "unroll": asked["unroll"]}}
-    return made
+        same["unroll"] = asked["unroll"]
+    return {**made, "distill": {**then, **same}}
 
 
 def with_new_defaults(manifest: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
@@ -487,7 +490,7 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     hint = f"delete {folder} to distill again with these settings"
     existing = ranks.from_main(read_manifest(folder, KIND))  # one decision for all processes
     if existing is not None:
-        made = same_exact_unroll(with_new_defaults(existing, identity["distill"]), identity)
+        made = same_up_to_rounding(with_new_defaults(existing, identity["distill"]), identity)
         check_identity(folder, made, identity, hint)
     finished = existing.get("iterations") if existing is not None and existing.get("complete") else None
     if finished == config.distill.iterations:
