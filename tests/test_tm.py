@@ -65,10 +65,11 @@ def test_initial_prompts():
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def _student(model_dir, dtype=torch.float64, n=6, seed=0, dropout=0.0, device="cpu", base_dtype=None):
+def _student(model_dir, dtype=torch.float64, n=6, seed=0, dropout=0.0, device="cpu", base_dtype=None, attn="auto"):
     """A Student on the tiny model; ``base_dtype`` loads the base in that dtype and leaves the LoRA
     tensors as peft makes them (float32), as a bf16 run does; else everything is cast to ``dtype``."""
-    mcfg = ModelConfig(spec=str(model_dir), dtype=str(base_dtype).split(".")[-1] if base_dtype else "auto")
+    base = str(base_dtype).split(".")[-1] if base_dtype else "auto"
+    mcfg = ModelConfig(spec=str(model_dir), dtype=base, attn_implementation=attn)
     model, tok = load_model(mcfg, torch.device(device), needs_double_backward=True)
     model = add_lora(model, LoraConfig(r=2, alpha=4, dropout=dropout))
     if base_dtype is None:
@@ -182,9 +183,11 @@ def test_flat_keeps_the_last_steps_graph_and_rebuilds_only_the_others(tiny_llama
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_flat_on_mixed_kernels_matches_naive(tiny_llama_dir, device):
-    """On the device's own kernels (CUDA: SDPA's fast kernels for flat's forward steps, the math
-    backend where differentiated twice; naive is math throughout), float32: flat's gradients are naive's."""
-    student = _student(tiny_llama_dir, dtype=torch.float32, device=device)
+    """A model loaded with SDPA, float32: flat's forward steps run on SDPA's default kernels (CPU: its
+    flash kernel; CUDA: flash / memory-efficient / cuDNN), its second-order graphs on the math backend,
+    naive on math throughout; flat's gradients are naive's."""
+    student = _student(tiny_llama_dir, dtype=torch.float32, device=device, attn="sdpa")
+    assert student.model.config._attn_implementation == "sdpa"
     theta0, target, syn, batches = _setup(student)
     l_naive, g_naive, a_naive = _grads("naive", student, theta0, target, syn, batches, clip=0.05)
     l_flat, g_flat, a_flat = _grads("flat", student, theta0, target, syn, batches, clip=0.05)
