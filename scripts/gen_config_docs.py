@@ -24,7 +24,10 @@ YAML file (`-c configs/cpu-small.yaml`), then dotted `key=value` overrides on
 the command line, e.g. `nacd run -c configs/cpu-small.yaml distill.syn_steps=8
 data.sources.0.max_examples=50`. Lists are indexed with numbers
 (`data.sources.0.path`); a value is read as YAML (`lora.target_modules=[q_proj,v_proj]`,
-`model.revision=null`). An unknown key, a wrong type or an out-of-range value
+`model.revision=null`). A YAML file may start from another with `extends: other.yaml`
+(relative to it): its sections merge over that file's key by key, and lists and
+values replace the other's whole (`configs/cpu-small-arc.yaml` extends
+`configs/cpu-small.yaml` and lists its own `data.sources`). An unknown key, a wrong type or an out-of-range value
 stops the command before any work with a message naming the key. The resolved
 config is saved as `config.yaml` in the run folder; `nacd config` prints it and
 `nacd config --explain` prints this table in the terminal.

@@ -98,6 +98,32 @@ def test_errors_in_a_file_name_the_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_file_extends_another_relative_to_itself(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "base.yaml").write_text(
+        "run: {seed: 3, out_dir: runs/base}\nlora: {r: 4, alpha: 8}\n"
+        "data:\n  max_seq_len: 64\n  sources: [{path: a.jsonl}, {path: b.jsonl}]\n"
+    )
+    (tmp_path / "mid.yaml").write_text("extends: shared/base.yaml\nlora: {r: 16}\n")
+    (tmp_path / "top.yaml").write_text(
+        "extends: mid.yaml\nrun: {out_dir: runs/top}\ndata: {sources: [{path: c.jsonl}]}\n"
+    )
+    cfg = load_config(tmp_path / "top.yaml", ["lora.alpha=32"])
+    assert (cfg.run.seed, cfg.run.out_dir) == (3, "runs/top")  # mappings merge key by key
+    assert (cfg.lora.r, cfg.lora.alpha) == (16, 32)  # the nearer file wins, overrides win over files
+    assert cfg.data.max_seq_len == 64 and [s.path for s in cfg.data.sources] == ["c.jsonl"]  # lists replace
+
+    (tmp_path / "shared" / "base.yaml").write_text("extends: ../top.yaml\n")
+    with pytest.raises(ConfigError, match=r"base.yaml: 'extends' goes round in a circle: .*top.yaml -> .*mid.yaml"):
+        load_config(tmp_path / "top.yaml")
+    (tmp_path / "mid.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*gone.yaml \(extended by .*mid.yaml\)"):
+        load_config(tmp_path / "top.yaml")
+    (tmp_path / "mid.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"mid.yaml: 'extends' must be the path of another config file"):
+        load_config(tmp_path / "top.yaml")
+
+
 def test_roundtrip_through_yaml(tmp_path):
     cfg = load_config(None, ["distill.syn_steps=9", "data.sources.0.fields={output: response}"])
     path = tmp_path / "saved.yaml"

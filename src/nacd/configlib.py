@@ -195,10 +195,21 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+#: The top-level key of a config file that names the file it starts from.
+EXTENDS = "extends"
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping. ``extends: other.yaml`` (a path relative to this file) starts from that
+    file's mapping, resolved the same way, and merges this one over it: mappings key by key, lists and
+    values replaced whole (so a file lists all of ``data.sources`` when it changes them)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        by = f" (extended by {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {path}{by}")
+    if path.resolve() in {p.resolve() for p in _chain}:
+        loop = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"{_chain[-1]}: '{EXTENDS}' goes round in a circle: {loop}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -207,7 +218,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (run, model, data, ...)")
-    return data
+    if EXTENDS not in data:
+        return data
+    parent = data.pop(EXTENDS)
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: '{EXTENDS}' must be the path of another config file, got {parent!r}")
+    return deep_merge(load_yaml(path.parent / parent, (*_chain, path)), data)
 
 
 def dump_yaml(cfg: Any) -> str:
