@@ -23,7 +23,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_
 
 # 1. the suite with CUDA present (device auto -> cuda); the built-in models are not there, so their tests skip.
 # At the time limit pytest gets SIGINT, so it still prints the failures so far and their tracebacks.
-timeout -s INT -k 30 "${SUITE_TIMEOUT:-330}" $py -m pytest -q -rfE -p no:cacheprovider --durations=5 tests 2>&1 \
+timeout -s INT -k 30 "${SUITE_TIMEOUT:-320}" $py -m pytest -q -rfE -p no:cacheprovider --durations=5 tests 2>&1 \
   | tee "$out/pytest.txt"
 suite=${PIPESTATUS[0]}
 

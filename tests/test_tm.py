@@ -83,7 +83,7 @@ def _student(model_dir, dtype=torch.float64, n=6, seed=0, dropout=0.0, device="c
     return Student(model, data, tok.pad_token_id)
 
 
-def _setup(student, seed=0, syn_dtype=None):
+def _setup(student, seed=0):
     g = torch.Generator().manual_seed(seed)
     params = lora_parameters(student.model)
     dev = student.device
@@ -95,8 +95,8 @@ def _setup(student, seed=0, syn_dtype=None):
     theta0 = [t + noise(t.cpu(), 0.05) for t in theta0]  # B != 0
     target = [t + noise(t.cpu(), 0.1) for t in theta0]
     d = student.vocab.shape[1]
-    dtype = syn_dtype or student.vocab.dtype
-    syn = student.vocab.detach().to(dtype).mean(0) + 0.1 * torch.randn(6, 2, d, generator=g, dtype=dtype).to(dev)
+    dtype = student.vocab.dtype
+    syn = student.vocab.detach().mean(0) + 0.1 * torch.randn(6, 2, d, generator=g, dtype=dtype).to(dev)
     batches = [torch.tensor([0, 3]), torch.tensor([1, 4]), torch.tensor([0, 5])]  # example 0 twice
     return theta0, target, syn, [b.to(dev) for b in batches]
 
