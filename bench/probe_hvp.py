@@ -40,10 +40,9 @@ def main() -> None:
     args.n_steps = 1
 
     import torch
-    from torch.func import functional_call, grad, jvp
+    from torch.func import grad, jvp
 
     from nacd.models import double_backward_attention
-    from nacd.train import default_forward
     from nacd.unrolls import _double_backward, _graph_step
 
     student, theta0, _, syn0, batches, device = build(args)
@@ -67,16 +66,8 @@ def main() -> None:
         th, p, _, gr = _graph_step(student, theta0, syn0, idx)
         return _double_backward(th, p, gr, u)
 
-    forward = student.sparse if student._sparse_ready else default_forward
-
-    def loss_of(theta: tuple, p: torch.Tensor) -> torch.Tensor:
-        params = dict(zip(student.names, theta, strict=True))
-
-        def call(**kwargs):
-            return functional_call(student.model, params, args=(), kwargs=kwargs, strict=False)
-
-        loss_sum, n = forward(call, student.inputs(p, text))
-        return loss_sum / max(1, n)
+    def loss_of(theta: tuple, p: torch.Tensor) -> torch.Tensor:  # the student's own loss, as a function
+        return student.step_loss(list(theta), p, text)
 
     def fwd_rev() -> list:
         with double_backward_attention():

@@ -3,14 +3,15 @@ of the prompts D_syn and the student lr alpha (paper Algorithm 1), in three mode
 
 - ``naive``: autograd through the N steps with ``create_graph=True``; exact; memory
   grows with N (every step's second-order graph is alive until the backward).
-- ``flat``: exact and memory-flat. The forward pass takes N plain steps and keeps only
-  theta_0..theta_{N-1} (LoRA tensors, small). The backward pass walks the steps in
-  reverse and rebuilds one step's second-order graph at a time. With lambda_n =
+- ``flat``: exact and memory-flat. The forward pass takes N - 1 plain steps, keeping only
+  theta_0..theta_{N-1} (LoRA tensors, small), then the last step with its second-order graph.
+  The backward pass walks the steps in reverse, from that kept graph, and rebuilds each earlier
+  step's second-order graph alone. With lambda_n =
   dL/dtheta_n and g_n the gradient of step n at theta_{n-1}:
   dL/dalpha -= <g_n, lambda_n>; dL/dp_n -= alpha * d<g_n, lambda_n>/dp_n;
   lambda_{n-1} = lambda_n - alpha * H_n lambda_n (H_n lambda_n = d<g_n, lambda_n>/dtheta:
   one double-backward gives both).
-- ``fd``: approximate, memory-flat and cheaper: the same reverse walk, but H_n lambda_n
+- ``fd``: approximate, memory-flat, without any double backward: the same reverse walk, but H_n lambda_n
   and the mixed product for the prompts are central finite differences of gradients,
   (grad(theta + eps lambda) - grad(theta - eps lambda)) / 2 eps: two plain gradients per
   step, no double backward. Its error depends on the model (measured from 1% to 300x),
@@ -64,6 +65,13 @@ def clip_vjp(grads: Sequence[Any], lam: Sequence[Any], clip: float | None) -> tu
     return scale * g_lam, [scale * li - radial * g for g, li in zip(grads, lam, strict=True)]
 
 
+def _sgd_step(theta: Sequence[Any], grads: Sequence[Any], alpha: Any, clip: float | None) -> list[Any]:
+    """theta - alpha * s(g), s the clipping of ``torch.nn.utils.clip_grad_norm_`` (differentiable where
+    its inputs are)."""
+    scale = clip_scale(global_norm(grads), clip)
+    return [t - alpha * scale * g for t, g in zip(theta, grads, strict=True)]
+
+
 def unroll_naive(
     student: Student, theta0: Sequence[Any], alpha: Any, syn: Any, batches: Sequence[Any], clip: float | None = None
 ) -> list[Any]:
@@ -74,8 +82,7 @@ def unroll_naive(
             loss = student.step_loss(theta, syn[idx], student.text_batch(idx.tolist()))
             grads = torch.autograd.grad(loss, theta, create_graph=True)
             student.record_step(loss, grads)
-            scale = clip_scale(global_norm(grads), clip)
-            theta = [t - alpha * scale * g for t, g in zip(theta, grads, strict=True)]
+            theta = _sgd_step(theta, grads, alpha, clip)
     return theta
 
 
@@ -106,18 +113,15 @@ def _step_grads(student: Student, theta: Sequence[Any], p: Any, idx: Any, create
 
 
 def _plain_step(
-    student: Student, theta: Sequence[Any], p: Any, idx: Any, alpha: Any, clip: float | None, with_p: bool = False
+    student: Student, theta: Sequence[Any], p: Any, idx: Any, alpha: Any, clip: float | None
 ) -> tuple[list[Any], Any, list[Any]]:
     """One plain (first-order) clipped student step from ``theta``: (theta_next, loss, gradients
-    w.r.t. theta and, when ``with_p``, the prompts ``p``), all detached."""
+    w.r.t. theta), all detached."""
     with torch.enable_grad():
         th = [t.detach().clone().requires_grad_(True) for t in theta]
-        p = p.detach().clone().requires_grad_(with_p)
-        loss, g = _step_grads(student, th, p, idx, create_graph=False)
+        loss, g = _step_grads(student, th, p.detach(), idx, create_graph=False)
     g = [x.detach() for x in g]
-    step = g[: len(th)]
-    scale = clip_scale(global_norm(step), clip)
-    return [t.detach() - alpha * scale * gi for t, gi in zip(theta, step, strict=True)], loss.detach(), g
+    return _sgd_step([t.detach() for t in theta], g, alpha, clip), loss.detach(), g
 
 
 def endpoint(
@@ -138,20 +142,19 @@ def _forward_steps(
     alpha: Any,
     syn: Any,
     batches: Sequence[Any],
-    with_p: bool,
     clip: float | None = None,
 ) -> tuple[list[list[Any]], list[list[Any]], list[Any], list[Any]]:
-    """The forward pass of the flat and fd modes: N plain (clipped) steps, keeping theta_0..theta_{N-1},
-    each step's gradients (LoRA-sized; the reverse walk needs them for the clipping Jacobian and
-    fd also for its differences) and the random state each step started from (its dropout masks)."""
+    """The forward pass of the flat and fd modes: plain (clipped) steps on ``batches``, keeping the theta
+    each started from, its gradients (LoRA-sized; the reverse walk needs them for the clipping Jacobian)
+    and the random state it started from (its dropout masks)."""
     thetas, grads, rngs = [], [], []
     theta = [t.detach() for t in theta0]
     for idx in batches:
         thetas.append(theta)
         rngs.append(_rng_state(student.device))
-        nxt, loss, g = _plain_step(student, theta, syn[idx], idx, alpha, clip, with_p)
+        nxt, loss, g = _plain_step(student, theta, syn[idx], idx, alpha, clip)
         grads.append(g)
-        student.record_step(loss, g[: len(theta)])
+        student.record_step(loss, g)
         theta = nxt
     return thetas, grads, theta, rngs
 
@@ -175,7 +178,7 @@ def _reverse_walk(thetas, grads, batches, alpha, syn, lam, products, clip=None) 
     d_alpha = torch.zeros_like(a)
     d_syn = torch.zeros_like(syn)
     for n in reversed(range(len(batches))):
-        dot, u = clip_vjp(grads[n][: len(lam)], lam, clip)
+        dot, u = clip_vjp(grads[n], lam, clip)
         hv = products(n, thetas[n], batches[n], u)
         d_alpha = d_alpha - dot
         d_syn.index_add_(0, batches[n], -a * hv[-1])
@@ -258,7 +261,7 @@ class _Flat(torch.autograd.Function):
         a = alpha.detach()
         keep = bool(batches) and any(ctx.needs_input_grad)  # no graph to keep for a caller without grad
         plain = batches[:-1] if keep else batches
-        thetas, grads, theta, rngs = _forward_steps(student, theta0, a, syn, plain, False, clip)
+        thetas, grads, theta, rngs = _forward_steps(student, theta0, a, syn, plain, clip)
         ctx.kept = {}
         if keep:
             n = len(batches) - 1
@@ -269,8 +272,7 @@ class _Flat(torch.autograd.Function):
             step = [x.detach() for x in g]
             grads.append(step)
             student.record_step(loss, step)
-            scale = clip_scale(global_norm(step), clip)
-            theta = [t.detach() - a * scale * gi for t, gi in zip(theta, step, strict=True)]
+            theta = _sgd_step([t.detach() for t in theta], step, a, clip)
         ctx.student, ctx.batches, ctx.thetas, ctx.grads = student, batches, thetas, grads
         ctx.clip, ctx.rngs = clip, rngs
         ctx.save_for_backward(alpha, syn)
@@ -289,7 +291,7 @@ class _FD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, batches, alpha, syn, rel_eps, clip, *theta0):  # type: ignore[override]
-        thetas, grads, theta_n, rngs = _forward_steps(student, theta0, alpha.detach(), syn, batches, False, clip)
+        thetas, grads, theta_n, rngs = _forward_steps(student, theta0, alpha.detach(), syn, batches, clip)
         ctx.student, ctx.batches, ctx.thetas, ctx.grads, ctx.rel_eps = student, batches, thetas, grads, rel_eps
         ctx.clip, ctx.rngs = clip, rngs
         ctx.save_for_backward(alpha, syn)
