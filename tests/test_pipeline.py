@@ -55,6 +55,49 @@ def test_paired_bootstrap_is_centered_and_paired():
         paired_bootstrap(a[:, :3], b, 10)
 
 
+def test_gap_closed_against_hand_values_signs_and_no_gap():
+    from nacd.stats import gap_closed
+
+    q = np.arange(200)
+    sel, nacd, full = (q < 100).astype(float), (q < 140).astype(float), (q < 180).astype(float)
+    res = gap_closed(full, sel, nacd, samples=400)  # 50 -> 70 of the way to 90: half the gap
+    assert res["status"] == "ok" and res["ratio"] == pytest.approx(0.5)
+    assert 0 < res["lo"] < 0.5 < res["hi"] < 1
+    assert res["gap"]["diff"] == pytest.approx(0.4) and res["recovered"]["diff"] == pytest.approx(0.2)
+    # a loss: lower is better; the ratio is the same formula, and only "FULL is worse" needs the sign
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1.0, 3.0, size=(2, 300))
+    sel_l, full_l, nacd_l = base, base - 0.5, base - 0.2
+    res = gap_closed(full_l, sel_l, nacd_l, higher_is_better=False, samples=300)
+    assert res["status"] == "ok" and res["ratio"] == pytest.approx(0.4)
+    assert res["lo"] == pytest.approx(0.4) and res["hi"] == pytest.approx(0.4)  # the same shift on every question
+    assert gap_closed(full_l, sel_l, nacd_l, higher_is_better=True, samples=300)["status"] == "full_worse"
+    # FULL indistinguishable from SEL: no ratio to read
+    noisy = base + rng.normal(0, 0.3, size=base.shape)
+    res = gap_closed(noisy, base, nacd_l, higher_is_better=False, samples=300)
+    assert res["status"] == "no_gap" and res["ratio"] is None and res["gap"]["lo"] < 0 < res["gap"]["hi"]
+    # FULL with one seed against two: resampled on its own
+    res = gap_closed(full_l[:1], sel_l, nacd_l, higher_is_better=False, paired_full=False, samples=300)
+    assert res["n_full_seeds"] == 1 and res["status"] == "ok"
+    with pytest.raises(ValueError):
+        gap_closed(full_l[:1], sel_l, nacd_l)
+
+
+def test_crossing_interpolates_and_says_below_or_beyond():
+    from nacd.stats import crossing
+
+    curve = [(20, 60.0), (10, 50.0), (40, 70.0), (200, 80.0)]
+    assert crossing(curve, 65.0) == {"size": pytest.approx(30.0), "where": "between"}
+    assert crossing(curve, 75.0)["size"] == pytest.approx(120.0)
+    assert crossing(curve, 45.0) == {"size": None, "where": "below"}
+    assert crossing(curve, 85.0) == {"size": None, "where": "beyond"}
+    loss = [(10, 2.0), (20, 1.8), (40, 1.6)]
+    assert crossing(loss, 1.7, higher_is_better=False)["size"] == pytest.approx(30.0)
+    assert crossing(loss, 2.1, higher_is_better=False)["where"] == "below"
+    # not monotone: the first size that reaches the target
+    assert crossing([(1, 0.0), (2, 10.0), (3, 5.0), (4, 20.0)], 8.0)["size"] == pytest.approx(1.8)
+
+
 def test_plan_covers_models_variants_and_seeds(tiny_overrides, tiny_gemma_dir):
     cfg = load_config(None, [*tiny_overrides, f"compare.receivers=['{tiny_gemma_dir}']", "compare.seeds=[3, 4]"])
     cells = plan(cfg)
@@ -70,7 +113,13 @@ def test_plan_covers_models_variants_and_seeds(tiny_overrides, tiny_gemma_dir):
 
 
 def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, capsys):
-    args = [*tiny_overrides, *RUN, f"compare.receivers=['{tiny_gemma_dir}']"]
+    args = [
+        *tiny_overrides,
+        *RUN,
+        f"compare.receivers=['{tiny_gemma_dir}']",
+        "data.heldout=4",
+        "eval.benchmarks=['builtin:demo/mc', heldout]",
+    ]
     assert cli.main(["run", *args]) == 0
     out = capsys.readouterr().out
     cfg = load_config(None, args)
@@ -107,6 +156,7 @@ def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, caps
     accs = []
     for seed in (0, 1):
         rows = read_jsonl(run_dir.eval_dir(f"{tag}/sel_nacd/seed{seed}") / "samples.jsonl")
+        rows = [r for r in rows if r["benchmark"] == "demo_mc"]
         assert len(rows) == 12
         accs.append(100 * sum(r["acc"] for r in rows) / len(rows))
     summary = json.loads((report / "results.json").read_text())["summary"]
@@ -117,6 +167,18 @@ def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, caps
     assert "report:" in out and str(report / "report.md") in out
     assert "prompt gain on" in out and "prompt vectors left their initial token" in out
     assert set(summary["bootstrap"]) == {cfg.model.spec, str(tiny_gemma_dir)}
+    # the held-out loss: a column in loss units, and the gap closed of every model x benchmark
+    assert summary["loss_benchmarks"] == ["heldout"] and "heldout (loss)" in out
+    losses = [read_jsonl(run_dir.eval_dir(f"{tag}/full/seed{seed}") / "samples.jsonl") for seed in (0, 1)]
+    held = [[r["loss"] for r in rows if r["benchmark"] == "heldout"] for rows in losses]
+    assert len(held[0]) == 4 and summary["table"][cfg.model.spec]["full"]["heldout"]["mean"] == pytest.approx(
+        sum(map(sum, held)) / 8
+    )
+    gaps = summary["gap_closed"]
+    assert set(gaps) == {cfg.model.spec, str(tiny_gemma_dir)} and set(gaps[cfg.model.spec]) == {"demo_mc", "heldout"}
+    assert gaps[cfg.model.spec]["heldout"]["higher_is_better"] is False
+    gap_row = next(line for line in out.splitlines() if line.startswith("| Gap closed by SEL+NACD |"))
+    assert gap_row.count("|") == 2 + 4 and ("no gap to close" in gap_row or "%" in gap_row)
 
     # a rerun does no work: every stage's outputs are complete and the recorded costs are kept
     stamps = {p: p.stat().st_mtime for p in root.rglob("manifest.json")}
@@ -134,7 +196,7 @@ def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, caps
     assert cli.main(["report", *args]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| Baseline (no tuning) |"))
-    assert row.endswith("| - |") and not row.endswith("| - | - |")  # the distilling model's cell is still there
+    assert row.endswith("| - | - |") and not row.endswith("| - | - | - |")  # the distilling model's cells are still there
     assert (
         json.loads((report / "results.json").read_text())["summary"]["table"][str(tiny_gemma_dir)].get("baseline")
         is None

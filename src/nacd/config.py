@@ -151,11 +151,21 @@ class DataConfig:
         "auto", "auto: the model's chat template if it has one, else the fallback format (docs/DATA.md)."
     )
     strict: bool = f(False, "True: the first bad record stops loading; False: it is skipped, counted and logged.")
-    seed: int = f(0, "Seed of the per-source sampling caps.")
+    seed: int = f(0, "Seed of the per-source sampling caps and of the held-out split.")
+    heldout: float = f(
+        0,
+        "Examples of each source held out of D_full before its cap, for the `heldout` benchmark (docs/EVAL.md): "
+        "a fraction (< 1) or a count (>= 1) per source; 0 holds nothing out.",
+    )
 
     def __post_init__(self) -> None:
         _check(len(self.sources) > 0, "sources", "needs at least one source")
         _check(self.max_seq_len >= 8, "max_seq_len", "must be at least 8")
+        _check(
+            self.heldout == 0 or 0 < self.heldout < 1 or float(self.heldout).is_integer() and self.heldout >= 1,
+            "heldout",
+            f"expected 0, a fraction in (0, 1) or a whole count >= 1, got {self.heldout!r}",
+        )
 
 
 @dataclass

@@ -40,6 +40,8 @@ __all__ = [
     "detect_format",
     "normalize_record",
     "sample_cap",
+    "heldout_count",
+    "split_heldout",
     "load_source",
     "load_corpus",
     "corpus_hash",
@@ -130,6 +132,8 @@ class LoadReport:
     """Valid examples per source before the caps."""
     skipped: list[Skip] = field(default_factory=list)
     """Every skipped record, in the order met."""
+    heldout: dict[str, list[Example]] = field(default_factory=dict)
+    """Per source, the examples held out of D_full (``data.heldout``; empty when 0)."""
 
     def add_skip(self, skip: Skip) -> None:
         """Record a skip; the first :data:`LOG_FIRST_SKIPS` are logged as warnings, later ones at debug level."""
@@ -160,7 +164,8 @@ class LoadReport:
         lines = [f"loaded {total} examples from {len(self.loaded)} source(s), skipped {len(self.skipped)} record(s)"]
         width = max((len(name) for name in self.loaded), default=0)
         for name, n in self.loaded.items():
-            lines.append(f"  {name:<{width}}  {n} of {self.available.get(name, n)}")
+            held = f" ({len(self.heldout[name])} held out)" if name in self.heldout else ""
+            lines.append(f"  {name:<{width}}  {n} of {self.available.get(name, n)}{held}")
         if self.skipped:
             lines.append("  skipped: " + ", ".join(f"{n} {reason}" for reason, n in self.skip_counts().items()))
         return "\n".join(lines)
@@ -293,9 +298,9 @@ def _chat_messages(record: dict[str, Any], fields: dict[str, str]) -> list[dict[
 
 
 def doc_messages(doc: Any) -> list[dict[str, str]]:
-    """A benchmark question (``nacd.evaluate.Doc``) as a chat: the text protocol's prompt, then the gold
+    """A benchmark question (``nacd.questions.Doc``) as a chat: the text protocol's prompt, then the gold
     choice's text. Shared by the ``multiple_choice`` format and ``select.target``'s benchmark examples."""
-    from nacd.evaluate.prompts import doc_to_choices, doc_to_text
+    from nacd.questions import doc_to_choices, doc_to_text
 
     return [
         {"role": "user", "content": doc_to_text(doc, "text")},
@@ -308,9 +313,9 @@ def _multiple_choice_messages(record: dict[str, Any], fields: dict[str, str]) ->
 
     The rows of ``allenai/ai2_arc`` (``choices: {text, label}``, ``answerKey``) and of ``{question,
     choices, answer}`` files (answer: a 0-based index, a letter, a label or the choice text), as Flan's
-    collection carries ARC, read exactly as the evaluation reads them (``nacd.evaluate.doc_from_record``).
+    collection carries ARC, read exactly as the evaluation reads them (``nacd.questions.doc_from_record``).
     """
-    from nacd.evaluate.benchmarks import FieldError, doc_from_record
+    from nacd.questions import FieldError, doc_from_record
 
     renamed = {
         canonical: record[_column(fields, canonical)]
@@ -431,8 +436,38 @@ def sample_cap(examples: list[Example], cap: int | None, seed: int, name: str) -
     return [examples[i] for i in sorted(rng.sample(range(len(examples)), cap))]
 
 
+def heldout_count(heldout: float, n: int) -> int:
+    """How many of a source's ``n`` examples ``data.heldout`` holds out: a fraction (< 1, at least 1 when
+    positive) or a count (>= 1), never all of them."""
+    if heldout <= 0 or n <= 1:
+        return 0
+    count = max(1, round(heldout * n)) if heldout < 1 else int(heldout)
+    return min(count, n - 1)
+
+
+def split_heldout(examples: list[Example], heldout: float, seed: int, name: str) -> tuple[list[Example], list[Example]]:
+    """``(held out, rest)`` of one source's examples: a uniform sample seeded by ``seed`` and ``name`` (apart
+    from the caps' seeding), in file order. A record whose messages occur more than once in the source is
+    never held out: nothing held out is ever loaded into D_full, by content as well as by id."""
+    count = heldout_count(heldout, len(examples))
+    if count == 0:
+        return [], list(examples)
+    copies = Counter(_message_hash(ex.messages) for ex in examples)
+    unique = [i for i, ex in enumerate(examples) if copies[_message_hash(ex.messages)] == 1]
+    rng = random.Random(f"heldout/{seed}/{name}")
+    chosen = set(rng.sample(unique, min(count, len(unique))))
+    held_out = [i in chosen for i in range(len(examples))]
+    return (
+        [ex for ex, h in zip(examples, held_out, strict=True) if h],
+        [ex for ex, h in zip(examples, held_out, strict=True) if not h],
+    )
+
+
 def load_corpus(cfg: DataConfig) -> tuple[list[Example], LoadReport]:
-    """Every source of ``cfg`` in order, each capped by its ``max_examples``; raises on an empty corpus."""
+    """Every source of ``cfg`` in order, each capped by its ``max_examples``; raises on an empty corpus.
+
+    With ``cfg.heldout`` each source's held-out examples are drawn first (:func:`split_heldout`) and the
+    cap samples the rest; they are in ``report.heldout``, never in the corpus."""
     report = LoadReport()
     names: dict[str, int] = {}
     for i, src in enumerate(cfg.sources):
@@ -446,6 +481,9 @@ def load_corpus(cfg: DataConfig) -> tuple[list[Example], LoadReport]:
     corpus: list[Example] = []
     for i, src in enumerate(cfg.sources):
         examples = load_source(src, cfg.root, cfg.strict, report, key=f"data.sources.{i}")
+        held, examples = split_heldout(examples, cfg.heldout, cfg.seed, source_name(src))
+        if cfg.heldout:
+            report.heldout[source_name(src)] = held
         chosen = sample_cap(examples, src.max_examples, cfg.seed, source_name(src))
         report.loaded[source_name(src)] = len(chosen)
         corpus.extend(chosen)

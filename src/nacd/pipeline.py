@@ -239,8 +239,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     from nacd.report import write_report
 
     check(config)
-    for spec in config.eval.benchmarks:  # data errors before hours of training
-        evaluate.load_benchmark(spec, config.eval.split, config.data.root)
+    evaluate.load_benchmarks(config, run_dir)  # data errors (and held-out overlaps) before hours of training
     device = str(resolve_device(config.run.device))
     ranks = current_ranks(cpu=device == "cpu")  # under torchrun every stage runs on every process
     if ranks.is_main:

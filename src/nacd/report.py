@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from nacd.artifacts import atomic_write_json, atomic_write_text, read_jsonl, read_manifest
-from nacd.stats import mean_std, paired_bootstrap
+from nacd.stats import gap_closed, mean_std, paired_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def read_scores(eval_dir: Path, metric: str) -> Scores | None:
     if manifest is None or not manifest.get("complete"):
         return None
     per_q: dict[str, dict[str, float]] = {}
-    for s in read_jsonl(eval_dir / "samples.jsonl"):
-        per_q.setdefault(s["benchmark"], {})[s["id"]] = float(s[metric])
+    for s in read_jsonl(eval_dir / "samples.jsonl"):  # a held-out benchmark's samples carry their loss
+        per_q.setdefault(s["benchmark"], {})[s["id"]] = float(s[metric] if metric in s else s["loss"])
     results = json.loads((eval_dir / "results.json").read_text(encoding="utf-8"))["benchmarks"]
     return Scores(per_q, results)
 
@@ -73,12 +73,15 @@ def summarize(config: Any, run_dir: Any, cells: Sequence[Any]) -> dict[str, Any]
     metric = cc.metric
     table: dict[str, dict[str, dict[str, Any]]] = {}
     matrices: dict[tuple[str, str, str], dict[int | None, dict[str, float]]] = {}
+    losses: set[str] = set()  # benchmarks scored by a loss (lower is better), not in points
     for cell in cells:
         scores = read_scores(run_dir.eval_dir(cell.name), metric)
         if scores is None:
             continue
         for bench, per_q in scores.per_question.items():
             matrices.setdefault((cell.model, cell.variant, bench), {})[cell.seed] = per_q
+            if scores.results.get(bench, {}).get("kind") == "loss":
+                losses.add(bench)
     models = list(dict.fromkeys(c.model for c in cells))
     benches = sorted({k[2] for k in matrices}, key=lambda b: (b not in config.eval.benchmarks, b))
     for model in models:
@@ -87,7 +90,8 @@ def summarize(config: Any, run_dir: Any, cells: Sequence[Any]) -> dict[str, Any]
                 by_seed = matrices.get((model, variant, bench))
                 if not by_seed:
                     continue
-                per_seed = {str(s): 100 * sum(q.values()) / len(q) for s, q in by_seed.items()}
+                scale = 1 if bench in losses else 100
+                per_seed = {str(s): scale * sum(q.values()) / len(q) for s, q in by_seed.items()}
                 mean, std = mean_std(list(per_seed.values()))
                 n_q = len(next(iter(by_seed.values())))
                 table.setdefault(model, {}).setdefault(variant, {})[bench] = {
@@ -110,32 +114,99 @@ def summarize(config: Any, run_dir: Any, cells: Sequence[Any]) -> dict[str, Any]
             ma = [[a[s][q] for q in qids] for s in seeds]
             mb = [[b[s][q] for q in qids] for s in seeds]
             res = paired_bootstrap(ma, mb, cc.bootstrap_samples, cc.confidence, config.run.seed)
-            bootstrap.setdefault(model, {})[bench] = {k: (100 * v if k in ("diff", "lo", "hi") else v)
+            scale = 1 if bench in losses else 100
+            bootstrap.setdefault(model, {})[bench] = {k: (scale * v if k in ("diff", "lo", "hi") else v)
                                                      for k, v in res.items()}  # fmt: skip
-    return {"metric": metric, "models": models, "benchmarks": benches, "table": table, "bootstrap": bootstrap}
+    gaps: dict[str, dict[str, Any]] = {}
+    for model in models:
+        for bench in benches:
+            gap = _gap(matrices, model, bench, bench not in losses, config)
+            if gap is not None:
+                gaps.setdefault(model, {})[bench] = gap
+    return {"metric": metric, "models": models, "benchmarks": benches, "table": table, "bootstrap": bootstrap,
+            "gap_closed": gaps, "loss_benchmarks": sorted(losses)}  # fmt: skip
+
+
+def _gap(matrices: dict, model: str, bench: str, higher_is_better: bool, config: Any) -> dict[str, Any] | None:
+    """The gap closed of one model and benchmark (:func:`nacd.stats.gap_closed`), in the table's units, or
+    None while FULL, SEL or SEL+NACD is missing. SEL and SEL+NACD are paired by seed, and FULL too when
+    it has every one of their seeds (``compare.full_seeds`` may give it fewer)."""
+    full, sel, nacd = (matrices.get((model, v, bench)) for v in ("full", "sel", "sel_nacd"))
+    if not (full and sel and nacd):
+        return None
+    seeds = sorted(set(sel) & set(nacd), key=str)
+    paired = set(seeds) <= set(full)
+    full_seeds = seeds if paired else sorted(full, key=str)
+    if not seeds:
+        return None
+    qids = sorted(
+        set.intersection(*(set(m[s]) for m, ss in ((sel, seeds), (nacd, seeds), (full, full_seeds)) for s in ss))
+    )
+    if not qids:
+        return None
+    cc = config.compare
+    res = gap_closed(
+        [[full[s][q] for q in qids] for s in full_seeds],
+        [[sel[s][q] for q in qids] for s in seeds],
+        [[nacd[s][q] for q in qids] for s in seeds],
+        higher_is_better=higher_is_better,
+        paired_full=paired,
+        samples=cc.bootstrap_samples,
+        confidence=cc.confidence,
+        seed=config.run.seed,
+    )
+    scale = 100 if higher_is_better else 1
+    for key in ("gap", "recovered"):
+        res[key] = {k: scale * v for k, v in res[key].items()}
+    return res
+
+
+def fmt_gap(gap: dict[str, Any] | None, unit: str = "points") -> str:
+    """A gap-closed cell: ``41% [12%, 70%]``, or why there is no ratio to read."""
+    if gap is None:
+        return "-"
+    g = gap["gap"]
+    lead = f"FULL - SEL {g['diff']:+.2f} [{g['lo']:+.2f}, {g['hi']:+.2f}]" + ("" if unit == "points" else f" {unit}")
+    if gap["status"] == "no_gap":
+        return f"no gap to close ({lead})"
+    if gap["status"] == "full_worse":
+        return f"FULL worse than SEL: nothing to close ({lead})"
+    return f"{100 * gap['ratio']:+.0f}% [{100 * gap['lo']:+.0f}%, {100 * gap['hi']:+.0f}%]"
 
 
 # --------------------------------------------------------------------------- rendering (pure)
 
 
-def fmt_cell(entry: dict[str, Any] | None) -> str:
+def fmt_cell(entry: dict[str, Any] | None, digits: int = 2) -> str:
     if entry is None:
         return "-"
     if entry["std"] is None:
-        return f"{entry['mean']:.2f}"
-    return f"{entry['mean']:.2f} ± {entry['std']:.2f}"
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
 def table_rows(summary: dict[str, Any], model_names: dict[str, str]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the comparison table (paper layout: variants down, model x benchmark across)."""
-    header = ["Method"] + [f"{model_names.get(m, m)}: {b}" for m in summary["models"] for b in summary["benchmarks"]]
+    losses = set(summary.get("loss_benchmarks", []))
+    header = ["Method"] + [
+        f"{model_names.get(m, m)}: {b}" + (" (loss)" if b in losses else "")
+        for m in summary["models"]
+        for b in summary["benchmarks"]
+    ]
     variants = list(dict.fromkeys(v for m in summary["table"].values() for v in m))
     rows = []
     for variant in variants:
         row = [LABELS.get(variant, variant)]
         for m in summary["models"]:
             for b in summary["benchmarks"]:
-                row.append(fmt_cell(summary["table"].get(m, {}).get(variant, {}).get(b)))
+                row.append(fmt_cell(summary["table"].get(m, {}).get(variant, {}).get(b), 4 if b in losses else 2))
+        rows.append(row)
+    gaps = summary.get("gap_closed") or {}
+    if gaps:
+        row = ["Gap closed by SEL+NACD"]
+        for m in summary["models"]:
+            for b in summary["benchmarks"]:
+                row.append(fmt_gap(gaps.get(m, {}).get(b), "loss" if b in losses else "points"))
         rows.append(row)
     return header, rows
 
@@ -310,6 +381,18 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         + _corpus_line(run_dir)
     )
     doc.table(header, rows)
+    if summary["gap_closed"]:
+        doc.p(
+            "Gap closed: (M(SEL+NACD) - M(SEL)) / (M(FULL) - M(SEL)), how much of FULL's lead over SEL the distilled "
+            f"set recovers, with its {int(100 * config.compare.confidence)}% bootstrap interval (questions and seeds "
+            "resampled, the same draws for the three variants; for a loss both differences change sign together). "
+            "Where the interval of FULL - SEL holds 0 there is no gap to close and no ratio is given."
+            + (
+                " Loss columns: the mean response-token loss of held-out examples, lower is better."
+                if summary["loss_benchmarks"]
+                else ""
+            )
+        )
     boot_rows = []
     for model, per_bench in summary["bootstrap"].items():
         for bench, r in per_bench.items():

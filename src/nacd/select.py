@@ -416,9 +416,14 @@ def run(config: Any, run_dir: RunDir) -> Selection:
     if ranks.is_main:
         run_dir.init(config)
     setup_logging(config.run.log_level, run_dir.log_path if ranks.is_main else None)
-    examples, _ = load_corpus(config.data)
+    examples, report = load_corpus(config.data)
     targeted = sc.method in TARGETED
     targets = load_target(config) if targeted else None
+    if targets and report.heldout:  # the held-out loss must be measured on examples nothing was chosen for
+        from nacd.evaluate.heldout import check_disjoint
+
+        held = [ex for part in report.heldout.values() for ex in part]
+        check_disjoint(held, [], {f"the selection target (select.target={sc.target})": targets})
     identity: dict[str, Any] = {
         "method": sc.method,
         "method_config": _method_config(config),

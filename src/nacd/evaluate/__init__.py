@@ -34,10 +34,16 @@ The package follows these steps, each module importing only the ones before it:
     contexts and continuations of a doc; lm-eval's tokenization (:func:`encode_pair`).
 ``scoring``
     :func:`score_loglikelihood`, packed and plain.
+``heldout``
+    the held-out instruction loss (``heldout``, ``heldout:<source>``): examples of D_full's sources that
+    ``data.heldout`` keeps out of it, scored by their response loss.
 ``evaluation``
     :func:`evaluate`: benchmarks -> metrics and samples.
 ``stage``
     ``nacd eval``: :func:`check` and :func:`run`.
+
+A question's own format (:class:`Doc`, :func:`doc_from_record`, :func:`doc_to_text`, :func:`doc_to_choices`)
+lives in :mod:`nacd.questions`, below the data layer and this package, and is re-exported here.
 
 Every name of the former single module ``nacd/evaluate.py`` stays importable from ``nacd.evaluate``.
 A name is looked up in the module that uses it: to patch one (``SHARED_PREFIX_MIN``, ``_score_packed``),
@@ -56,7 +62,6 @@ from nacd.evaluate.benchmarks import (
     MMLU_TEXT_DESCRIPTION,
     Benchmark,
     Doc,
-    _answer_index,
     _bench_name,
     _Builtin,
     _docs_from_rows,
@@ -69,7 +74,6 @@ from nacd.evaluate.benchmarks import (
     _read_jsonl_records,
     _sort_by_subject,
     _unique_ids,
-    doc_from_record,
     load_benchmark,
     load_jsonl_docs,
     load_mmlu_csv,
@@ -83,6 +87,16 @@ from nacd.evaluate.evaluation import (
     evaluate,
     resolve_protocol,
 )
+from nacd.evaluate.heldout import (
+    HELDOUT,
+    HeldoutBenchmark,
+    aggregate_loss,
+    check_disjoint,
+    heldout_sources,
+    is_heldout,
+    load_heldout,
+    score_heldout,
+)
 from nacd.evaluate.prompts import (
     DEFAULT_MAX_LENGTH,
     FEWSHOT_DELIMITER,
@@ -90,8 +104,6 @@ from nacd.evaluate.prompts import (
     _prefix_token_id,
     _tok_encode,
     build_context,
-    doc_to_choices,
-    doc_to_text,
     encode_pair,
     fewshot_docs,
     model_max_length,
@@ -120,10 +132,12 @@ from nacd.evaluate.stage import (
     brief_error,
     check,
     eval_name,
+    load_benchmarks,
     model_name,
     run,
     verify_adapter,
 )
+from nacd.questions import FieldError, _answer_index, doc_from_record, doc_to_choices, doc_to_text
 
 # every name of the former module, private ones included (select.py, the tests and bench/ use some)
 __all__ = [
@@ -139,6 +153,7 @@ __all__ = [
     "_Builtin",
     "BUILTINS",
     "_answer_index",
+    "FieldError",
     "doc_from_record",
     "_read_jsonl_records",
     "load_jsonl_docs",
@@ -188,8 +203,18 @@ __all__ = [
     "_limited",
     "resolve_protocol",
     "evaluate",
+    # held-out loss
+    "HELDOUT",
+    "HeldoutBenchmark",
+    "aggregate_loss",
+    "check_disjoint",
+    "heldout_sources",
+    "is_heldout",
+    "load_heldout",
+    "score_heldout",
     # stage
     "KIND",
+    "load_benchmarks",
     "STAGE",
     "apply_adapter",
     "brief_error",

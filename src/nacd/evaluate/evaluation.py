@@ -84,19 +84,32 @@ def evaluate(
     *,
     progress: bool = True,
     ranks: Ranks = Ranks(),
+    data: Any = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score ``benchmarks`` under ``cfg`` (an :class:`~nacd.config.EvalConfig`): ``(results, samples)``.
 
     ``results[name]`` holds n, acc, acc_norm, their standard errors, per-subject metrics and macro
     averages, protocol, shots and timing; ``samples`` one dict per question (see docs/EVAL.md).
+    A held-out benchmark (:class:`~nacd.evaluate.heldout.HeldoutBenchmark`) gives ``loss`` instead,
+    tokenized as ``data`` (a :class:`~nacd.config.DataConfig`) says.
     Under a launcher (``ranks``) each process scores its share of the batches and every process
     returns the same results (with the contexts each process scored under ``processes``).
     """
     from tqdm.auto import tqdm
 
+    from nacd.evaluate.heldout import HeldoutBenchmark, evaluate_heldout
+
     results: dict[str, Any] = {}
     samples: list[dict[str, Any]] = []
     for bench in benchmarks:
+        if isinstance(bench, HeldoutBenchmark):
+            if data is None:
+                raise NacdError(f"{bench.name}: a held-out benchmark needs the data config (evaluate(..., data=))")
+            results[bench.name], part = evaluate_heldout(
+                model, tokenizer, bench, cfg, data, progress=progress, ranks=ranks
+            )
+            samples.extend(part)
+            continue
         protocol, shots = resolve_protocol(bench, getattr(cfg, "protocol", "auto"), cfg.num_fewshot)
         docs = _limited(bench, (getattr(cfg, "limits", None) or {}).get(bench.name, cfg.limit))
         requests: list[tuple[str, str]] = []

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from nacd.errors import DataError, NacdError
-from nacd.evaluate.benchmarks import LETTERS, Benchmark, Doc
+from nacd.errors import DataError
+from nacd.evaluate.benchmarks import Benchmark, Doc
+from nacd.questions import doc_to_choices, doc_to_text
 
 #: lm-eval's defaults: between a context and its answer, and between few-shot examples.
 TARGET_DELIMITER = " "
@@ -20,21 +21,6 @@ DEFAULT_MAX_LENGTH = 2048
 
 
 # --------------------------------------------------------------------------- prompts
-
-
-def doc_to_text(doc: Doc, protocol: str) -> str:
-    """The question as prompted: ``Question: ...\\nAnswer:`` (text) or the choices listed (letter)."""
-    if protocol == "text":
-        return f"Question: {doc.question}\nAnswer:"
-    if protocol == "letter":
-        lines = "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(doc.choices))
-        return f"{doc.question}\n{lines}Answer:"
-    raise NacdError(f"eval.protocol: expected text or letter, got {protocol!r}")
-
-
-def doc_to_choices(doc: Doc, protocol: str) -> list[str]:
-    """The answers that are scored: the choice texts (text) or the letters A, B, ... (letter)."""
-    return list(doc.choices) if protocol == "text" else list(LETTERS[: len(doc.choices)])
 
 
 def fewshot_docs(bench: Benchmark, doc: Doc, k: int) -> list[Doc]:

@@ -14,6 +14,7 @@ from typing import Any
 from nacd.errors import NacdError
 from nacd.evaluate.benchmarks import _HUB_ID, BUILTINS, load_benchmark
 from nacd.evaluate.evaluation import evaluate
+from nacd.evaluate.heldout import HeldoutBenchmark, heldout_sources, is_heldout, load_heldout
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,9 @@ def check(config: Any) -> None:
         spec = spec.strip()
         if spec in BUILTINS:
             continue
+        if is_heldout(spec):
+            heldout_sources(spec, config.data)
+            continue
         if spec.startswith("builtin:"):
             from nacd.demo_data import builtin_path
 
@@ -124,6 +128,38 @@ def check(config: Any) -> None:
                 f"eval.benchmarks: {spec!r} is not a built-in ({', '.join(BUILTINS)}), an existing .jsonl file or "
                 f"folder (also looked under data.root = {root}), nor a hub dataset id owner/name[:config]"
             )
+
+
+def load_benchmarks(config: Any, run_dir: Any = None) -> list[Any]:
+    """The benchmarks of ``eval.benchmarks``: multiple-choice ones and held-out losses, the latter checked
+    disjoint from D_full, the selection target and the run folder's selection when it has one."""
+    ec = config.eval
+    out = []
+    for spec in ec.benchmarks:
+        if not is_heldout(spec):
+            out.append(load_benchmark(spec, ec.split, config.data.root))
+            continue
+        ids, where = None, ""
+        path = run_dir.select_dir / "selection.json" if run_dir is not None else None
+        if path is not None and path.is_file():
+            ids, where = json.loads(path.read_text(encoding="utf-8")).get("ids"), str(path)
+        out.append(load_heldout(spec, config, ids, where))
+    return out
+
+
+def _benchmark_identity(bench: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from nacd.artifacts import sha256_json
+
+    if isinstance(bench, HeldoutBenchmark):
+        items = [[ex.id, list(ex.messages)] for ex in bench.examples]
+        return {"source": bench.source, "n_available": len(bench.examples), "data_hash": sha256_json(items)}
+    return {
+        "source": bench.source,
+        "n_available": len(bench.docs),
+        "data_hash": sha256_json([asdict(d) for d in (*bench.docs, *bench.fewshot_pool)]),
+    }
 
 
 def run(config: Any, run_dir: Any) -> dict[str, Any]:
@@ -139,7 +175,6 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
         read_verified,
         record_files,
         setup_logging,
-        sha256_json,
         verify_files,
         write_manifest,
     )
@@ -150,7 +185,7 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
     ec = config.eval
     if ec.adapter:  # here, not in check(): `nacd run` checks every stage before its tunings write adapters
         verify_adapter(ec.adapter)
-    benchmarks = [load_benchmark(spec, ec.split, config.data.root) for spec in ec.benchmarks]  # data errors first
+    benchmarks = load_benchmarks(config, run_dir)  # data errors first
     device = resolve_device(config.run.device)
     ranks = current_ranks(cpu=device.type == "cpu")  # under a launcher each process scores its share
     if ranks.is_main:
@@ -162,20 +197,16 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
     identity = {
         "model": {"spec": config.model.spec, "fingerprint": model_fingerprint(model)},
         "adapter": _adapter_identity(ec.adapter),
-        "benchmarks": {
-            b.name: {
-                "source": b.source,
-                "n_available": len(b.docs),
-                "data_hash": sha256_json([asdict(d) for d in (*b.docs, *b.fewshot_pool)]),
-            }
-            for b in benchmarks
-        },
+        "benchmarks": {b.name: _benchmark_identity(b) for b in benchmarks},
         "split": ec.split,
         "protocol": ec.protocol,
         "num_fewshot": ec.num_fewshot,
         "limit": ec.limit,
         "limits": ec.limits,
     }
+    if any(isinstance(b, HeldoutBenchmark) for b in benchmarks):  # how its examples are tokenized
+        dc = config.data
+        identity["tokenization"] = {"max_seq_len": dc.max_seq_len, "template": dc.template, "truncation": dc.truncation}
     existing = ranks.from_main(read_manifest(folder, KIND))  # one decision for all processes
     if existing is not None and existing.get("complete") and (folder / "results.json").is_file():
         if all(existing.get(k) == v for k, v in identity.items()):
@@ -193,7 +224,7 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
     if ec.adapter:
         model = apply_adapter(model, ec.adapter)
     start = time.time()
-    results, samples = evaluate(model, tokenizer, benchmarks, ec, ranks=ranks)
+    results, samples = evaluate(model, tokenizer, benchmarks, ec, ranks=ranks, data=config.data)
     body = {
         "name": name,
         "model": {"spec": config.model.spec, **describe(model)},
@@ -212,7 +243,10 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
             KIND,
             **identity,
             name=name,
-            protocols={k: {"protocol": v["protocol"], "num_fewshot": v["num_fewshot"]} for k, v in results.items()},
+            protocols={
+                k: {"protocol": v["protocol"], "num_fewshot": v["num_fewshot"]} if "protocol" in v else {"kind": "loss"}
+                for k, v in results.items()
+            },
             n_questions={k: v["n"] for k, v in results.items()},
             seconds=round(time.time() - start, 2),
             files=record_files(tmp, ["results.json", "samples.jsonl"]),
