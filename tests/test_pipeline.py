@@ -8,7 +8,7 @@ import pytest
 from nacd import cli
 from nacd.artifacts import RunDir, read_jsonl
 from nacd.config import load_config
-from nacd.errors import NacdError
+from nacd.errors import ConfigError, NacdError
 from nacd.evaluate import model_name
 from nacd.pipeline import Cell, CostBook, needed_stages, plan
 from nacd.report import summarize
@@ -98,6 +98,22 @@ def test_crossing_interpolates_and_says_below_or_beyond():
     assert crossing([(1, 0.0), (2, 10.0), (3, 5.0), (4, 20.0)], 8.0)["size"] == pytest.approx(1.8)
 
 
+def test_size_variants_are_named_by_ranking_and_multiple(tiny_overrides):
+    from nacd.sizes import size_count, variants
+
+    cfg = load_config(None, [*tiny_overrides, "compare.sizes=[4, 0.5, 2]", "compare.size_methods=[select, random]",
+                             "select.method=bm25", "select.target=arc_easy"])  # fmt: skip
+    assert [v.name for v in variants(cfg)] == ["sel_0.5x", "sel_2x", "sel_4x", "random_0.5x", "random_1x",
+                                              "random_2x", "random_4x"]  # fmt: skip
+    random = load_config(None, [*tiny_overrides, "compare.sizes=[2]", "compare.size_methods=[select, random]"])
+    assert [v.name for v in variants(random)] == ["sel_2x"]  # select.method is random: one ranking
+    assert size_count(0.5, 0.1, 290) == 14 and size_count(4, 8, 20) == 20 and size_count(0.01, 8, 20) == 1
+    with pytest.raises(ConfigError, match="compare.sizes"):
+        load_config(None, [*tiny_overrides, "compare.sizes=[1, 2]"])
+    with pytest.raises(NacdError, match="needs the variant sel"):
+        plan(load_config(None, [*tiny_overrides, "compare.sizes=[2]", "compare.variants=[full, sel_nacd]"]))
+
+
 def test_plan_covers_models_variants_and_seeds(tiny_overrides, tiny_gemma_dir):
     cfg = load_config(None, [*tiny_overrides, f"compare.receivers=['{tiny_gemma_dir}']", "compare.seeds=[3, 4]"])
     cells = plan(cfg)
@@ -119,6 +135,8 @@ def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, caps
         f"compare.receivers=['{tiny_gemma_dir}']",
         "data.heldout=4",
         "eval.benchmarks=['builtin:demo/mc', heldout]",
+        "compare.sizes=[0.5, 2]",
+        "compare.size_models=distilling",
     ]
     assert cli.main(["run", *args]) == 0
     out = capsys.readouterr().out
@@ -143,6 +161,7 @@ def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, caps
     bad = {k: v for k, v in costs.items() if not (v["status"] == "ran" and v["seconds"] > 0 and v["peak_rss_mb"] > 0)}
     assert not bad, bad
     assert len(costs) == 3 + len(cells) + sum(c.variant != "baseline" for c in cells)
+    tag = model_name(cfg.model.spec)
     report = root / "report"
     for name in ("report.md", "report.html", "results.json", "distill_curves.png", "nearest_distances.png"):
         assert (report / name).is_file(), name
@@ -179,6 +198,24 @@ def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, caps
     assert gaps[cfg.model.spec]["heldout"]["higher_is_better"] is False
     gap_row = next(line for line in out.splitlines() if line.startswith("| Gap closed by SEL+NACD |"))
     assert gap_row.count("|") == 2 + 4 and ("no gap to close" in gap_row or "%" in gap_row)
+    # SEL at other sizes: prefixes of the selection's ranking, tuned on the distilling model only
+    ranking = json.loads((run_dir.select_dir / "ranking.json").read_text())["ids"]
+    selected = json.loads((run_dir.select_dir / "selection.json").read_text())["ids"]
+    assert len(ranking) == 24 and ranking[:8] == selected
+    for name, count in (("sel_0.5x", 4), ("sel_2x", 16)):
+        body = json.loads((run_dir.select_dir / "sizes" / f"{name}.json").read_text())
+        assert body["ids"] == ranking[:count] and body["count"] == count
+        manifest = json.loads((run_dir.finetune_dir(f"{tag}/{name}/seed1") / "manifest.json").read_text())
+        assert manifest["n_examples"] == count
+    assert {c.variant for c in cells if c.role == "receiver"} == {"baseline", "full", "sel", "sel_nacd"}
+    effective = summary["effective_size"][cfg.model.spec]["demo_mc"]
+    means = summary["table"][cfg.model.spec]
+    assert [p[0] for p in effective["curves"]["select"]] == [4, 8, 16, 24]
+    assert [p[1] for p in effective["curves"]["select"]] == [
+        means[v]["demo_mc"]["mean"] for v in ("sel_0.5x", "sel", "sel_2x", "full")
+    ]
+    assert "| SEL 0.5x |" in md and "| SEL 2x |" in md and "| Effective data size of SEL+NACD |" in out
+    assert "effective data size: 8 distilled examples tune" in out and (report / "effective_size.png").is_file()
 
     # a rerun does no work: every stage's outputs are complete and the recorded costs are kept
     stamps = {p: p.stat().st_mtime for p in root.rglob("manifest.json")}
@@ -196,7 +233,9 @@ def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, caps
     assert cli.main(["report", *args]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| Baseline (no tuning) |"))
-    assert row.endswith("| - | - |") and not row.endswith("| - | - | - |")  # the distilling model's cells are still there
+    assert row.endswith("| - | - |") and not row.endswith(
+        "| - | - | - |"
+    )  # the distilling model's cells are still there
     assert (
         json.loads((report / "results.json").read_text())["summary"]["table"][str(tiny_gemma_dir)].get("baseline")
         is None

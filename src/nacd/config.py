@@ -422,8 +422,27 @@ class CompareConfig:
     metric: Literal["acc", "acc_norm"] = f("acc", "Metric of the table and of the bootstrap.")
     bootstrap_samples: int = f(2000, "Paired bootstrap resamples (questions x seeds) for SEL+NACD vs SEL.")
     confidence: float = f(0.95, "Confidence level of the bootstrap interval.")
+    sizes: list[float] = f(
+        [],
+        "SEL at other sizes, as multiples of select.budget (e.g. [0.5, 2, 4]): each is a variant sel_<m>x tuned "
+        "like SEL on the first m x budget examples of the selection's ranking; with FULL they make the curve that "
+        "gives SEL+NACD's effective data size (docs/PIPELINE.md).",
+    )
+    size_methods: list[Literal["select", "random"]] = f(
+        ["select"],
+        "Rankings the sizes are drawn from: select (select.method's) and random (variants random_<m>x, 1x included).",
+    )
+    size_models: Literal["all", "distilling"] = f(
+        "all", "Models tuned at the other sizes: all (the distilling model and every receiver) or distilling."
+    )
 
     def __post_init__(self) -> None:
+        _check(all(m > 0 for m in self.sizes) and len(set(self.sizes)) == len(self.sizes), "sizes",
+               "must be positive multiples of select.budget, no repeats")  # fmt: skip
+        _check(1 not in self.sizes, "sizes", "1 is SEL itself (the variant sel); list the other multiples")
+        _check(
+            len(set(self.size_methods)) == len(self.size_methods) > 0, "size_methods", "must be non-empty, no repeats"
+        )
         unknown = [v for v in self.variants if v not in VARIANTS]
         _check(not unknown, "variants", f"unknown {unknown}; choose from {list(VARIANTS)}")
         _check(len(set(self.variants)) == len(self.variants) > 0, "variants", "must be non-empty, no repeats")

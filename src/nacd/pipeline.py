@@ -7,7 +7,9 @@ distilling model (``model.spec``) and on every receiving model (``compare.receiv
 * ``baseline``: no tuning, evaluated once per model;
 * ``full``: LoRA on D_full; ``sel``: on D_sel; ``sel_nacd``: on D_sel with the distilled prompts
   (prompt embeddings on the distilling model, decoded nearest-token text on a receiver),
-  each once per seed of ``compare.seeds``.
+  each once per seed of ``compare.seeds``;
+* with ``compare.sizes``, SEL at other sizes (``sel_<m>x``, ``random_<m>x``: :mod:`nacd.sizes`), for the
+  effective data size of SEL+NACD.
 
 Every stage skips work whose outputs are complete, so rerunning the same command resumes where
 it stopped; changed settings are redone or refused by the stages' manifests. Each stage call's
@@ -34,6 +36,7 @@ from nacd.artifacts import RunDir, atomic_write_json, setup_logging
 from nacd.errors import NacdError
 from nacd.evaluate import model_name
 from nacd.ranks import current as current_ranks
+from nacd.sizes import ids_path
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,11 @@ def plan(config: Any) -> list[Cell]:
     tags = [model_name(spec) for spec, _ in models]
     if len(set(tags)) != len(tags):
         raise NacdError(f"compare.receivers: two models share the folder name {tags}; give distinct model specs")
+    from nacd.sizes import variants as size_variants
+
+    if cc.sizes and "sel" not in cc.variants:
+        raise NacdError("compare.sizes: SEL at other sizes needs the variant sel in compare.variants (its 1x)")
+    sizes = [v.name for v in size_variants(config)]
     cells = []
     for spec, role in models:
         for variant in cc.variants:
@@ -70,6 +78,8 @@ def plan(config: Any) -> list[Cell]:
             if variant == "full" and cc.full_seeds is not None:
                 seeds = list(cc.full_seeds)
             cells += [Cell(spec, role, variant, seed) for seed in seeds]
+            if variant == "sel" and (role == "distilling" or cc.size_models == "all"):
+                cells += [Cell(spec, role, size, seed) for size in sizes for seed in cc.seeds]
     return cells
 
 
@@ -77,7 +87,7 @@ def needed_stages(config: Any) -> list[str]:
     """The shared stages the variants need: select for sel/sel_nacd, experts and distill for sel_nacd."""
     variants = set(config.compare.variants)
     stages = []
-    if variants & {"sel", "sel_nacd"}:
+    if variants & {"sel", "sel_nacd"} or config.compare.sizes:
         stages.append("select")
     if "sel_nacd" in variants:
         stages += ["experts", "distill"]
@@ -89,14 +99,17 @@ def cell_configs(config: Any, cell: Cell, run_dir: RunDir) -> tuple[Any | None, 
     ft = None
     adapter = None
     if cell.variant != "baseline":
+        size = cell.variant not in DATASETS  # SEL at another size (nacd.sizes)
         fc = replace(
             config.finetune,
-            dataset=DATASETS[cell.variant],
+            dataset="selected" if size else DATASETS[cell.variant],
             model=None if cell.role == "distilling" else cell.model,
             name=cell.name,
             seed=cell.seed,
-            ids_file=None,
+            ids_file=str(ids_path(run_dir, cell.variant)) if size else None,
         )
+        if size:
+            fc = _fit_batch(fc, ids_path(run_dir, cell.variant))
         ft = replace(config, finetune=fc)
         adapter = str(run_dir.finetune_dir(cell.name) / "adapter")
     ev = replace(
@@ -105,6 +118,19 @@ def cell_configs(config: Any, cell: Cell, run_dir: RunDir) -> tuple[Any | None, 
         eval=replace(config.eval, adapter=adapter, name=cell.name),
     )
     return ft, ev
+
+
+def _fit_batch(fc: Any, ids_file: Path) -> Any:
+    """A size smaller than one batch is tuned with one batch of all its examples (the same epochs), not
+    refused: the smallest sizes of a small corpus are below ``finetune.train.batch_size``."""
+    if not ids_file.is_file():  # written by nacd.sizes.prepare before any cell is tuned
+        return fc
+    count = json.loads(ids_file.read_text(encoding="utf-8"))["count"]
+    tc = fc.train
+    if count >= tc.batch_size:
+        return fc
+    micro = tc.micro_batch_size if tc.micro_batch_size and count % tc.micro_batch_size == 0 else None
+    return replace(fc, train=replace(tc, batch_size=count, micro_batch_size=micro))
 
 
 # --------------------------------------------------------------------------- stage costs
@@ -234,7 +260,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     """Run the protocol (resuming), then write the report; returns the report's summary."""
     import importlib
 
-    from nacd import evaluate, finetune
+    from nacd import evaluate, finetune, sizes
     from nacd.models import resolve_device
     from nacd.report import write_report
 
@@ -260,6 +286,10 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     for name in stages:
         with book.measure(name, folders[name]):
             importlib.import_module(f"nacd.{name}").run(config, shared)
+    if config.compare.sizes:  # SEL at other sizes: prefixes of the selection's ranking
+        if ranks.is_main:
+            sizes.prepare(config, run_dir)
+        ranks.barrier()
     for i, cell in enumerate(cells, 1):
         ft, ev = cell_configs(config, cell, run_dir)
         log.info("nacd run: cell %d/%d: %s", i, len(cells), cell.name)

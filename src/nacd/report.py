@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from nacd.artifacts import atomic_write_json, atomic_write_text, read_jsonl, read_manifest
+from nacd.sizes import effective_line, effective_size, fmt_effective
+from nacd.sizes import label as size_label
 from nacd.stats import gap_closed, mean_std, paired_bootstrap
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ def summarize(config: Any, run_dir: Any, cells: Sequence[Any]) -> dict[str, Any]
     models = list(dict.fromkeys(c.model for c in cells))
     benches = sorted({k[2] for k in matrices}, key=lambda b: (b not in config.eval.benchmarks, b))
     for model in models:
-        for variant in cc.variants:
+        for variant in dict.fromkeys(c.variant for c in cells):  # compare.variants and SEL's other sizes
             for bench in benches:
                 by_seed = matrices.get((model, variant, bench))
                 if not by_seed:
@@ -123,8 +125,10 @@ def summarize(config: Any, run_dir: Any, cells: Sequence[Any]) -> dict[str, Any]
             gap = _gap(matrices, model, bench, bench not in losses, config)
             if gap is not None:
                 gaps.setdefault(model, {})[bench] = gap
-    return {"metric": metric, "models": models, "benchmarks": benches, "table": table, "bootstrap": bootstrap,
-            "gap_closed": gaps, "loss_benchmarks": sorted(losses)}  # fmt: skip
+    summary = {"metric": metric, "models": models, "benchmarks": benches, "table": table, "bootstrap": bootstrap,
+               "gap_closed": gaps, "loss_benchmarks": sorted(losses)}  # fmt: skip
+    summary["effective_size"] = effective_size(summary, run_dir, config)
+    return summary
 
 
 def _gap(matrices: dict, model: str, bench: str, higher_is_better: bool, config: Any) -> dict[str, Any] | None:
@@ -166,7 +170,10 @@ def fmt_gap(gap: dict[str, Any] | None, unit: str = "points") -> str:
     if gap is None:
         return "-"
     g = gap["gap"]
-    lead = f"FULL - SEL {g['diff']:+.2f} [{g['lo']:+.2f}, {g['hi']:+.2f}]" + ("" if unit == "points" else f" {unit}")
+    d = 2 if unit == "points" else 4
+    lead = f"FULL - SEL {g['diff']:+.{d}f} [{g['lo']:+.{d}f}, {g['hi']:+.{d}f}]" + (
+        "" if unit == "points" else f" {unit}"
+    )
     if gap["status"] == "no_gap":
         return f"no gap to close ({lead})"
     if gap["status"] == "full_worse":
@@ -196,7 +203,7 @@ def table_rows(summary: dict[str, Any], model_names: dict[str, str]) -> tuple[li
     variants = list(dict.fromkeys(v for m in summary["table"].values() for v in m))
     rows = []
     for variant in variants:
-        row = [LABELS.get(variant, variant)]
+        row = [LABELS.get(variant) or size_label(variant)]
         for m in summary["models"]:
             for b in summary["benchmarks"]:
                 row.append(fmt_cell(summary["table"].get(m, {}).get(variant, {}).get(b), 4 if b in losses else 2))
@@ -207,6 +214,13 @@ def table_rows(summary: dict[str, Any], model_names: dict[str, str]) -> tuple[li
         for m in summary["models"]:
             for b in summary["benchmarks"]:
                 row.append(fmt_gap(gaps.get(m, {}).get(b), "loss" if b in losses else "points"))
+        rows.append(row)
+    effective = summary.get("effective_size") or {}
+    if effective:
+        row = ["Effective data size of SEL+NACD"]
+        for m in summary["models"]:
+            for b in summary["benchmarks"]:
+                row.append(fmt_effective(effective.get(m, {}).get(b)))
         rows.append(row)
     return header, rows
 
@@ -339,6 +353,36 @@ def _plot_finetune(run_dir: Any, cells: Sequence[Any], out: Path) -> Path | None
     return out
 
 
+def _plot_sizes(summary: dict[str, Any], names: dict[str, str], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, b, e) for m, per in summary["effective_size"].items() for b, e in per.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (model, bench, e) in zip(axes[0], panels, strict=True):
+        for method, points in e["curves"].items():
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                "o-",
+                label="SEL sizes, FULL last" if method == "select" else "random sizes",
+            )
+        ax.axhline(e["target"], color="#cc3311", ls="--", label="SEL+NACD")
+        if e["size"] is not None:
+            ax.axvline(e["size"], color="#cc3311", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("tuning examples")
+        ax.set_ylabel("loss" if bench in summary.get("loss_benchmarks", []) else summary["metric"] + " (%)")
+        ax.set_title(f"{names.get(model, model)}: {bench}", fontsize=8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -438,6 +482,17 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         doc.img(_plot_distances(ds, folder / "nearest_distances.png"), "Nearest-token distances of the prompt vectors")
         doc.h("Decoded pseudo tokens (paper Figure 3)", 3)
         doc.pre(describe_examples(ds, 6, width=120))
+    if summary["effective_size"]:
+        doc.h("Effective data size")
+        doc.p(
+            "SEL at other sizes (compare.sizes, multiples of the selection budget, prefixes of the selection's "
+            "ranking) with SEL and FULL make a curve of the metric against the number of examples; the effective "
+            "data size is where it first reaches SEL+NACD (linear between the measured sizes)."
+        )
+        doc.img(
+            _plot_sizes(summary, names, folder / "effective_size.png"),
+            "Metric against examples, per model and benchmark",
+        )
     ft_plot = _plot_finetune(run_dir, cells, folder / "finetune_loss.png")
     if ft_plot is not None:
         doc.h("Tuning")
@@ -459,4 +514,9 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         "summary": summary,
         "prompt_gain": ds.gain_line() if ds is not None else None,
         "tokens_moved": ds.moved_line() if ds is not None else None,
+        "effective_size": [
+            effective_line(names.get(m, m).split(" (")[0], b, e)
+            for m, per in summary["effective_size"].items()
+            for b, e in per.items()
+        ],
     }

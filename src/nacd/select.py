@@ -125,6 +125,9 @@ def read_ids(path: str | Path) -> list[str]:
 
 
 SELECTION_FILES = ("selection.json", "selected.jsonl")  # what the selection manifest's ``files`` vouches for
+#: The whole corpus in the method's order (selections of other sizes are its prefixes); folders from before
+#: it have none, and :func:`ranking_of` ranks again.
+RANKING = "ranking.json"
 
 
 def verify_selection(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -327,8 +330,25 @@ def select(
 
     ``targets`` (bm25, dsir, less) are the target examples; ``config`` the whole config (for the
     method's settings, default ones when None); ``run_dir`` the run folder (less keeps its work there).
+    Every method ranks the whole corpus and keeps the first ``budget`` (:func:`rank`): a larger budget's
+    selection holds a smaller one's.
     """
     count = budget_count(budget, len(examples))
+    ranking = rank(examples, method, seed, targets, config, run_dir)
+    return Selection(ranking.ids[:count], ranking.scores[:count], method)
+
+
+def rank(
+    examples: list[Any],
+    method: str = "random",
+    seed: int = 0,
+    targets: list[Any] | None = None,
+    config: Any = None,
+    run_dir: RunDir | None = None,
+) -> Selection:
+    """The whole corpus in the order ``method`` would choose it (random: a seeded permutation; the
+    targeted methods: by score, ties in corpus order)."""
+    count = len(examples)
     if method == "random":
         import torch
 
@@ -448,13 +468,16 @@ def run(config: Any, run_dir: RunDir) -> Selection:
     if targets:
         log.info("select: %d target examples from %s", len(targets), sc.target)
     start = time.perf_counter()
-    selection = select(examples, sc.budget, sc.method, config.run.seed, targets, config, run_dir)
+    ranking = rank(examples, sc.method, config.run.seed, targets, config, run_dir)
+    count = budget_count(sc.budget, len(examples))
+    selection = Selection(ranking.ids[:count], ranking.scores[:count], sc.method)
     seconds = time.perf_counter() - start
     if not ranks.is_main:  # the main process writes the one copy
         ranks.barrier()
         return selection
     by_id = {ex.id: ex for ex in examples}
     atomic_write_json(folder / "selection.json", {"ids": selection.ids, "scores": selection.scores})
+    atomic_write_json(folder / RANKING, {"method": ranking.method, "ids": ranking.ids, "scores": ranking.scores})
     lines = [
         json.dumps({"id": i, "source": by_id[i].source, "messages": list(by_id[i].messages)}, ensure_ascii=False)
         for i in selection.ids
@@ -468,7 +491,7 @@ def run(config: Any, run_dir: RunDir) -> Selection:
         n_corpus=len(examples),
         n_selected=len(selection.ids),
         seconds=round(seconds, 3),
-        files=record_files(folder, SELECTION_FILES),
+        files=record_files(folder, [*SELECTION_FILES, RANKING]),
         complete=True,
     )
     ranks.barrier()
