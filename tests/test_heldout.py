@@ -187,3 +187,39 @@ def test_select_refuses_a_target_that_holds_held_out_examples(tmp_path):
     other.write_text(json.dumps({"question": "Sky?", "choices": ["blue", "red"], "answer": 0}) + "\n")
     cfg = load_config(None, [*base, f"select.target={other}", f"run.out_dir={tmp_path / 'run2'}"])
     assert len(select.run(cfg, RunDir(cfg.run.out_dir)).ids) == 3
+
+
+def test_held_out_questions_are_read_as_their_rows_write_them(shared_data):
+    """Flan's CoT rows (the qa format: rationale, then 'So the answer is: X') as multiple-choice questions:
+    options listed after 'Options:' (their text, their '(D)' label or their 'Sentence A' head, as the answer
+    is written), yes/no answers; a row whose answer is no option (gsm8k) is no question."""
+    from nacd.data import Example
+    from nacd.evaluate.heldout import example_question
+
+    def ex(question: str, answer: str, origin: str = "x/ecqa_train.tsv:3"):
+        messages = (
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": f"Why.\nSo the answer is: {answer}"},
+        )
+        return Example("flan/1", "flan", messages, origin, "qa")
+
+    doc = example_question(ex("Where?\nOptions:\n- bedroom\n- synagogue\n- roses", "bedroom"))
+    assert doc.choices == ("bedroom", "synagogue", "roses") and doc.gold == 0 and doc.subject == "ecqa_train"
+    assert doc.question == "Where?\nOptions:\n- bedroom\n- synagogue\n- roses"  # the prompt as the corpus has it
+    doc = example_question(ex("What?\nOptions:\n- (A) DNA\n- (B) sex\n- (C) eggs", "(B)"))
+    assert doc.choices == ("(A)", "(B)", "(C)") and doc.gold == 1
+    sense = 'Which is odd?\nOptions:\n- Sentence A: "He drinks apple."\n- Sentence B: "He drinks milk."\n'
+    doc = example_question(ex(sense, "Sentence A"))
+    assert doc.choices == ("Sentence A", "Sentence B") and doc.gold == 0
+    assert example_question(ex("Could the Police arrest people?", "no")).choices == ("yes", "no")
+    assert example_question(ex("Could the Police arrest people?", "no")).gold == 1
+    assert example_question(ex("How many clips did Natalia sell?", "72")) is None
+    assert example_question(ex("Where?\nOptions:\n- a\n- b", "c")) is None  # the answer is no option
+    # the shared rows: every file with options or yes/no answers gives questions, gsm8k none
+    cfg = load_config(None, [f"data.root={shared_data}", "data.heldout=40", "eval.benchmarks=['heldout_mc:flan_cot']",
+                             "data.sources=[{path: 'instruct/flan_cot/*_train.tsv', name: flan_cot, max_examples: 50}]"])  # fmt: skip
+    (bench,) = load_benchmarks(cfg)
+    assert bench.name == "heldout_mc_flan_cot" and 20 <= len(bench.docs) < 40
+    assert not {d.subject for d in bench.docs} & {"gsm8k_train"} and all(
+        0 <= d.gold < len(d.choices) for d in bench.docs
+    )

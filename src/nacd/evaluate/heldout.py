@@ -14,6 +14,10 @@ sample of every source out of D_full (:func:`nacd.data.split_heldout`), and the 
 * batches are dealt round robin to the processes of a launch (like every benchmark) and the numbers do
   not depend on their count.
 
+``heldout_mc`` (``heldout_mc:<source>``) scores the held-out examples that are questions (a prompt with an
+``Options:`` list the answer is one of, as Flan's rows write them, or a yes/no answer) as multiple choice,
+like ARC (:func:`example_question`): an accuracy benchmark on D_full's own tasks that nobody trained on.
+
 Before scoring, :func:`check_disjoint` refuses a held-out example that is also in D_full (by id or by
 content: another source holding the same record) or in the run's selection; ``nacd select`` refuses
 one among the target examples of a targeted selection (BM25, DSIR, LESS).
@@ -22,6 +26,7 @@ one among the target examples of a targeted selection (BM25, DSIR, LESS).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,9 +57,54 @@ class HeldoutBenchmark:
 
 
 def is_heldout(spec: str) -> bool:
-    """Whether a ``eval.benchmarks`` entry names the held-out loss (``heldout`` or ``heldout:<source>``)."""
-    spec = spec.strip()
-    return spec == HELDOUT or spec.startswith(HELDOUT + ":")
+    """Whether a ``eval.benchmarks`` entry names held-out examples: the loss (``heldout``,
+    ``heldout:<source>``) or the questions among them (``heldout_mc``, ``heldout_mc:<source>``)."""
+    kind = spec.strip().partition(":")[0]
+    return kind in (HELDOUT, HELDOUT_MC)
+
+
+#: The benchmark of the held-out examples that are questions with their options (or yes/no), as multiple choice.
+HELDOUT_MC = "heldout_mc"
+
+_OPTIONS = re.compile(r"\n\s*Options:\s*\n", re.IGNORECASE)
+_ANSWER = "So the answer is:"
+
+
+def example_question(example: Any) -> Any:
+    """A held-out example as a multiple-choice question (:class:`~nacd.questions.Doc`), or None.
+
+    The prompt is the example's last user turn, kept whole (its options stay where the corpus puts them);
+    the answer is the response's last ``So the answer is:`` part (the ``qa`` format's rationale), else the
+    response. Choices: the lines after ``Options:`` (``- `` removed), their labels when the answer is one
+    (``(D)`` of ``(A) DNA``, ``Sentence A`` of ``Sentence A: "..."``), or yes/no when the answer is yes or
+    no. None when the answer is none of the choices: the example is no question."""
+    from nacd.questions import Doc
+
+    users = [m["content"] for m in example.messages if m["role"] == "user"]
+    if not users:
+        return None
+    prompt, reply = users[-1], example.messages[-1]["content"]
+    answer = reply.rsplit(_ANSWER, 1)[-1].strip().rstrip(".").strip()
+    parts = _OPTIONS.split(prompt, maxsplit=1)
+    if len(parts) == 2:
+        options = [re.sub(r"^\s*[-*]\s*", "", line).strip() for line in parts[1].splitlines() if line.strip()]
+        choices = options
+        labelled = [re.match(r"^(\([A-Z]\))\s", o) for o in options]
+        heads = [o.split(":", 1)[0].strip() for o in options]
+        if all(labelled) and answer in [m.group(1) for m in labelled if m]:
+            choices = [m.group(1) for m in labelled if m]
+        elif all(":" in o for o in options) and answer in heads and len(set(heads)) == len(heads):
+            choices = heads
+    elif answer.lower() in ("yes", "no"):
+        choices = ["yes", "no"]
+    else:
+        return None
+    lowered = [c.lower() for c in choices]
+    if len(set(lowered)) != len(lowered) or len(choices) < 2 or lowered.count(answer.lower()) != 1:
+        return None
+    origin = example.origin.rsplit(":", 1)[0]
+    subject = re.sub(r"[^\w.+-]+", "_", origin.rsplit("/", 1)[-1].rsplit(".", 1)[0]) or example.source
+    return Doc(example.id, prompt, tuple(choices), lowered.index(answer.lower()), subject)
 
 
 def heldout_sources(spec: str, data_cfg: Any) -> list[str]:
@@ -62,6 +112,8 @@ def heldout_sources(spec: str, data_cfg: Any) -> list[str]:
     from nacd.data import source_name
 
     names = [source_name(s) for s in data_cfg.sources]
+    if not is_heldout(spec):
+        raise DataError(f"eval.benchmarks: {spec!r} is not a held-out benchmark ({HELDOUT}, {HELDOUT_MC})")
     if not data_cfg.heldout:
         raise DataError(
             f"eval.benchmarks: {spec!r} scores the examples held out of D_full, but data.heldout is 0: set "
@@ -132,8 +184,24 @@ def load_heldout(
     if selected_ids is not None:
         others[f"D_sel ({where or 'the selection'})"] = list(selected_ids)
     check_disjoint(examples, corpus, others)  # the selection target is checked where it is loaded (nacd select)
-    name = HELDOUT if ":" not in spec else f"{HELDOUT}_{'_'.join(names)}"
-    return HeldoutBenchmark(name, examples, f"{HELDOUT}:{','.join(names)}")
+    kind = spec.strip().partition(":")[0]
+    name = kind if ":" not in spec else f"{kind}_{'_'.join(names)}"
+    return HeldoutBenchmark(name, examples, f"{kind}:{','.join(names)}")
+
+
+def heldout_questions(bench: HeldoutBenchmark) -> Any:
+    """The questions among a held-out benchmark's examples (:func:`example_question`) as a multiple-choice
+    :class:`~nacd.evaluate.benchmarks.Benchmark` (text protocol, zero-shot; subjects: the examples' files)."""
+    from nacd.evaluate.benchmarks import Benchmark
+
+    docs = [doc for doc in map(example_question, bench.examples) if doc is not None]
+    if not docs:
+        raise DataError(
+            f"{bench.name}: none of the {len(bench.examples)} held-out examples of {bench.source} is a question with "
+            "options (an 'Options:' list its answer is one of) or a yes/no question; use the benchmark heldout"
+        )
+    log.info("%s: %d of %d held-out examples are questions", bench.name, len(docs), len(bench.examples))
+    return Benchmark(bench.name, docs, bench.source, bench.split, "text", 0)
 
 
 def _token_nll(model: Any, batch: dict[str, Any], sparse: Any) -> tuple[Any, Any]:

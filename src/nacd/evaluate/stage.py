@@ -14,7 +14,14 @@ from typing import Any
 from nacd.errors import NacdError
 from nacd.evaluate.benchmarks import _HUB_ID, BUILTINS, load_benchmark
 from nacd.evaluate.evaluation import evaluate
-from nacd.evaluate.heldout import HeldoutBenchmark, heldout_sources, is_heldout, load_heldout
+from nacd.evaluate.heldout import (
+    HELDOUT_MC,
+    HeldoutBenchmark,
+    heldout_questions,
+    heldout_sources,
+    is_heldout,
+    load_heldout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +150,8 @@ def load_benchmarks(config: Any, run_dir: Any = None) -> list[Any]:
         path = run_dir.select_dir / "selection.json" if run_dir is not None else None
         if path is not None and path.is_file():
             ids, where = json.loads(path.read_text(encoding="utf-8")).get("ids"), str(path)
-        out.append(load_heldout(spec, config, ids, where))
+        bench = load_heldout(spec, config, ids, where)
+        out.append(heldout_questions(bench) if spec.strip().startswith(HELDOUT_MC) else bench)
     return out
 
 
