@@ -117,11 +117,15 @@ def test_size_variants_are_named_by_ranking_and_multiple(tiny_overrides):
 def test_plan_covers_models_variants_and_seeds(tiny_overrides, tiny_gemma_dir):
     cfg = load_config(None, [*tiny_overrides, f"compare.receivers=['{tiny_gemma_dir}']", "compare.seeds=[3, 4]"])
     cells = plan(cfg)
-    assert len(cells) == 2 * (1 + 3 * 2)
+    assert len(cells) == (1 + 4 * 2) + (1 + 3 * 2)  # sel_soft: the distilling model only
     assert cells[0] == Cell(cfg.model.spec, "distilling", "baseline", None)
     assert {c.role for c in cells if c.model == str(tiny_gemma_dir)} == {"receiver"}
     assert cells[1].name == f"{model_name(cfg.model.spec)}/full/seed3"
     assert needed_stages(cfg) == ["select", "experts", "distill"]
+    assert needed_stages(load_config(None, [*tiny_overrides, "compare.variants=[sel, sel_soft]"])) == [
+        "select",
+        "experts",
+    ]
     cfg = load_config(None, [*tiny_overrides, "compare.variants=[baseline, full]"])
     assert needed_stages(cfg) == []
     with pytest.raises(NacdError, match="compare.variants"):
@@ -214,6 +218,9 @@ def test_nacd_run_end_to_end_on_tiny_models(tiny_overrides, tiny_gemma_dir, caps
     assert [p[1] for p in effective["curves"]["select"]] == [
         means[v]["demo_mc"]["mean"] for v in ("sel_0.5x", "sel", "sel_2x", "full")
     ]
+    assert "| SEL + expert soft labels |" in md
+    soft = json.loads((run_dir.finetune_dir(f"{tag}/sel_soft/seed0") / "manifest.json").read_text())
+    assert soft["soft_labels"]["run"] == 0 and soft["ids"] == selected
     assert "| SEL 0.5x |" in md and "| SEL 2x |" in md and "| Effective data size of SEL+NACD |" in out
     assert "effective data size: 8 distilled examples tune" in out and (report / "effective_size.png").is_file()
 

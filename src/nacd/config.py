@@ -346,6 +346,18 @@ class FinetuneConfig:
     train: TrainConfig = f(
         TrainConfig(epochs=3, batch_size=8, optimizer="adamw", lr=2e-4), "Training of the tuned model."
     )
+    soft_labels: bool = f(
+        False,
+        "Tune toward an expert's token distributions on the responses instead of the one-hot targets (the "
+        "distilling model only; the expert run 0 snapshot of soft_labels_epoch; nacd run's variant sel_soft).",
+    )
+    soft_labels_epoch: int | None = f(None, "Expert epoch whose snapshot gives the soft labels; None = the last.")
+    soft_labels_topk: int = f(32, "Soft labels keep the teacher's top-k tokens per response position (renormalised).")
+
+    def __post_init__(self) -> None:
+        _check(self.soft_labels_topk >= 1, "soft_labels_topk", "must be at least 1")
+        _check(not (self.soft_labels and self.dataset == "distilled"), "soft_labels",
+               "applies to dataset full or selected, not to the distilled set")  # fmt: skip
 
 
 @dataclass
@@ -402,7 +414,7 @@ def _is_subfolder(name: str) -> bool:
 
 
 #: The protocol's variants (paper Table 1 rows): no tuning, D_full, D_sel, D_sel + distilled prompts.
-VARIANTS = ("baseline", "full", "sel", "sel_nacd")
+VARIANTS = ("baseline", "full", "sel", "sel_soft", "sel_nacd")
 
 
 @dataclass
@@ -411,7 +423,8 @@ class CompareConfig:
 
     variants: list[str] = f(
         list(VARIANTS),
-        "Rows of the table: baseline (no tuning), full (D_full), sel (D_sel), sel_nacd (D_sel + distilled prompts).",
+        "Rows of the table: baseline (no tuning), full (D_full), sel (D_sel), sel_nacd (D_sel + distilled prompts); "
+        "also sel_soft (D_sel toward the expert's soft labels, distilling model only).",
     )
     receivers: list[str] = f(
         [],

@@ -164,6 +164,11 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     run_dir.init(config)
     setup_logging(config.run.log_level, run_dir.log_path)
     model_cfg = replace(config.model, spec=fc.model) if fc.model else config.model
+    if fc.soft_labels and model_cfg.spec != config.model.spec:
+        raise NacdError(
+            f"finetune.soft_labels: the expert's soft labels are in {config.model.spec!r}'s tokens; "
+            f"{model_cfg.spec!r} cannot take them (tune the distilling model, or turn soft_labels off)"
+        )
     setup = setup_training(config, examples, model_cfg)
     seed = config.run.seed if fc.seed is None else fc.seed
     dataset, collate, forward = setup.data, setup.collate, None
@@ -183,6 +188,12 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
         def collate(items: list[PromptedExample]) -> dict[str, Any]:
             return forward.collate(items, setup.tokenizer.pad_token_id)
 
+    teacher = None
+    if fc.soft_labels:
+        from nacd.soft_labels import soft_dataset
+
+        dataset, forward, teacher = soft_dataset(config, run_dir, setup)
+        collate = forward.collate
     identity = {
         "base_model": {"spec": model_cfg.spec, "fingerprint": setup.base_fingerprint},
         "lora": {**asdict(config.lora), "target_modules": setup.lora_targets},
@@ -193,6 +204,8 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
         "prompt_mode": mode,
         "distilled": {"created": distilled.manifest["created"], "alpha": distilled.alpha} if distilled else None,
     }
+    if teacher is not None:
+        identity["soft_labels"] = teacher
     existing = read_matching_manifest(folder, KIND, identity, f"delete {folder} or set finetune.name to a new variant")
     if existing is not None and existing.get("complete"):
         verify_files(folder, existing.get("files"), f"delete {folder} and run `nacd finetune` again")

@@ -41,7 +41,7 @@ from nacd.sizes import ids_path
 log = logging.getLogger(__name__)
 
 #: finetune.dataset of each tuned variant.
-DATASETS = {"full": "full", "sel": "selected", "sel_nacd": "distilled"}
+DATASETS = {"full": "full", "sel": "selected", "sel_soft": "selected", "sel_nacd": "distilled"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ def plan(config: Any) -> list[Cell]:
             seeds = [None] if variant == "baseline" else list(cc.seeds)
             if variant == "full" and cc.full_seeds is not None:
                 seeds = list(cc.full_seeds)
+            if variant == "sel_soft" and role != "distilling":
+                continue  # the expert's soft labels are in the distilling model's tokens
             cells += [Cell(spec, role, variant, seed) for seed in seeds]
             if variant == "sel" and (role == "distilling" or cc.size_models == "all"):
                 cells += [Cell(spec, role, size, seed) for size in sizes for seed in cc.seeds]
@@ -87,10 +89,12 @@ def needed_stages(config: Any) -> list[str]:
     """The shared stages the variants need: select for sel/sel_nacd, experts and distill for sel_nacd."""
     variants = set(config.compare.variants)
     stages = []
-    if variants & {"sel", "sel_nacd"} or config.compare.sizes:
+    if variants & {"sel", "sel_soft", "sel_nacd"} or config.compare.sizes:
         stages.append("select")
+    if variants & {"sel_soft", "sel_nacd"}:
+        stages.append("experts")
     if "sel_nacd" in variants:
-        stages += ["experts", "distill"]
+        stages.append("distill")
     return stages
 
 
@@ -107,6 +111,7 @@ def cell_configs(config: Any, cell: Cell, run_dir: RunDir) -> tuple[Any | None, 
             name=cell.name,
             seed=cell.seed,
             ids_file=str(ids_path(run_dir, cell.variant)) if size else None,
+            soft_labels=cell.variant == "sel_soft",
         )
         if size:
             fc = _fit_batch(fc, ids_path(run_dir, cell.variant))

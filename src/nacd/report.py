@@ -33,7 +33,13 @@ from nacd.stats import gap_closed, mean_std, paired_bootstrap
 
 log = logging.getLogger(__name__)
 
-LABELS = {"baseline": "Baseline (no tuning)", "full": "FULL", "sel": "SEL", "sel_nacd": "SEL+NACD"}
+LABELS = {
+    "baseline": "Baseline (no tuning)",
+    "full": "FULL",
+    "sel": "SEL",
+    "sel_soft": "SEL + expert soft labels",
+    "sel_nacd": "SEL+NACD",
+}
 
 
 # --------------------------------------------------------------------------- collecting the run

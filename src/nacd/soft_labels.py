@@ -1,0 +1,136 @@
+"""SEL with the expert's soft labels: the baseline a reviewer of dataset distillation asks for first.
+
+"A Label is Worth a Thousand Images" (Qin et al.) finds that much of what dataset distillation gains
+comes from the teacher's soft labels, not from the learned inputs. Here the student is tuned on D_sel
+toward an expert model's token distributions on the responses instead of the one-hot targets: the
+expert is the distilling model with the LoRA parameters of an expert snapshot (``experts/run_000``, the
+epoch ``finetune.soft_labels_epoch``, default its last), the same trajectory distillation matches.
+
+The teacher's distributions are computed once, before tuning, and kept sparse: at every response
+position the ``finetune.soft_labels_topk`` most likely tokens and their probabilities, renormalised
+(top-k soft labels, as large-vocabulary distillation stores them). The loss is the soft cross-entropy
+``-sum_k p_k log q(token_k)`` summed over response positions, the same count of loss tokens as the
+hard loss, so the training loop and its learning rate are unchanged. Only the distilling model can
+take them (a receiver's tokenizer has other tokens); ``nacd run`` has the variant ``sel_soft``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from nacd.errors import NacdError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SoftExample:
+    """A tokenized example with the teacher's top-k tokens and probabilities at its response positions."""
+
+    example: Any
+    tokens: Any  # (n loss positions, k) long
+    probs: Any  # (n loss positions, k) float32, rows summing to 1
+
+    @property
+    def labels(self) -> list[int]:
+        return self.example.labels
+
+
+def teacher_state(run_dir: Any, epoch: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The LoRA parameters of expert run 0 at ``epoch`` (None: its last) and what they are."""
+    from nacd.experts import ExpertStore
+
+    store = ExpertStore(run_dir.experts_dir)
+    if not store.runs:
+        raise NacdError(
+            f"finetune.soft_labels: no complete expert run in {run_dir.experts_dir}; run `nacd experts` first"
+        )
+    run = store.runs[0]
+    epochs = store.epochs(run)
+    chosen = epochs[-1] if epoch is None else epoch
+    if chosen not in epochs or chosen == 0:
+        raise NacdError(
+            f"finetune.soft_labels_epoch={epoch}: expert run {run} has snapshots after epochs {epochs[1:]}; "
+            "choose one of them (or null for the last)"
+        )
+    manifest = store.manifest(run)
+    return store.snapshot(run, chosen), {"run": run, "epoch": chosen, "seed": manifest.get("seed")}
+
+
+def teacher_targets(model: Any, data: list[Any], pad_token_id: int, topk: int, batch_size: int) -> list[SoftExample]:
+    """Top-``topk`` teacher distributions at every loss position of ``data`` (the model as it is: the
+    caller has loaded the teacher's LoRA parameters), in float32 on the CPU."""
+    import torch
+
+    from nacd.chat import IGNORE_INDEX, collate
+    from nacd.train import model_inputs
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[SoftExample] = []
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            items = data[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(items, pad_token_id).items()}
+            logits = model(**model_inputs(batch)).logits[:, :-1].float()
+            mask = batch["labels"][:, 1:] != IGNORE_INDEX
+            for row, item in enumerate(items):
+                probs = torch.softmax(logits[row][mask[row]], dim=-1)
+                top = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+                kept = top.values / top.values.sum(-1, keepdim=True)
+                out.append(SoftExample(item, top.indices.cpu(), kept.cpu()))
+    model.train(was_training)
+    return out
+
+
+class SoftLabelForward:
+    """The training loop's forward for :class:`SoftExample` batches: soft cross-entropy at the loss positions."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def collate(self, items: list[SoftExample]) -> dict[str, Any]:
+        import torch
+
+        from nacd.chat import collate
+
+        return {
+            **collate([it.example for it in items], self.pad),
+            "soft_tokens": torch.cat([it.tokens for it in items]),
+            "soft_probs": torch.cat([it.probs for it in items]),
+        }
+
+    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+        import torch
+
+        from nacd.chat import IGNORE_INDEX
+        from nacd.train import model_inputs
+
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        logits = model(**model_inputs(batch)).logits[:, :-1][mask].float()
+        logq = torch.log_softmax(logits, dim=-1).gather(-1, batch["soft_tokens"].to(logits.device))
+        loss = -(batch["soft_probs"].to(logits.device) * logq).sum()
+        return loss, int(mask.sum())
+
+    def close(self) -> None:
+        """Nothing to undo (the fine-tuning stage closes every forward it made)."""
+
+
+def soft_dataset(config: Any, run_dir: Any, setup: Any) -> tuple[list[SoftExample], SoftLabelForward, dict[str, Any]]:
+    """The tuning set with the teacher's soft labels, its forward, and the identity of the teacher.
+
+    Loads the expert snapshot into the model's LoRA parameters, computes the targets; the caller
+    re-initialises the LoRA parameters for the student afterwards."""
+    from nacd.lora import load_lora_state
+
+    fc = config.finetune
+    state, teacher = teacher_state(run_dir, fc.soft_labels_epoch)
+    load_lora_state(setup.model, state)
+    log.info(
+        "soft labels: expert run %d, epoch %d, top %d tokens", teacher["run"], teacher["epoch"], fc.soft_labels_topk
+    )
+    data = teacher_targets(setup.model, setup.data, setup.tokenizer.pad_token_id, fc.soft_labels_topk, 8)
+    return data, SoftLabelForward(setup.tokenizer.pad_token_id), {**teacher, "topk": fc.soft_labels_topk}
