@@ -5,7 +5,7 @@ seed folders (``<run>/eval/MODEL/VARIANT/`` with ``seed0/``, ``seed1/``, ...: th
 rows of one (seeds, questions) matrix). For every benchmark both hold, A - B in accuracy points with
 the 95% paired bootstrap of :func:`nacd.stats.paired_bootstrap` (questions, and seeds where there are
 several, resampled with the same indices for both; one seed against several repeats the one), one
-JSON line per benchmark::
+JSON line per benchmark (a held-out loss benchmark in loss units, ``unit: loss``)::
 
     .venv/bin/python bench/compare_evals.py runs/cs01/eval/expert_r000_e002 runs/cs01/eval/smollm2-135m/sel
 """
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+LOSSES: set[str] = set()  # benchmarks whose samples carry a loss (held-out loss): shown as is, not in points
 
 
 def scores(folder: Path, metric: str = "acc") -> dict[str, dict[str, list[float]]]:
@@ -28,7 +30,10 @@ def scores(folder: Path, metric: str = "acc") -> dict[str, dict[str, list[float]
         for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                out.setdefault(row["benchmark"], {}).setdefault(row["id"], []).append(float(row[metric]))
+                if metric not in row:  # a held-out loss benchmark's samples
+                    LOSSES.add(row["benchmark"])
+                value = row[metric] if metric in row else row["loss"]
+                out.setdefault(row["benchmark"], {}).setdefault(row["id"], []).append(float(value))
     return out
 
 
@@ -47,10 +52,11 @@ def compare(a: Path, b: Path, metric: str = "acc") -> list[dict]:
         if ma.shape[0] != mb.shape[0]:  # one evaluation against several seeds: repeat the single one
             ma, mb = np.broadcast_arrays(ma, mb) if 1 in (ma.shape[0], mb.shape[0]) else (ma, mb)
         res = paired_bootstrap(ma, mb)
+        k, d = (1, 4) if bench in LOSSES else (100, 2)  # a loss as it is (lower is better), accuracy in points
         lines.append(
-            {"benchmark": bench, "questions": len(ids), "seeds": seeds,
-             "a": round(100 * float(ma.mean()), 2), "b": round(100 * float(mb.mean()), 2),
-             "a_minus_b": round(100 * res["diff"], 2), "ci": [round(100 * res["lo"], 2), round(100 * res["hi"], 2)],
+            {"benchmark": bench, "questions": len(ids), "seeds": seeds, "unit": "loss" if k == 1 else "points",
+             "a": round(k * float(ma.mean()), d), "b": round(k * float(mb.mean()), d),
+             "a_minus_b": round(k * res["diff"], d), "ci": [round(k * res["lo"], d), round(k * res["hi"], d)],
              "p_le_0": round(res["p_le_0"], 3)}
         )  # fmt: skip
     return lines

@@ -223,3 +223,36 @@ def test_held_out_questions_are_read_as_their_rows_write_them(shared_data):
     assert not {d.subject for d in bench.docs} & {"gsm8k_train"} and all(
         0 <= d.gold < len(d.choices) for d in bench.docs
     )
+
+
+def test_chat_format_scores_the_answer_as_the_assistant_turn(tiny_llama_dir, tiny_gemma_dir):
+    """eval.format=chat: the prompt without its 'Answer:' is the user turn, rendered as training renders it
+    (the model's chat template, or the fallback format), and each answer continues the assistant turn."""
+    from nacd.chat import encode_prompt, prompt_text
+    from nacd.evaluate.evaluation import chat_context
+    from nacd.questions import Doc
+
+    for folder, template in ((tiny_llama_dir, "auto"), (tiny_gemma_dir, "fallback"), (tiny_llama_dir, "fallback")):
+        model, tok = load_model(ModelConfig(spec=str(folder)), torch.device("cpu"))
+        messages = [{"role": "user", "content": "Question: Sky?"}]
+        assert chat_context("Question: Sky?\nAnswer:", tok, template) == prompt_text(messages, tok, template)
+        assert tok(prompt_text(messages, tok, template), add_special_tokens=False)["input_ids"] == encode_prompt(
+            messages, tok, template
+        )
+        bench = __import__("nacd.evaluate", fromlist=["Benchmark"]).Benchmark(
+            "b", [Doc("q", "Sky?", ("blue", "green"), 0)], "x", "validation"
+        )
+        results, samples = evaluate(
+            model, tok, [bench], EvalConfig(format="chat"), data=DataConfig(template=template), progress=False
+        )
+        assert results["b"]["format"] == "chat"
+        from nacd.evaluate.prompts import encode_pair
+
+        # the model reads exactly the training rendering and the answer (lm-eval moves the prompt's trailing
+        # newline into the scored continuation: the same token for every choice)
+        ctx, cont = encode_pair(tok, prompt_text(messages, tok, template), "blue", {})
+        assert ctx + cont == encode_prompt(messages, tok, template) + tok("blue", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].float(), -1)
+        hand = sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+        assert samples[0]["logprobs"][0] == pytest.approx(hand, abs=1e-3)

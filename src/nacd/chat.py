@@ -143,6 +143,16 @@ def render_chat(
     return text, spans, []
 
 
+def prompt_text(messages: Iterable[dict[str, str]], tokenizer: Any, template: str = "auto") -> str:
+    """The text of a conversation without its answer, ending with the generation prompt, as training renders
+    it (the fallback format's BOS as the tokenizer's BOS text): what a tuned model reads before it answers."""
+    messages = [dict(m) for m in messages]
+    if _use_chat_template(tokenizer, template):
+        return _apply_template(tokenizer, messages, True)
+    bos = tokenizer.decode(_fallback_bos(tokenizer)) if _fallback_bos(tokenizer) else ""
+    return bos + _render_fallback(messages, tokenizer)[0] + FALLBACK_GENERATION_PROMPT
+
+
 def encode_prompt(messages: Iterable[dict[str, str]], tokenizer: Any, template: str = "auto") -> list[int]:
     """Token ids of a conversation without its answer, ending with the generation prompt, as training renders it.
 

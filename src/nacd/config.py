@@ -379,6 +379,11 @@ class EvalConfig:
         "text: log-likelihood of each answer text (acc, acc_norm); letter: of the answer letters ' A', ' B', ... "
         "after listing the choices; auto: letter for MMLU, text otherwise.",
     )
+    format: Literal["plain", "chat"] = f(
+        "plain",
+        "plain: lm-eval's prompts as they are; chat: each prompt (its trailing 'Answer:' removed) is the user turn, "
+        "rendered as training renders it (data.template), and the answer continues the assistant turn.",
+    )
     batch_size: int = f(16, "Questions per forward pass.")
     limit: int | None = f(
         None, "Evaluate the first N questions of each benchmark (of each subject for MMLU, like lm-eval's --limit)."

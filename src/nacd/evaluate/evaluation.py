@@ -114,11 +114,14 @@ def evaluate(
         docs = _limited(bench, (getattr(cfg, "limits", None) or {}).get(bench.name, cfg.limit))
         requests: list[tuple[str, str]] = []
         spans = []
+        chat = getattr(cfg, "format", "plain") == "chat"
         for doc in docs:
             context = build_context(bench, doc, protocol, fewshot_docs(bench, doc, shots))
             answers = doc_to_choices(doc, protocol)
             spans.append((len(requests), answers))
-            requests.extend((context, TARGET_DELIMITER + a) for a in answers)
+            if chat:
+                context = chat_context(context, tokenizer, getattr(data, "template", "auto"))
+            requests.extend((context, ("" if chat else TARGET_DELIMITER) + a) for a in answers)
         start = time.perf_counter()
         shares: list[int] = []
         quiet = not (progress and ranks.is_main)
@@ -150,6 +153,7 @@ def evaluate(
         results[bench.name] = {
             **aggregate(bench_samples),
             "protocol": protocol,
+            "format": "chat" if chat else "plain",
             "num_fewshot": shots,
             "split": bench.split,
             "source": bench.source,
@@ -174,6 +178,16 @@ def evaluate(
         )
         samples.extend(bench_samples)
     return results, samples
+
+
+def chat_context(context: str, tokenizer: Any, template: str) -> str:
+    """A plain prompt as the tuned model reads a user turn (``eval.format=chat``): its trailing ``Answer:`` is
+    dropped (the assistant turn answers), the rest is the user's message, rendered with the generation prompt."""
+    from nacd.chat import prompt_text
+
+    text = context.rstrip()
+    text = text[: -len("Answer:")].rstrip() if text.endswith("Answer:") else text
+    return prompt_text([{"role": "user", "content": text}], tokenizer, template)
 
 
 def idle_message(bench: str, contexts: list[int], batch_size: int) -> str | None:

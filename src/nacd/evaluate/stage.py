@@ -209,6 +209,8 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
         "split": ec.split,
         "protocol": ec.protocol,
         "num_fewshot": ec.num_fewshot,
+        # chat: the prompts are rendered with data.template; plain keeps the identity of earlier evaluations
+        **({"format": ec.format, "template": config.data.template} if ec.format != "plain" else {}),
         "limit": ec.limit,
         "limits": ec.limits,
     }
