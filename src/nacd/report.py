@@ -446,12 +446,13 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
     boot_rows = []
     for model, per_bench in summary["bootstrap"].items():
         for bench, r in per_bench.items():
+            d = 4 if bench in summary["loss_benchmarks"] else 2  # a loss in its units (lower is better)
             boot_rows.append(
                 [
                     names[model],
-                    bench,
-                    f"{r['diff']:+.2f}",
-                    f"[{r['lo']:+.2f}, {r['hi']:+.2f}]",
+                    bench + (" (loss)" if d == 4 else ""),
+                    f"{r['diff']:+.{d}f}",
+                    f"[{r['lo']:+.{d}f}, {r['hi']:+.{d}f}]",
                     f"{r['p_le_0']:.3f}",
                     f"{r['n_questions']} x {r['n_seeds']}",
                 ]
@@ -459,9 +460,11 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
     if boot_rows:
         doc.h("SEL+NACD vs SEL (paired bootstrap)")
         doc.p(
-            f"Difference of {metric} in points, {int(100 * config.compare.confidence)}% percentile interval over "
+            f"Difference of {metric} in points (of the loss, for a loss benchmark), "
+            f"{int(100 * config.compare.confidence)}% percentile interval over "
             f"{config.compare.bootstrap_samples} resamples of questions (and seeds), the same draws for both variants; "
-            "P(diff <= 0) is the one-sided bootstrap p-value for SEL+NACD beating SEL."
+            "P(diff <= 0) is the one-sided bootstrap p-value for SEL+NACD beating SEL (for a loss, lower is "
+            "better: there the p-value is about 1 - P(diff <= 0))."
         )
         doc.table(["model", "benchmark", "diff", "interval", "P(diff <= 0)", "questions x seeds"], boot_rows)
     ds = None
