@@ -46,7 +46,8 @@ class DistillConfig:
     )
     beta_warmup: int = f(0, "Iterations over which beta ramps linearly from 0 to its value (0: no warm-up).")
     lr_syn: float = f(
-        3e-3, "Adam learning rate of the prompt vectors (measured: docs/experiments/2026-11-distill-studies.md; the paper's recipe in nacd: 1e-2)."
+        3e-3,
+        "Adam learning rate of the prompt vectors (measured: docs/experiments/2026-11-distill-studies.md; the paper's recipe in nacd: 1e-2).",
     )
     lr_lr: float = f(1e-2, "Adam learning rate of log(alpha), the learnable student learning rate.")
     lr_init: float | None = f(None, "alpha_0: initial student learning rate; None = the experts' peak lr.")

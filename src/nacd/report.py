@@ -145,10 +145,10 @@ def _gap(matrices: dict, model: str, bench: str, higher_is_better: bool, config:
     if not (full and sel and nacd):
         return None
     seeds = sorted(set(sel) & set(nacd), key=str)
-    paired = set(seeds) <= set(full)
-    full_seeds = seeds if paired else sorted(full, key=str)
     if not seeds:
         return None
+    paired = set(seeds) <= set(full)
+    full_seeds = seeds if paired else sorted(full, key=str)
     qids = sorted(
         set.intersection(*(set(m[s]) for m, ss in ((sel, seeds), (nacd, seeds), (full, full_seeds)) for s in ss))
     )
@@ -214,20 +214,15 @@ def table_rows(summary: dict[str, Any], model_names: dict[str, str]) -> tuple[li
             for b in summary["benchmarks"]:
                 row.append(fmt_cell(summary["table"].get(m, {}).get(variant, {}).get(b), 4 if b in losses else 2))
         rows.append(row)
-    gaps = summary.get("gap_closed") or {}
-    if gaps:
-        row = ["Gap closed by SEL+NACD"]
-        for m in summary["models"]:
-            for b in summary["benchmarks"]:
-                row.append(fmt_gap(gaps.get(m, {}).get(b), "loss" if b in losses else "points"))
-        rows.append(row)
-    effective = summary.get("effective_size") or {}
-    if effective:
-        row = ["Effective data size of SEL+NACD"]
-        for m in summary["models"]:
-            for b in summary["benchmarks"]:
-                row.append(fmt_effective(effective.get(m, {}).get(b)))
-        rows.append(row)
+    units = {b: "loss" if b in losses else "points" for b in summary["benchmarks"]}
+    for label, key, fmt in (
+        ("Gap closed by SEL+NACD", "gap_closed", lambda e, b: fmt_gap(e, units[b])),
+        ("Effective data size of SEL+NACD", "effective_size", lambda e, b: fmt_effective(e)),
+    ):
+        per_model = summary.get(key) or {}
+        if per_model:
+            cells = [fmt(per_model.get(m, {}).get(b), b) for m in summary["models"] for b in summary["benchmarks"]]
+            rows.append([label, *cells])
     return header, rows
 
 

@@ -165,14 +165,14 @@ def check_disjoint(
 
 
 def load_heldout(
-    spec: str, config: Any, selected_ids: Sequence[str] | None = None, where: str = ""
+    spec: str, config: Any, selected_ids: Sequence[str] | None = None, where: str = "", loaded: Any = None
 ) -> HeldoutBenchmark:
     """The held-out benchmark ``spec`` of ``config``'s data, checked disjoint from D_full, the selection
     (``selected_ids``, read from ``where``) and the selection target (for targeted methods)."""
     from nacd.data import load_corpus
 
     names = heldout_sources(spec, config.data)
-    corpus, report = load_corpus(config.data)
+    corpus, report = loaded if loaded is not None else load_corpus(config.data)  # (corpus, report), once per caller
     examples = [ex for name in names for ex in report.heldout.get(name, [])]
     if not examples:
         raise DataError(

@@ -142,6 +142,7 @@ def load_benchmarks(config: Any, run_dir: Any = None) -> list[Any]:
     disjoint from D_full, the selection target and the run folder's selection when it has one."""
     ec = config.eval
     out = []
+    loaded = None  # D_full and its held-out examples, loaded once for every held-out benchmark
     for spec in ec.benchmarks:
         if not is_heldout(spec):
             out.append(load_benchmark(spec, ec.split, config.data.root))
@@ -150,7 +151,12 @@ def load_benchmarks(config: Any, run_dir: Any = None) -> list[Any]:
         path = run_dir.select_dir / "selection.json" if run_dir is not None else None
         if path is not None and path.is_file():
             ids, where = json.loads(path.read_text(encoding="utf-8")).get("ids"), str(path)
-        bench = load_heldout(spec, config, ids, where)
+        if loaded is None:
+            from nacd.data import load_corpus
+
+            heldout_sources(spec, config.data)  # the key's errors before any loading
+            loaded = load_corpus(config.data)
+        bench = load_heldout(spec, config, ids, where, loaded)
         out.append(heldout_questions(bench) if spec.strip().startswith(HELDOUT_MC) else bench)
     return out
 
