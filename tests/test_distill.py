@@ -348,6 +348,10 @@ def test_prompt_gain_is_positive_when_prompts_learn_and_zero_when_frozen(prepare
     assert torch.equal(ds2.nearest_ids, ds2.initial_ids)
     assert ds2.manifest["tokens_moved"] == 0 and ds2.manifest["examples_moved"] == 0
     assert ds2.moved_line().startswith(f"nearest tokens: 0 of {ds2.nearest_ids.numel()} prompt vectors left")
+    # ... and the hard-token gain (decoded tokens against the initial tokens, mean_vocab's nearest) is 0
+    hard = ds2.manifest["prompt_gain_hard"]
+    assert hard["mean"] == 0 and hard["draws"] == 16 and hard["l_initial_mean"] == hard["l_current_mean"]
+    assert ds2.hard_gain_line().startswith("hard-token gain") and "contains 0" in ds2.hard_gain_line()
 
 
 def test_prompts_that_cross_to_other_tokens_are_counted(prepared):
@@ -512,6 +516,31 @@ def test_two_processes_give_the_one_process_result_with_the_same_meta_batch(prep
     assert proc.returncode != 0 and "2 processes but distill.meta_batch=1" in proc.stderr
 
 
+def test_two_processes_score_the_swaps_as_one_does(prepared, tmp_path):
+    """discrete=swap under a launcher: each process scores its share of the swaps; the kept swaps, the
+    tokens and the history are those of one process."""
+    import shutil
+
+    from conftest import multiprocess_overrides, torchrun_nacd
+
+    cfg, run_dir, overrides = prepared
+    settings = [*REACHABLE, "distill.iterations=3", "distill.meta_batch=2", "distill.panel_size=2"]
+    settings += ["distill.alpha_mode=fixed", "distill.discrete=swap", "distill.swap_candidates=5"]
+    settings += multiprocess_overrides()
+    two = tmp_path / "two"
+    for stage in ("select", "experts"):
+        shutil.copytree(run_dir.root / stage, two / stage)
+    one_set = distill.run(load_config(None, [*overrides, *settings]), run_dir)
+    argv = [a for a in overrides if not a.startswith("run.out_dir=")] + settings + [f"run.out_dir={two}"]
+    proc = torchrun_nacd("distill", argv, 29543)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two_set = distill.DistilledSet.load(two / "distill")
+    assert torch.equal(two_set.nearest_ids, one_set.nearest_ids)
+    a, b = ([r["swap"] for r in s.history()] for s in (one_set, two_set))
+    assert [(r["swapped"], r["position"], r["row"]) for r in b] == [(r["swapped"], r["position"], r["row"]) for r in a]
+    assert [r["l_best"] for r in b] == pytest.approx([r["l_best"] for r in a], abs=1e-6)
+
+
 #: Run by torchrun: the second process dies without a word (``os._exit``, as the out-of-memory killer
 #: would end it) in the third iteration, after the main process has checkpointed the first.
 _DIES = """
@@ -567,6 +596,67 @@ def test_a_process_that_dies_is_named_and_the_run_resumes(prepared, tmp_path):
     whole = distill.run(load_config(None, [*overrides, *settings]), run_dir)
     torch.testing.assert_close(resumed.prompts, whole.prompts, rtol=0, atol=1e-6)
     assert [h["iteration"] for h in resumed.history()] == [1, 2, 3, 4, 5]
+
+
+def test_pez_distills_hard_tokens_and_the_panel_measures_them(prepared):
+    """distill.discrete=pez: the set is the projection of a continuous copy, so every prompt is a
+    vocabulary row (distance 0, its token what a receiving model reads); the continuous copy is kept;
+    tokens move; the hard-token gain is the panel's gain (the prompts measured are tokens already);
+    under none the same settings leave vectors between tokens and the hard-token gain is measured apart."""
+    from safetensors.torch import load_file
+
+    from nacd.config import ModelConfig
+    from nacd.models import load_model, resolve_device
+    from nacd.tm import nearest_rows, text_token_ids
+
+    cfg, run_dir, overrides = prepared
+    jump = [*overrides, *REACHABLE, "distill.iterations=4", "distill.panel_size=4", "distill.eval_every=2"]
+    jump += ["distill.alpha_mode=fixed", "distill.init=example_tokens", "distill.lr_syn=0.5", "distill.beta=0"]
+    ds = distill.run(load_config(None, [*jump, "distill.discrete=pez"]), run_dir)
+    model, tok = load_model(ModelConfig(spec=cfg.model.spec), resolve_device(cfg.run.device))
+    vocab = model.get_input_embeddings().weight.detach().float().cpu()
+    assert torch.equal(ds.prompts, vocab[ds.nearest_ids])
+    assert float(ds.nearest_dist.max()) == 0.0
+    continuous = load_file(run_dir.distill_dir / "prompts.safetensors")["continuous"]
+    text_ids = torch.tensor(text_token_ids(tok, vocab.shape[0]))
+    rows = nearest_rows(continuous.reshape(-1, 64), vocab[text_ids], "cosine")
+    assert torch.equal(text_ids[rows].reshape(16, 2), ds.nearest_ids)  # the set is the continuous copy's projection
+    assert not torch.equal(continuous, ds.prompts) and ds.manifest["tokens_moved"] > 0
+    hard, gain = ds.manifest["prompt_gain_hard"], ds.manifest["prompt_gain"]
+    assert {key: hard[key] for key in ("mean", "ci_low", "ci_high")} == {
+        key: gain[key] for key in ("mean", "ci_low", "ci_high")
+    }
+    assert [r["iteration"] for r in ds.panel()] == [0, 2, 4]
+
+    shutil_rm(run_dir.distill_dir)
+    cont = distill.run(load_config(None, jump), run_dir)
+    assert float(cont.nearest_dist.min()) > 0  # continuous: the vectors sit between tokens
+    assert "continuous" not in load_file(run_dir.distill_dir / "prompts.safetensors")
+    chard = cont.manifest["prompt_gain_hard"]
+    assert chard["draws"] == 4 and chard["mean"] != cont.manifest["prompt_gain"]["mean"]
+    assert chard["l_initial_mean"] == pytest.approx(cont.manifest["prompt_gain"]["l_initial_mean"])  # tokens at init
+
+
+def test_swap_keeps_tokens_and_only_swaps_that_lower_the_loss(prepared):
+    """distill.discrete=swap: the prompts are vocabulary rows from the start (the initial prompts' nearest
+    tokens) to the end; each iteration records the swaps it scored, keeps one only when it lowers
+    L_distill on the iteration's draws, and every token that moved was a kept swap's; Adam never moves
+    them; ema is refused."""
+    cfg, run_dir, overrides = prepared
+    base = [*overrides, *REACHABLE, "distill.iterations=4", "distill.panel_size=4", "distill.eval_every=4"]
+    base += ["distill.alpha_mode=fixed", "distill.discrete=swap", "distill.swap_candidates=6", "distill.swap_topk=8"]
+    ds = distill.run(load_config(None, base), run_dir)
+    assert float(ds.nearest_dist.max()) == 0.0
+    hist = ds.history()
+    assert all(h["swap"]["tried"] == 6 for h in hist)
+    kept = [h["swap"] for h in hist if h["swap"]["swapped"]]
+    assert kept and all(s["l_best"] < s["l_current"] for s in kept)
+    assert all(s["l_best"] >= s["l_current"] for h in hist for s in [h["swap"]] if not s["swapped"])
+    moved = (ds.nearest_ids != ds.initial_ids).nonzero().tolist()
+    assert moved and all(pos in [s["position"] for s in kept] for pos in moved)
+    assert ds.manifest["prompt_gain_hard"]["mean"] == ds.manifest["prompt_gain"]["mean"]
+    with pytest.raises(NacdError, match="distill.ema"):
+        load_config(None, [*base, "distill.ema=0.9"])
 
 
 def test_a_moving_average_of_the_prompts_is_measured_written_and_resumed(prepared):
@@ -628,7 +718,7 @@ def test_a_resumed_run_takes_the_initial_prompts_panel_values_from_the_checkpoin
     initial_measured.clear()
     monkeypatch.setattr(unrolls, "unroll", real_unroll)
     distill.run(config, run_dir)
-    assert initial_measured == [False] * 3  # iteration 6: the current prompts only
+    assert initial_measured[:3] == [False] * 3  # iteration 6: the current prompts only (then the hard tokens')
     assert strip(read_jsonl(panel_path)) == clean
 
     # a damaged entry is named, not used

@@ -14,9 +14,12 @@ from nacd.tm import (
     check_prompt_offset,
     initial_prompts,
     matching_loss,
+    nearest_rows,
     nearest_vocab,
     prompted_inputs,
     regularizer,
+    snap,
+    straight_through,
 )
 from nacd.unrolls import fd_relative_error, fd_step, unroll
 
@@ -48,6 +51,39 @@ def test_nearest_vocab_and_regularizer_by_hand():
     expected = torch.tensor([[1.0, 0.0], [-0.1, 0.1], [-1.0, 0.0]])
     expected[1] /= 0.02**0.5
     torch.testing.assert_close(p.grad, expected / 3)
+
+
+def test_projection_metrics_and_the_straight_through_gradient_by_hand():
+    """PEZ's projection: cosine and euclidean pick different rows where a vector is long; the forward
+    value is the picked row, the gradient reaches the continuous copy unchanged, and rows the draw does
+    not use are left as they are."""
+    vocab = torch.tensor([[1.0, 0.0], [10.0, 1.0], [0.0, -2.0]])
+    v = torch.tensor([[3.0, 0.3], [0.1, -1.5]])
+    # (3, 0.3): euclidean 2.02 to row 0, 7.03 to row 1; cosine 1.0 with row 1 (the same direction)
+    for chunk in (1, 2, 8):
+        assert nearest_rows(v, vocab, "l2", chunk).tolist() == [0, 2]
+        assert nearest_rows(v, vocab, "cosine", chunk).tolist() == [1, 2]
+    torch.testing.assert_close(snap(v, vocab, "cosine"), vocab[[1, 2]])
+    with pytest.raises(NacdError, match="distill.projection='dot'"):
+        nearest_rows(v, vocab, "dot")
+    syn = torch.nn.Parameter(torch.tensor([[[3.0, 0.3]], [[0.1, -1.5]], [[9.0, 0.0]]]))  # (n=3, k=1, d=2)
+    out = straight_through(syn, vocab, torch.tensor([0, 1]), "cosine")
+    torch.testing.assert_close(out.detach(), torch.tensor([[[10.0, 1.0]], [[0.0, -2.0]], [[9.0, 0.0]]]))
+    weights = torch.arange(6.0).reshape(3, 1, 2)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(syn.grad, weights)
+
+
+def test_swap_candidates_are_the_lowest_first_order_changes_by_hand():
+    from nacd.swap import top_candidates
+
+    vocab = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 5.0], [-3.0, 1.0], [2.0, 2.0]])
+    grad = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    current = torch.tensor([[1.0, 0.0], [2.0, 2.0]])
+    # position 0: g.e_v - g.e_cur = [0, -2, -1, -4, 1] -> rows 3, 1; position 1: [0, 0, -5, -1, -2] + 2 -> 2, 4
+    for chunk in (1, 2, 3, 8):
+        assert top_candidates(grad, current, vocab, 2, chunk).tolist() == [[3, 1], [2, 4]]
+    assert top_candidates(grad, current, vocab, 9).shape == (2, 5)  # at most the vocabulary
 
 
 def test_initial_prompts():

@@ -261,7 +261,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _print_report(result: dict, lead: str = "") -> None:
     """The table, the distillation's prompt gain and moved tokens, and the report's path."""
-    lines = [result[key] for key in ("prompt_gain", "tokens_moved") if result.get(key)]
+    lines = [result[key] for key in ("prompt_gain", "tokens_moved", "hard_token_gain") if result.get(key)]
     lines += result.get("effective_size") or []
     gain = "".join(f"\n{line}" for line in lines) + "\n" if lines else ""
     print(f"{lead}{result['table']}\n{gain}\nreport: {result['report']} (and report.html beside it)")

@@ -102,6 +102,23 @@ class DistillConfig:
     max_bad_iterations: int = f(10, "Stop after this many consecutive iterations with a non-finite loss or gradient.")
     checkpoint_every: int = f(10, "Write a resumable checkpoint every this many iterations.")
     vocab_chunk: int = f(8192, "Vocabulary rows per chunk of the nearest-embedding search.")
+    discrete: Literal["none", "pez", "swap"] = f(
+        "none",
+        "none: continuous prompt vectors, decoded to their nearest tokens for a receiving model (the paper's); "
+        "pez: optimized in token space (PEZ, Wen et al. 2023): every unroll runs on the prompts projected onto "
+        "their nearest vocabulary rows and the gradient moves a continuous copy, so the distilled set is the "
+        "final projection, hard tokens for every model; swap: the prompts are tokens throughout and each "
+        "iteration tries swap_candidates single-token swaps ranked by the meta-gradient (AutoPrompt, GCG), "
+        "keeping the one that lowers L_distill most on the iteration's draws (docs/DISTILL.md).",
+    )
+    swap_topk: int = f(32, "discrete=swap: candidate tokens per prompt position, by the first-order loss change.")
+    swap_candidates: int = f(
+        16, "discrete=swap: single swaps scored per iteration, each by meta_batch forward unrolls of N steps."
+    )
+    projection: Literal["cosine", "l2"] = f(
+        "cosine",
+        "discrete=pez: the metric of the projection onto the vocabulary (cosine: PEZ's; l2: the decoding's).",
+    )
     nearest: Literal["text", "all"] = f(
         "text",
         "Vocabulary rows for the init, L_reg and decoding: text = ordinary tokens (special and control tokens "
@@ -113,6 +130,7 @@ class DistillConfig:
         for name in (
             *("syn_steps", "expert_epochs", "iterations", "num_prompt_tokens", "max_start_epoch", "batch_size"),
             *("max_bad_iterations", "checkpoint_every", "vocab_chunk", "meta_batch", "eval_every", "alpha_fit_draws"),
+            *("swap_topk", "swap_candidates"),
         ):
             _check(getattr(self, name) > 0, name, "must be at least 1")
         _check(self.beta >= 0, "beta", "must be >= 0")
@@ -127,6 +145,9 @@ class DistillConfig:
         _check(self.ema is None or 0.0 < self.ema < 1.0, "ema", "must be a decay in (0, 1) or null")
         _check(0.0 <= self.init_toward_mean <= 1.0, "init_toward_mean", "must be a fraction in [0, 1]")
         _check(self.panel_size >= 0, "panel_size", "must be >= 0")
+        _check(
+            self.ema is None or self.discrete != "swap", "ema", "must be null with discrete=swap (tokens, not vectors)"
+        )
         _check(self.skip_above is None or self.skip_above > 0, "skip_above", "must be positive or null")
         _check(self.alpha_mode != "fitted" or self.alpha_fit_draws >= self.max_start_epoch, "alpha_fit_draws",
                "must be >= max_start_epoch with alpha_mode fitted (each start epoch fits its alpha on its draws)")  # fmt: skip

@@ -196,9 +196,12 @@ def meta_gradient(
         target = snapshot(draw.run, draw.start_epoch + dc.expert_epochs)
         student.steps.clear()
         alpha = alpha_of(draw.start_epoch)
-        theta_n = unrolls.unroll(mode or dc.unroll, student, theta_t, alpha, syn, batches, dc.fd_eps, clip)
-        l_distill = tm.matching_loss(theta_n, target, theta_t)
         used = torch.unique(torch.cat(batches))
+        prompts = syn  # pez: the unroll sees hard tokens, the gradient reaches syn straight through
+        if dc.discrete == "pez":
+            prompts = tm.straight_through(syn, vocab, used, dc.projection, dc.vocab_chunk)
+        theta_n = unrolls.unroll(mode or dc.unroll, student, theta_t, alpha, prompts, batches, dc.fd_eps, clip)
+        l_distill = tm.matching_loss(theta_n, target, theta_t)
         l_reg = tm.regularizer(syn[used].reshape(-1, syn.shape[-1]), vocab, dc.vocab_chunk, dc.regularizer, spacing)
         loss = l_distill + beta * l_reg
         above = dc.skip_above is not None and float(l_distill.detach()) > dc.skip_above
@@ -260,12 +263,15 @@ def distill(
 
     from nacd import tm, unrolls
     from nacd.panel import FIT_SEED_OFFSET, Panel, fit_alphas, gain_line, panel_draws, sample_draw, split_runs
+    from nacd.swap import SWAP_SEED_OFFSET, swap_step
 
     dc = config.distill
     device = student.device
     n, k = len(student.data), dc.num_prompt_tokens
     vocab = tm.candidate_rows(student)
     initial = tm.initial_prompts(dc.init, vocab, n, k, config.run.seed, example_rows, dc.init_toward_mean).to(device)
+    if dc.discrete == "swap":  # tokens throughout: the initial prompts' nearest tokens
+        initial = tm.snap(initial, vocab, "l2", dc.vocab_chunk)
     syn = torch.nn.Parameter(initial.clone())
     ema = initial.clone() if dc.ema is not None else None  # the prompts measured and written, when kept
     n_alpha = dc.max_start_epoch if dc.alpha_mode in ("per_epoch", "fitted") else 1
@@ -348,10 +354,15 @@ def distill(
     done = read_jsonl(panel_path) if panel_path.is_file() else []
     last_panel = done[-1] if done else None
 
+    def current() -> Any:
+        """The prompts as measured and written: the moving average or the prompts, projected under pez."""
+        shown = (syn if ema is None else ema).detach()
+        return tm.snap(shown, vocab, dc.projection, dc.vocab_chunk) if dc.discrete == "pez" else shown
+
     def evaluate_panel() -> None:
         nonlocal last_panel
         start = time.perf_counter()
-        shown = syn if ema is None else ema
+        shown = current()
         row = {"iteration": state.iteration, **panel.evaluate(shown, lambda t: float(alpha_of(t).detach()))}
         row["seconds"] = round(time.perf_counter() - start, 3)
         if ranks.is_main:
@@ -368,7 +379,7 @@ def distill(
             start = time.perf_counter()
             for opt in opts.values():
                 opt.zero_grad(set_to_none=True)
-            beta = beta_at(dc, state.iteration)
+            beta = beta_at(dc, state.iteration) if dc.discrete != "swap" else 0.0  # tokens: no distance to pull
             draws = [
                 sample_draw(gen, train_runs, dc.max_start_epoch, n, batch, dc.syn_steps) for _ in range(dc.meta_batch)
             ]
@@ -393,10 +404,16 @@ def distill(
             elif accepted:
                 state.bad_in_a_row = 0
                 record["grad_norm_syn"] = float(syn.grad.norm())
-                if dc.clip_syn is not None:
+                if dc.discrete == "swap":  # the tokens change by a scored swap, not by Adam
+                    seed = config.run.seed + SWAP_SEED_OFFSET + state.iteration
+                    record["swap"] = swap_step(
+                        student, draws, syn, vocab, alpha_of, snapshot, dc, clip, gen, seed, ranks
+                    )
+                elif dc.clip_syn is not None:
                     torch.nn.utils.clip_grad_norm_([syn], dc.clip_syn)
-                for opt in opts.values():
-                    opt.step()
+                for name, opt in opts.items():
+                    if name != "syn" or dc.discrete != "swap":
+                        opt.step()
                 if ema is not None:
                     ema.lerp_(syn.detach(), 1.0 - dc.ema)
             for opt in opts.values():
@@ -427,9 +444,39 @@ def distill(
                 ranks.barrier()
     finally:
         bar.close()
+    final = current()
+
+    def hard_gain() -> dict[str, Any] | None:
+        """The panel's gain with the decoded tokens' embeddings against the initial tokens', at the same
+        alpha: what a receiving model, which reads tokens, can get of what was learned."""
+        if panel is None:
+            return None
+        hard_final = tm.snap(final, vocab, "l2", dc.vocab_chunk)  # the decoding's metric (write_distilled)
+        hard_initial = tm.snap(initial, vocab, "l2", dc.vocab_chunk)
+        same_initial = torch.equal(hard_initial, initial)
+        if (
+            same_initial
+            and torch.equal(hard_final, final)
+            and last_panel
+            and last_panel["iteration"] == state.iteration
+        ):
+            row = last_panel  # the prompts are tokens already (pez, a token init): the panel measured them
+        else:
+            hard = Panel(student, panel.draws, snapshot, dc.expert_epochs, hard_initial, clip, config.run.seed, ranks)
+            if same_initial:
+                hard.restore_initial(panel.initial_entries(), "the panel")
+            start = time.perf_counter()
+            row = hard.evaluate(hard_final, lambda t: float(alpha_of(t).detach()))
+            log.info("distill: hard tokens: %s (%.1f s)", gain_line({"iteration": state.iteration, **row}),
+                     time.perf_counter() - start)  # fmt: skip
+        gain = {key: row["prompt_gain"][key] for key in ("mean", "relative", "ci_low", "ci_high", "draws")}
+        return {**gain, "l_initial_mean": row["l_initial_mean"], "l_current_mean": row["l_current_mean"]}
+
     alphas = [float(a) for a in log_alpha.detach().exp()]
     return {
-        "syn": (syn if ema is None else ema).detach(),
+        "syn": final,
+        "continuous": (syn if ema is None else ema).detach() if dc.discrete == "pez" else None,
+        "hard_gain": hard_gain(),
         "initial": initial.detach(),
         "alpha": sum(alphas) / len(alphas),
         "alphas": alphas,

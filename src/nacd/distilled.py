@@ -54,8 +54,11 @@ def write_distilled(
     dist, idx = nearest(syn)
     init_ids = nearest(result["initial"])[1]  # what a receiving model would read had nothing been learned
     moved = idx != init_ids
+    tensors = {"prompts": syn, "nearest_ids": idx, "nearest_dist": dist, "initial_ids": init_ids}
+    if result.get("continuous") is not None:  # pez: the continuous copy the projection was taken of
+        tensors["continuous"] = result["continuous"].float().cpu()
     atomic_save_safetensors(
-        {"prompts": syn, "nearest_ids": idx, "nearest_dist": dist, "initial_ids": init_ids},
+        tensors,
         folder / "prompts.safetensors",
         {"kind": KIND, "alpha": repr(result["alpha"])},
     )
@@ -96,6 +99,7 @@ def write_distilled(
         alpha=result["alpha"],
         alphas=result.get("alphas", [result["alpha"]]),
         prompt_gain=gain,
+        prompt_gain_hard=result.get("hard_gain"),
         alpha_fit=result.get("alpha_fit"),
         unroll=result.get("unroll"),
         processes=result.get("processes"),
@@ -182,6 +186,19 @@ class DistilledSet:
         return (
             f"nearest tokens: {int(moved.sum())} of {moved.numel()} prompt vectors left their initial token "
             f"({int(moved.any(dim=1).sum())} of {moved.shape[0]} examples decode to new text for a receiving model)"
+        )
+
+    def hard_gain_line(self) -> str:
+        """The prompt gain of the decoded tokens against the initial tokens (``prompt_gain_hard``): what the
+        text a receiving model reads carries of what was learned."""
+        g = self.manifest.get("prompt_gain_hard")
+        if not g:
+            return "hard-token gain: not measured (distill.panel_size=0, or a set written before nacd measured it)"
+        verdict = "above 0" if g["ci_low"] > 0 else ("below 0" if g["ci_high"] < 0 else "contains 0")
+        return (
+            f"hard-token gain (the decoded tokens against the initial ones, what a receiving model reads): "
+            f"{g['mean']:+.4g} ({100 * g['relative']:+.2f}% of L_distill {g['l_initial_mean']:.4f}), "
+            f"95% CI [{g['ci_low']:+.4g}, {g['ci_high']:+.4g}] ({verdict})"
         )
 
     def gain_line(self) -> str:

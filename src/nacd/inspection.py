@@ -27,6 +27,7 @@ def describe_examples(ds: DistilledSet, count: int = 5, ids: list[str] | None = 
         f"{len({tuple(r) for r in ds.nearest_ids.tolist()})} distinct prompts",
         ds.gain_line(),
         ds.moved_line(),
+        ds.hard_gain_line(),
     ]
     for rec in chosen:
         pieces = " ".join(

@@ -478,6 +478,7 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         )
         doc.p(ds.gain_line() + " (docs/DISTILL.md: the held-out panel; alpha cannot move this figure).")
         doc.p(ds.moved_line() + ".")
+        doc.p(ds.hard_gain_line() + ".")
         gain_plot = plot_panel(ds.folder, folder / "prompt_gain.png")
         if gain_plot is not None:
             doc.img(gain_plot, "Prompt gain on the held-out panel per evaluation, with its 95% paired-bootstrap band")
@@ -485,7 +486,11 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         doc.img(curves, "L_distill (Eq. 2), L_reg (Eq. 3) and alpha over iterations")
         doc.img(_plot_distances(ds, folder / "nearest_distances.png"), "Nearest-token distances of the prompt vectors")
         doc.h("Decoded pseudo tokens (paper Figure 3)", 3)
-        doc.pre(describe_examples(ds, 6, width=120))
+        moved = [
+            r["id"] for r in ds.records if r["prompt_tokens"] != r.get("initial_prompt_tokens", r["prompt_tokens"])
+        ]
+        shown = (moved + [i for i in ds.ids if i not in set(moved)])[:6]  # examples whose text changed first
+        doc.pre(describe_examples(ds, ids=shown, width=120))
     if summary["effective_size"]:
         doc.h("Effective data size")
         doc.p(
@@ -518,6 +523,7 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         "summary": summary,
         "prompt_gain": ds.gain_line() if ds is not None else None,
         "tokens_moved": ds.moved_line() if ds is not None else None,
+        "hard_token_gain": ds.hard_gain_line() if ds is not None else None,
         "effective_size": [
             effective_line(names.get(m, m).split(" (")[0], b, e)
             for m, per in summary["effective_size"].items()

@@ -56,6 +56,46 @@ def nearest_vocab(vectors: Any, vocab: Any, chunk: int = 8192) -> tuple[Any, Any
     return dist, index
 
 
+def nearest_rows(vectors: Any, vocab: Any, metric: str = "l2", chunk: int = 8192) -> Any:
+    """Index of each row of ``vectors`` (n, d) into ``vocab`` (V, d): the nearest row by euclidean
+    distance (``l2``, how the distilled set decodes) or the most similar by cosine (``cosine``, PEZ's
+    projection); no graph, ``chunk`` vocabulary rows at a time."""
+    if metric == "l2":
+        return nearest_vocab(vectors.detach(), vocab, chunk)[1]
+    if metric != "cosine":
+        raise NacdError(f"distill.projection={metric!r}: expected l2 or cosine")
+    with torch.no_grad():
+        flat = torch.nn.functional.normalize(vectors.detach().float(), dim=-1)
+        best = torch.full((flat.shape[0],), -float("inf"), device=flat.device)
+        index = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
+        for start in range(0, vocab.shape[0], chunk):
+            block = torch.nn.functional.normalize(vocab[start : start + chunk].float().to(flat.device), dim=-1)
+            value, where = (flat @ block.T).max(dim=1)
+            better = value > best
+            best = torch.where(better, value, best)
+            index = torch.where(better, where + start, index)
+    return index
+
+
+def snap(prompts: Any, vocab: Any, metric: str = "l2", chunk: int = 8192) -> Any:
+    """``prompts`` (..., d) replaced by their nearest vocabulary rows (:func:`nearest_rows`): the hard
+    tokens a receiving model reads, as embeddings of the distilling model."""
+    d = prompts.shape[-1]
+    idx = nearest_rows(prompts.reshape(-1, d), vocab, metric, chunk)
+    return vocab[idx].to(device=prompts.device, dtype=prompts.dtype).reshape(prompts.shape)
+
+
+def straight_through(syn: Any, vocab: Any, rows: Any, metric: str = "l2", chunk: int = 8192) -> Any:
+    """PEZ's projection (Wen et al. 2023): the forward pass sees the examples ``rows`` of ``syn``
+    (n, k, d) at their nearest vocabulary rows, and the gradient with respect to those hard
+    embeddings is applied to the continuous copy ``syn`` unchanged (straight-through). Rows not in
+    ``rows`` are left as they are (the unroll does not read them), so each iteration projects only
+    the examples its draws use: b x k x V, not n x k x V."""
+    hard = syn.detach().clone()
+    hard[rows] = snap(hard[rows], vocab, metric, chunk)
+    return syn + (hard - syn).detach()
+
+
 def text_token_ids(tokenizer: Any, n_rows: int) -> list[int]:
     """Ids of the embedding rows that are ordinary text tokens: not special (``<|im_end|>``, ``<bos>``,
     added control tokens) and within the tokenizer (embedding matrices are often padded past it).
