@@ -160,6 +160,9 @@ def effective_size(summary: dict[str, Any], run_dir: Any, config: Any) -> dict[s
                 curves["select"].append((n_full, mean["full"]))
             curves = {k: sorted(v) for k, v in curves.items() if v}
             hit = crossing(curves["select"], mean["sel_nacd"], higher_is_better=bench not in losses)
+            status = summary.get("gap_closed", {}).get(model, {}).get(bench, {}).get("status")
+            if status in ("no_gap", "full_worse"):  # a flat or falling curve: where it "reaches" is noise
+                hit = {**hit, "where": status, "size": None}
             out.setdefault(model, {})[bench] = {
                 **hit,
                 "multiple": None if hit["size"] is None else hit["size"] / n_sel,
@@ -177,6 +180,8 @@ def fmt_effective(entry: dict[str, Any] | None) -> str:
     """A table cell: ``2.4x (70 examples)``, ``below 0.5x``, ``beyond FULL``."""
     if entry is None:
         return "-"
+    if entry["where"] in ("no_gap", "full_worse"):
+        return "no gap to close" if entry["where"] == "no_gap" else "FULL worse than SEL"
     if entry["where"] == "between":
         return f"{entry['multiple']:.2f}x ({entry['size']:.0f} examples)"
     if entry["where"] == "below":
@@ -187,6 +192,9 @@ def fmt_effective(entry: dict[str, Any] | None) -> str:
 def effective_line(model: str, bench: str, entry: dict[str, Any]) -> str:
     """The closing line: ``29 distilled examples tune smollm2-135m like 70 selected ones on demo_mc (2.41x)``."""
     n = entry["selected"]
+    if entry["where"] in ("no_gap", "full_worse"):
+        why = "FULL does not beat SEL" if entry["where"] == "no_gap" else "FULL is worse than SEL"
+        return f"effective data size on {bench}: not defined for {model} ({why}, so more data does not help)"
     if entry["where"] == "between":
         what = f"like {entry['size']:.0f} selected ones ({entry['multiple']:.2f}x)"
     elif entry["where"] == "below":
