@@ -4,7 +4,9 @@ Runs ``nacd distill`` once per setting on one run folder's selection and experts
 its own folder under ``--out``, with ``select/`` and ``experts/`` linked, never copied), one after
 the other, and prints per setting: the final prompt gain on the held-out panel with its 95%
 paired-bootstrap interval, the relative gain, the cosine to the expert path (initial -> final
-prompts), the number of distinct decoded prompts, the final L_reg and alpha, and the wall time.
+prompts), the number of distinct decoded prompts, the hard-token gain (the decoded tokens against the
+initial ones) and the prompt vectors that left their initial token, the final L_reg and alpha, the mean
+seconds per iteration and the wall time.
 Every setting sees the same panel and the same training draws (same ``run.seed``), so the
 comparison between settings is paired too. A JSON line per setting goes to stdout as it finishes,
 the markdown table at the end (docs/DISTILL.md records them).
@@ -105,6 +107,11 @@ def run_setting(
         "cos_final": (gain.get("cosine") or {}).get("current"),
         "distinct_prompts": ds.manifest.get("distinct_prompts"),
         "n_examples": ds.manifest.get("n_examples"),
+        "hard_relative": (ds.manifest.get("prompt_gain_hard") or {}).get("relative"),
+        "hard_ci": [(ds.manifest.get("prompt_gain_hard") or {}).get(k) for k in ("ci_low", "ci_high")],
+        "tokens_moved": ds.manifest.get("tokens_moved"),
+        "prompt_vectors": ds.manifest.get("n_examples", 0) * ds.manifest.get("num_prompt_tokens", 0),
+        "seconds_per_iteration": round(sum(h["seconds"] for h in hist) / len(hist), 2) if hist else None,
         "l_reg": hist[-1]["l_reg"] if hist else None,
         "alpha": ds.alpha,
         "iterations": ds.manifest.get("iterations"),
@@ -140,17 +147,25 @@ def table(rows: list[dict]) -> str:
     def f(x, spec):
         return "-" if x is None else format(x, spec)
 
+    def hard(r):  # the CI in absolute units, relative to the initial L like the gain
+        rel, (lo, hi), base = r.get("hard_relative"), r.get("hard_ci") or (None, None), r.get("l_initial")
+        if rel is None or lo is None or not base:
+            return "-"
+        return f"{100 * rel:+.2f}% [{100 * lo / base:+.2f}, {100 * hi / base:+.2f}]"
+
     lines = [
         "| setting | held-out L_distill initial -> final | prompt gain [95% CI] | relative | cosine initial -> final | "
-        "distinct prompts | L_reg | alpha | wall s |",
-        "| --- | --- | --- | --: | --- | --: | --: | --: | --: |",
+        "distinct prompts | hard-token gain (relative) [95% CI] | tokens moved | L_reg | alpha | s / iteration | wall s |",
+        "| --- | --- | --- | --: | --- | --: | --- | --: | --: | --: | --: | --: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['setting']} | {f(r['l_initial'], '.4f')} -> {f(r['l_final'], '.4f')} | {f(r['gain'], '+.4f')} [{f(r['ci_low'], '+.4f')}, {f(r['ci_high'], '+.4f')}] | "
             f"{f(100 * r['relative'] if r['relative'] is not None else None, '+.2f')}% | "
             f"{f(r['cos_initial'], '.4f')} -> {f(r['cos_final'], '.4f')} | {r['distinct_prompts']}/{r['n_examples']} | "
-            f"{f(r['l_reg'], '.3f')} | {f(r['alpha'], '.3g')} | {r['seconds']:.0f} |"
+            f"{hard(r)} | {r.get('tokens_moved', '-')}/{r.get('prompt_vectors', '-')} | "
+            f"{f(r['l_reg'], '.3f')} | {f(r['alpha'], '.3g')} | {f(r.get('seconds_per_iteration'), '.2f')} | "
+            f"{r['seconds']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -4,7 +4,8 @@ Trajectory matching pulls the student toward the experts' path; if the experts' 
 better than SEL on a benchmark, distilling toward them cannot be expected to lift SEL+NACD there. This
 script turns each chosen snapshot of ``<run>/experts/run_RRR/epoch_EEE.safetensors`` into a peft adapter
 (``<out>/run_RRR_epoch_EEE/``: the base model with the config's LoRA, the snapshot's parameters loaded)
-and evaluates it with ``nacd eval`` (the config's benchmarks, split, limits and protocol), one line each::
+and evaluates it with ``nacd eval`` (the config's benchmarks, split, limits and protocol), one line each
+(accuracies in points, held-out losses as they are)::
 
     .venv/bin/python bench/eval_snapshots.py -c configs/cpu-small.yaml --run-dir runs/cs01 \\
         --out runs/cs01/snapshot_adapters [OVERRIDES ...] --epochs 1 2 [--runs 0]
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> None:
             if code != 0:
                 raise SystemExit(code)
             results = json.loads((args.run_dir / "eval" / name / "results.json").read_text())["benchmarks"]
-            line = {b: round(100 * v["acc"], 2) for b, v in results.items()}
-            print(json.dumps({"snapshot": str(snapshot), "acc": line}), flush=True)
+            acc = {b: round(100 * v["acc"], 2) for b, v in results.items() if "acc" in v}
+            loss = {b: round(v["loss"], 4) for b, v in results.items() if "acc" not in v and "loss" in v}
+            print(json.dumps({"snapshot": str(snapshot), "acc": acc, "loss": loss}), flush=True)
 
 
 if __name__ == "__main__":

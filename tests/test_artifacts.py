@@ -133,3 +133,20 @@ def test_run_dir_saves_resolved_config_and_keeps_a_changed_one(tmp_path):
     kept = [p for p in rd.root.iterdir() if p.name != "config.yaml"]
     assert len(kept) == 1 and "syn_steps: 5" in kept[0].read_text()
     assert rd.expert_run_dir(2).name == "run_002"
+
+
+def test_remove_dir_leaves_a_folder_whole_or_gone(tmp_path):
+    """A finished stage's checkpoint goes by a rename first: a kill mid-removal leaves a hidden folder the
+    next removal finishes, never a half checkpoint under the real name."""
+    from nacd.artifacts import remove_dir
+
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    (ckpt / "state.json").write_text("{}")
+    half = tmp_path / ".checkpoint.removed"  # a removal a kill interrupted
+    half.mkdir()
+    (half / "state.safetensors").write_text("x")
+    (tmp_path / ".checkpoint.old").mkdir()  # a previous version atomic_dir left aside
+    remove_dir(ckpt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    remove_dir(ckpt)  # nothing there: nothing to do

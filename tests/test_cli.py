@@ -8,7 +8,7 @@ import pytest
 
 from nacd.cli import STAGE_COMMANDS, main
 
-ALL_COMMANDS = [*STAGE_COMMANDS, "models", "config", "inspect"]
+ALL_COMMANDS = [*STAGE_COMMANDS, "models", "config", "inspect", "report", "export"]
 
 
 def test_top_level_help(capsys):
@@ -27,8 +27,9 @@ def test_subcommand_help(command, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert f"usage: nacd {command}" in out
-    if command in STAGE_COMMANDS:
+    if command in STAGE_COMMANDS:  # what it reads and writes, its config sections, an example of it
         assert "KEY=VALUE" in out and "--config" in out
+        assert "reads:" in out and "writes:" in out and "config:" in out and f"example: nacd {command} " in out
 
 
 def test_run_checks_every_stage_before_any_work(tmp_path, capsys):
@@ -58,6 +59,12 @@ def test_config_prints_resolved_yaml(capsys):
     assert main(["config", "--explain"]) == 0
     out = capsys.readouterr().out
     assert "distill.beta (float) = 1.0" in out
+    assert main(["config", "--explain", "lora"]) == 0
+    out = capsys.readouterr().out
+    keys = [line.split(" ")[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert keys and all(key.startswith("lora.") for key in keys) and "lora.r" in keys
+    assert main(["config", "--explain", "nope"]) == 2
+    assert "no such section; sections: compare, data, distill" in capsys.readouterr().err
 
 
 def test_models_list_and_errors(capsys, tmp_path):

@@ -134,6 +134,10 @@ def test_interrupted_distill_resumes_exactly(prepared, monkeypatch, tmp_path):
     assert strip(resumed.history()) == strip(clean_hist)
 
 
+def tmp_dir(run_dir):
+    return run_dir.root.parent
+
+
 def shutil_rm(path):
     import shutil
 
@@ -598,7 +602,7 @@ def test_a_process_that_dies_is_named_and_the_run_resumes(prepared, tmp_path):
     assert [h["iteration"] for h in resumed.history()] == [1, 2, 3, 4, 5]
 
 
-def test_pez_distills_hard_tokens_and_the_panel_measures_them(prepared):
+def test_pez_distills_hard_tokens_and_the_panel_measures_them(prepared, capsys):
     """distill.discrete=pez: the set is the projection of a continuous copy, so every prompt is a
     vocabulary row (distance 0, its token what a receiving model reads); the continuous copy is kept;
     tokens move; the hard-token gain is the panel's gain (the prompts measured are tokens already);
@@ -627,6 +631,46 @@ def test_pez_distills_hard_tokens_and_the_panel_measures_them(prepared):
         key: gain[key] for key in ("mean", "ci_low", "ci_high")
     }
     assert [r["iteration"] for r in ds.panel()] == [0, 2, 4]
+    # nacd inspect / report take the run folder itself, even moved elsewhere (its config.yaml, out_dir = it)
+    import shutil
+
+    from nacd.cli import main
+
+    moved = run_dir.root.parent / "moved"
+    shutil.copytree(run_dir.root, moved)
+    assert main(["inspect", str(moved), "--examples", "1", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert f"{moved / 'distill'}: 16 examples" in out and "hard-token gain" in out and "pseudo tokens" in out
+    assert main(["report", str(moved)]) == 0
+    assert f"report: {moved / 'report' / 'report.md'}" in capsys.readouterr().out
+    assert main(["inspect", str(moved / "distill")]) == 2
+    assert "config.yaml: not found; is" in capsys.readouterr().err
+
+    # nacd export: ordinary data sets (JSONL chats, a datasets folder, a card) that a trainer reads
+    from datasets import load_dataset, load_from_disk
+
+    from nacd import finetune
+
+    out = run_dir.root.parent / "export"
+    assert main(["export", str(moved), "--out", str(out)]) == 0
+    assert "distilled 16, selected 16 examples" in capsys.readouterr().out
+    rows = load_dataset("json", data_files=str(out / "distilled.jsonl"), split="train")
+    assert len(rows) == 16 and rows[0]["id"] == ds.records[0]["id"]
+    first_user = next(m for m in rows[0]["messages"] if m["role"] == "user")["content"]
+    original = next(m for m in ds.records[0]["messages"] if m["role"] == "user")["content"]
+    assert first_user == ds.records[0]["prompt_text"] + "\n" + original  # where a receiving model reads it
+    hf = load_from_disk(str(out / "hf"))
+    assert set(hf) == {"distilled", "selected"} and len(hf["selected"]) == 16
+    assert hf["selected"][0]["messages"] == ds.records[0]["messages"]  # D_sel as it is, in the same order
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "split: distilled" in card and "hard-token gain" in card
+    assert "sha256" in card and (out / "hf" / "README.md").read_text() == card
+    # one step of the project's own loop on the exported chats
+    source = f"data.sources=[{{path: {out / 'distilled.jsonl'}, name: exported}}]"
+    tune = load_config(None, [*overrides, source, f"run.out_dir={tmp_dir(run_dir) / 'tune'}", "finetune.dataset=full",
+                              "finetune.train.max_steps=1", "finetune.train.batch_size=4"])  # fmt: skip
+    result = finetune.run(tune, RunDir(tune.run.out_dir))
+    assert result["n_examples"] == 16 and result["complete"]
 
     shutil_rm(run_dir.distill_dir)
     cont = distill.run(load_config(None, jump), run_dir)

@@ -420,6 +420,36 @@ def test_prompts_after_the_first_token_enter_as_inserted_tokens_would(tiny_gemma
     check_prompt_offset(student.data, 9)  # every example has a token after the 9th
 
 
+def test_pez_forward_is_the_token_sequence_and_its_gradient_reaches_the_continuous_copy(tiny_gemma_dir):
+    """distill.discrete=pez on the tiny Gemma (scaled embeddings): continuous prompts projected
+    straight-through give exactly the loss of the text with the projected tokens in front, and the
+    gradient with respect to the continuous copy is the gradient with respect to those token embeddings."""
+    student = _student(tiny_gemma_dir, dtype=torch.float32)
+    text = student.text_batch([0, 1])
+    vocab = student.vocab.detach()
+    gen = torch.Generator().manual_seed(0)
+    syn = torch.nn.Parameter(
+        vocab[[5, 9, 11, 13]].reshape(2, 2, -1) + 0.3 * torch.randn(2, 2, vocab.shape[1], generator=gen)
+    )
+    rows = torch.tensor([0, 1])
+    hard_ids = nearest_rows(syn.detach().reshape(-1, vocab.shape[1]), vocab, "cosine").reshape(2, 2)
+    theta = [p.detach() for p in lora_parameters(student.model).values()]
+    batch = student.inputs(vocab[hard_ids], text)
+    inserted = {
+        "input_ids": torch.cat([hard_ids, text["input_ids"]], dim=1),
+        "attention_mask": batch["attention_mask"],
+        "labels": batch["labels"],
+    }
+    with torch.no_grad():
+        want = student.model(**inserted).loss  # the plain model, before the student's sparse forward
+    got = student.step_loss(theta, straight_through(syn, vocab, rows, "cosine"), text)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    hard = vocab[hard_ids].clone().requires_grad_(True)
+    student.step_loss(theta, hard, text).backward()
+    torch.testing.assert_close(syn.grad, hard.grad)
+
+
 def test_scale_free_regularizers_by_hand():
     from nacd.tm import vocab_spacing
 

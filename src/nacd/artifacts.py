@@ -114,6 +114,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def remove_dir(path: str | Path) -> None:
+    """Delete a folder (a finished stage's checkpoint) so that a kill at any moment leaves it whole or gone,
+    never a half folder a rerun would read: it is renamed to a hidden removal name first, then deleted
+    (a removal a kill interrupted is finished by the next :func:`remove_dir` of the same folder)."""
+    path = Path(path)
+    gone = path.with_name(f".{path.name}.removed")
+    shutil.rmtree(gone, ignore_errors=True)
+    for victim in (_aside(path), path):  # a previous version a killed atomic_dir left aside goes first
+        if victim.exists():
+            os.replace(victim, gone)
+            shutil.rmtree(gone, ignore_errors=True)
+
+
 def _aside(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 

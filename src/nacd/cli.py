@@ -39,6 +39,68 @@ STAGE_COMMANDS = {
     "smoke": ("smoke", "Data + model smoke run: load the model, tokenize the corpus, print statistics."),
 }
 
+#: Per stage command: what it reads, what it writes (``<run>`` is ``run.out_dir``), the config sections it
+#: takes, and an example; shown by ``nacd STAGE --help``.
+STAGE_HELP = {
+    "select": (
+        "the corpus (data.sources); with method=less, its target (select.target)",
+        "<run>/select/: selection.json (the chosen ids), selected.jsonl, ranking.json (every example ranked; "
+        "the selection is its prefix), manifest.json",
+        "data, select, model (LESS's gradients)",
+        "nacd select -c configs/cpu-small.yaml select.method=bm25 select.budget=0.05",
+    ),
+    "experts": (
+        "the corpus (data.sources), the model",
+        "<run>/experts/run_RRR/: epoch_EEE.safetensors (the LoRA parameters at every epoch, epoch 0 the "
+        "initialisation), manifest.json, a checkpoint while it runs",
+        "data, model, lora, experts",
+        "nacd experts -c configs/cpu-small.yaml experts.num_experts=2",
+    ),
+    "distill": (
+        "<run>/select/ (D_sel), <run>/experts/ (the trajectories to match), the corpus, the model",
+        "<run>/distill/: prompts.safetensors (the prompt vectors, nearest and initial tokens), records.jsonl "
+        "(per example: the decoded prompt and the original messages), history.jsonl, panel.jsonl (the held-out "
+        "prompt gain), manifest.json, checkpoint/",
+        "distill (and data, model, lora as the experts had them)",
+        "nacd distill -c configs/demo.yaml distill.iterations=40",
+    ),
+    "finetune": (
+        "the corpus; <run>/select/ (finetune.dataset=selected) or <run>/distill/ (dataset=distilled)",
+        "<run>/finetune/<finetune.name or dataset>/: adapter/ (a peft adapter), metrics.jsonl, manifest.json",
+        "finetune, lora, data",
+        "nacd finetune -c configs/cpu-small.yaml finetune.dataset=distilled finetune.model=gemma3-270m",
+    ),
+    "eval": (
+        "the benchmarks (eval.benchmarks), the model and an adapter (eval.adapter; none: the base model)",
+        "<run>/eval/<name>/: results.json (per benchmark), samples.jsonl (per question), manifest.json",
+        "eval, model",
+        "nacd eval -c configs/cpu-small.yaml eval.adapter=runs/cpu-small/finetune/full/adapter",
+    ),
+    "run": (
+        "everything the stages read; each stage's outputs when already complete (a rerun skips them)",
+        "every stage's folder, then <run>/report/: report.md, report.html, results.json, plots; costs.json",
+        "all, and compare (variants, receivers, seeds, sizes)",
+        "nacd run configs/demo.yaml compare.seeds=[0,1,2] run.out_dir=runs/demo3",
+    ),
+    "smoke": (
+        "the corpus and the model",
+        "nothing: prints the corpus and token statistics and one forward pass",
+        "data, model",
+        "nacd smoke -c configs/cpu-small.yaml data.max_seq_len=256",
+    ),
+}
+
+
+def stage_epilog(name: str) -> str:
+    """The ``--help`` epilog of a stage command: its inputs, outputs, config sections and an example."""
+    import textwrap
+
+    reads, writes, sections, example = STAGE_HELP[name]
+    rows = [("reads:", reads), ("writes:", writes), ("config:", f"{sections} (nacd config --explain SECTION)")]
+    text = [textwrap.fill(body, 100, initial_indent=f"{head:9}", subsequent_indent=" " * 9) for head, body in rows]
+    return "\n".join([*text, f"example: {example}"]) + "\n"
+
+
 EPILOG = """\
 examples:
   nacd smoke                                   # the embedded default config
@@ -46,7 +108,8 @@ examples:
   nacd run -c configs/cpu-small.yaml distill.syn_steps=8 run.out_dir=runs/try1
   nacd models prepare smollm2-135m
   nacd config --explain                        # every config key with its default and meaning
-  nacd inspect -c configs/cpu-small.yaml       # distilled pseudo tokens beside the data
+  nacd inspect runs/demo                       # distilled pseudo tokens beside the data
+  nacd export runs/demo --out exports/demo     # the selected and distilled data as ordinary data sets
 """
 
 
@@ -71,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nacd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in STAGE_COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, epilog=stage_epilog(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
         _add_config_args(p)
 
     models = sub.add_parser(
@@ -91,25 +157,53 @@ def build_parser() -> argparse.ArgumentParser:
         description=("Print the resolved config as YAML (defaults <- file <- overrides), or with --explain every key."),
     )
     _add_config_args(cfg)
-    cfg.add_argument("--explain", action="store_true", help="list every key with its type, default and meaning")
+    cfg.add_argument(
+        "--explain", nargs="?", const="", metavar="SECTION",
+        help="list every key (or one section's: --explain distill) with its type, default and meaning",
+    )  # fmt: skip
 
     rep = sub.add_parser(
         "report",
         help="Rewrite the report of a run (nacd run) from its folder, done or not.",
         description=(
             "Rewrite <run>/report/ (report.md, report.html, plots, results.json) from the run folder as it is: "
-            "cells not done yet show as '-'. Trains and evaluates nothing."
+            "cells not done yet show as '-'. Trains and evaluates nothing. Takes the run folder itself "
+            "(nacd report runs/demo: its config.yaml) or -c CONFIG."
         ),
+        epilog="examples:\n  nacd report runs/demo\n  nacd report -c configs/cpu-small.yaml\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(rep)
+
+    exp = sub.add_parser(
+        "export",
+        help="Write a run's selected and distilled data as JSONL chats and a Hugging Face dataset.",
+        description=(
+            "Write <out>/distilled.jsonl (each distilled example as a chat, its decoded prompt text before its "
+            "first user message, as a receiving model is tuned on it), <out>/selected.jsonl (D_sel), <out>/hf/ "
+            "(both as a datasets.DatasetDict, save_to_disk) and a dataset card <out>/README.md. Takes the run "
+            "folder itself or -c CONFIG."
+        ),
+        epilog=(
+            "examples:\n  nacd export runs/demo --out exports/demo\n"
+            "  nacd export runs/demo --out exports/demo --push-to-hub me/demo-distilled   # needs a token\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_args(exp)
+    exp.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    exp.add_argument("--push-to-hub", metavar="REPO", help="also upload <out> as this Hugging Face dataset repo")
 
     insp = sub.add_parser(
         "inspect",
         help="Show distilled pseudo tokens beside the data; plot the loss curves.",
         description=(
             "Print, for chosen examples, the decoded nearest tokens of their prompt vectors beside the original "
-            "data (the paper's Figure 3), and plot L_distill, L_reg and alpha to <run>/distill/loss.png."
+            "data (the paper's Figure 3), and plot L_distill, L_reg and alpha to <run>/distill/loss.png. Takes "
+            "the run folder itself (nacd inspect runs/demo) or -c CONFIG."
         ),
+        epilog="examples:\n  nacd inspect runs/demo --examples 3\n  nacd inspect -c configs/demo.yaml --ids ID\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(insp)
     insp.add_argument("--examples", type=int, default=5, help="how many examples to show (default 5)")
@@ -150,11 +244,28 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from nacd.configlib import dump_yaml, explain
 
     cfg = load_config(args.config, args.overrides)
-    if args.explain:
-        for key, type_name, value, doc in explain(cfg):
-            print(f"{key} ({type_name}) = {value!r}\n    {doc}")
+    if args.explain is not None:
+        rows = explain(cfg)
+        sections = sorted({key.split(".")[0] for key, *_ in rows if "." in key})
+        if args.explain and args.explain not in sections:
+            raise ConfigError(f"nacd config --explain {args.explain}: no such section; sections: {', '.join(sections)}")
+        for key, type_name, value, doc in rows:
+            if not args.explain or key.split(".")[0] == args.explain:
+                print(f"{key} ({type_name}) = {value!r}\n    {doc}")
     else:
         sys.stdout.write(dump_yaml(cfg))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from nacd.artifacts import RunDir
+    from nacd.config import load_config
+    from nacd.export import export
+
+    cfg = load_config(args.config, args.overrides)
+    result = export(cfg, RunDir(cfg.run.out_dir), Path(args.out), args.push_to_hub)
+    counts = ", ".join(f"{name} {n}" for name, n in result["counts"].items())
+    print(f"{result['out']}: {counts} examples (JSONL, hf/ for datasets.load_from_disk, README.md: the card)")
     return 0
 
 
@@ -274,6 +385,12 @@ def _config_positional(args: argparse.Namespace) -> None:
         if args.config:
             raise ConfigError(f"{overrides[0]!r}: a config file was given with -c already; overrides are KEY=VALUE")
         args.config = overrides.pop(0)
+        folder = Path(args.config)
+        if args.command in ("report", "inspect", "export") and folder.is_dir():  # a run folder: its config
+            args.config = str(folder / "config.yaml")
+            if not (folder / "config.yaml").is_file():
+                raise ConfigError(f"{folder / 'config.yaml'}: not found; is {folder} a run folder (run.out_dir)?")
+            overrides.insert(0, f"run.out_dir={folder}")  # where it is now, even if it was moved
 
 
 class Stopped(BaseException):
@@ -377,6 +494,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_inspect(args)
     if args.command == "report":
         return _cmd_report(args)
+    if args.command == "export":
+        return _cmd_export(args)
     return _cmd_stage(args)
 
 

@@ -454,13 +454,13 @@ def distill(
         hard_final = tm.snap(final, vocab, "l2", dc.vocab_chunk)  # the decoding's metric (write_distilled)
         hard_initial = tm.snap(initial, vocab, "l2", dc.vocab_chunk)
         same_initial = torch.equal(hard_initial, initial)
-        if (
-            same_initial
-            and torch.equal(hard_final, final)
-            and last_panel
-            and last_panel["iteration"] == state.iteration
-        ):
-            row = last_panel  # the prompts are tokens already (pez, a token init): the panel measured them
+        measured = same_initial and last_panel is not None and last_panel["iteration"] == state.iteration
+        if measured and torch.equal(hard_final, final):
+            row = last_panel  # the prompts are tokens already (pez, swap, a token init): the panel measured them
+        elif measured and torch.equal(hard_final, hard_initial):  # no token moved: the same prompts, gain 0
+            zero = {"mean": 0.0, "relative": 0.0, "ci_low": 0.0, "ci_high": 0.0, "draws": len(panel.draws)}
+            level = last_panel["l_initial_mean"]
+            row = {"prompt_gain": zero, "l_initial_mean": level, "l_current_mean": level}
         else:
             hard = Panel(student, panel.draws, snapshot, dc.expert_epochs, hard_initial, clip, config.run.seed, ranks)
             if same_initial:

@@ -23,7 +23,6 @@ clean run (bitwise on CPU); completed runs are skipped.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from nacd.artifacts import (
     load_tensors,
     read_manifest,
     read_matching_manifest,
+    remove_dir,
     setup_logging,
     verify_file,
     write_manifest,
@@ -134,7 +134,7 @@ def train_expert(config: Any, setup: TrainingSetup, folder: Path, index: int) ->
     if loop.is_main:
         manifest.update(complete=True, seconds=round(state.seconds, 2), loss_tokens=state.loss_tokens)
         write_manifest(folder, KIND, **manifest)
-        shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+        remove_dir(folder / "checkpoint")
     loop.accelerator.wait_for_everyone()
     return manifest
 

@@ -16,7 +16,6 @@ Output, ``<run>/finetune/<variant>/``::
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from nacd.artifacts import (
     atomic_dir,
     read_matching_manifest,
     record_files,
+    remove_dir,
     setup_logging,
     verify_files,
     write_manifest,
@@ -255,7 +255,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
             parameters={name: list(p.shape) for name, p in lora_parameters(setup.model).items()},
         )
         write_manifest(folder, KIND, **manifest)
-        shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+        remove_dir(folder / "checkpoint")
     loop.accelerator.wait_for_everyone()
     log.info("finetune %s: adapter saved in %s", variant, folder / "adapter")
     return manifest

@@ -72,6 +72,7 @@ from nacd.artifacts import (
     read_manifest,
     read_matching_manifest,
     record_files,
+    remove_dir,
     sha256_file,
     verify_file,
     write_manifest,
@@ -211,7 +212,7 @@ def run_warmup(config: Any, setup: Any, data: Sequence[Any], folder: Path) -> li
     if loop.is_main:
         manifest.update(complete=True, seconds=round(state.seconds, 2))
         write_manifest(folder, WARMUP_KIND, **manifest)
-        shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+        remove_dir(folder / "checkpoint")
     loop.accelerator.wait_for_everyone()
     return manifest["snapshots"]
 
