@@ -161,3 +161,16 @@ def test_config_docs_are_up_to_date():
 
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gen_config_docs.py"), "--check"])
     assert proc.returncode == 0, "docs/CONFIG.md is stale: run .venv/bin/python scripts/gen_config_docs.py"
+
+
+def test_the_readme_own_corpus_config_validates(tmp_path):
+    """The README's "Your own corpus and model" config, exactly as printed, loads and passes every check."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Your own corpus and model", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "my.yaml"
+    path.write_text(block)
+    cfg = load_config(str(path), [])
+    assert cfg.model.spec == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg.data.heldout == 100
+    assert [s.path for s in cfg.data.sources] == ["data/my_corpus.jsonl"] and cfg.select.method == "random"
+    assert cfg.eval.benchmarks == ["heldout", "arc_easy"] and cfg.compare.seeds == [0, 1, 2]
