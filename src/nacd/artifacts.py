@@ -83,6 +83,14 @@ def atomic_save_safetensors(
     return atomic_write_bytes(path, save(tensors, metadata=dict(metadata or {})))
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """nacd's cache folder: ``cache_dir``, else ``$NACD_CACHE``, else ``~/.cache/nacd`` (converted models,
+    generated data)."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("NACD_CACHE") or Path.home() / ".cache" / "nacd").expanduser()
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it into place only if the block succeeds.

@@ -176,8 +176,7 @@ def generate(seed: int = 0) -> dict[str, list[dict[str, object]]]:
 
 def demo_dir(cache_dir: str | Path | None = None) -> Path:
     """The demo data folder (written on first use)."""
-    from nacd.artifacts import atomic_write_text
-    from nacd.models import cache_root
+    from nacd.artifacts import atomic_write_text, cache_root
 
     folder = Path(cache_root(cache_dir)) / "data" / f"demo-v{VERSION}"
     if not (folder / "complete").is_file():

@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nacd.artifacts import atomic_dir, atomic_write_json, sha256_file
+from nacd.artifacts import (
+    atomic_dir,
+    atomic_write_json,
+    cache_root,  # the cache folder (models, data); kept importable from here
+    sha256_file,
+)
 from nacd.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -109,12 +114,6 @@ BUILTINS: dict[str, Builtin] = {
         ),
     )
 }
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("NACD_CACHE") or Path.home() / ".cache" / "nacd").expanduser()
 
 
 def builtin_dir(name: str, cache_dir: str | Path | None = None) -> Path:
