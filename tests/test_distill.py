@@ -478,14 +478,29 @@ def test_alpha_modes_and_token_inits(prepared):
     assert none.manifest["prompt_gain"]["mean"] == 0  # nothing moved
 
 
+def _one_and_two_processes(prepared, tmp_path, settings, port):
+    """The distilled set of one process (in the fixture's run folder) and of two under torchrun (in a copy
+    of its selection and experts), with the same ``settings``; and the torchrun argv, for reruns."""
+    import shutil
+
+    from conftest import torchrun_nacd
+
+    _, run_dir, overrides = prepared
+    two = tmp_path / "two"
+    for stage in ("select", "experts"):
+        shutil.copytree(run_dir.root / stage, two / stage)
+    one_set = distill.run(load_config(None, [*overrides, *settings]), run_dir)
+    argv = [a for a in overrides if not a.startswith("run.out_dir=")] + settings + [f"run.out_dir={two}"]
+    proc = torchrun_nacd("distill", argv, port)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return one_set, distill.DistilledSet.load(two / "distill"), argv
+
+
 def test_two_processes_give_the_one_process_result_with_the_same_meta_batch(prepared, tmp_path):
     """Issue #13: each process unrolls its share of every meta-batch (and of the panel, and of the fit of
     alpha); the summed gradients make the prompts, alpha and history those of one process."""
-    import shutil
-
     from conftest import multiprocess_overrides, torchrun_nacd
 
-    cfg, run_dir, overrides = prepared
     settings = [
         *REACHABLE,
         "distill.iterations=3",
@@ -496,14 +511,7 @@ def test_two_processes_give_the_one_process_result_with_the_same_meta_batch(prep
         "distill.alpha_fit_draws=4",
         *multiprocess_overrides(),
     ]
-    two = tmp_path / "two"
-    for stage in ("select", "experts"):
-        shutil.copytree(run_dir.root / stage, two / stage)
-    one_set = distill.run(load_config(None, [*overrides, *settings]), run_dir)
-    argv = [a for a in overrides if not a.startswith("run.out_dir=")] + settings + [f"run.out_dir={two}"]
-    proc = torchrun_nacd("distill", argv, 29541)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two_set = distill.DistilledSet.load(two / "distill")
+    one_set, two_set, argv = _one_and_two_processes(prepared, tmp_path, settings, 29541)
     torch.testing.assert_close(two_set.prompts, one_set.prompts, rtol=0, atol=1e-6)
     assert two_set.manifest["alphas"] == pytest.approx(one_set.manifest["alphas"], abs=1e-6)
     assert two_set.manifest["processes"] == {"count": 2, "draws_per_update": [1, 1]}
@@ -523,22 +531,12 @@ def test_two_processes_give_the_one_process_result_with_the_same_meta_batch(prep
 def test_two_processes_score_the_swaps_as_one_does(prepared, tmp_path):
     """discrete=swap under a launcher: each process scores its share of the swaps; the kept swaps, the
     tokens and the history are those of one process."""
-    import shutil
+    from conftest import multiprocess_overrides
 
-    from conftest import multiprocess_overrides, torchrun_nacd
-
-    cfg, run_dir, overrides = prepared
     settings = [*REACHABLE, "distill.iterations=3", "distill.meta_batch=2", "distill.panel_size=2"]
     settings += ["distill.alpha_mode=fixed", "distill.discrete=swap", "distill.swap_candidates=5"]
     settings += multiprocess_overrides()
-    two = tmp_path / "two"
-    for stage in ("select", "experts"):
-        shutil.copytree(run_dir.root / stage, two / stage)
-    one_set = distill.run(load_config(None, [*overrides, *settings]), run_dir)
-    argv = [a for a in overrides if not a.startswith("run.out_dir=")] + settings + [f"run.out_dir={two}"]
-    proc = torchrun_nacd("distill", argv, 29543)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two_set = distill.DistilledSet.load(two / "distill")
+    one_set, two_set, _ = _one_and_two_processes(prepared, tmp_path, settings, 29543)
     assert torch.equal(two_set.nearest_ids, one_set.nearest_ids)
     a, b = ([r["swap"] for r in s.history()] for s in (one_set, two_set))
     assert [(r["swapped"], r["position"], r["row"]) for r in b] == [(r["swapped"], r["position"], r["row"]) for r in a]

@@ -243,6 +243,18 @@ def meta_gradient(
     return rows, accepted, finite
 
 
+def hard_gain(panel: Any, final: Any, vocab: Any, alpha_of: Any, last_row: Any, state: Any, dc: Any) -> dict:
+    """The panel's hard-token gain of the final prompts (:meth:`nacd.panel.Panel.hard_token_gain`), logged."""
+    from nacd.panel import gain_line
+
+    start = time.perf_counter()
+    last = last_row if last_row is not None and last_row["iteration"] == state.iteration else None
+    gain = panel.hard_token_gain(final, vocab, lambda t: float(alpha_of(t).detach()), last, dc.vocab_chunk)
+    line = gain_line({"iteration": state.iteration, "prompt_gain": gain, **gain}, "hard-token gain")
+    log.info("distill: %s (%.1f s)", line, time.perf_counter() - start)
+    return gain
+
+
 def distill(
     student: Any,
     store: Any,
@@ -446,37 +458,11 @@ def distill(
         bar.close()
     final = current()
 
-    def hard_gain() -> dict[str, Any] | None:
-        """The panel's gain with the decoded tokens' embeddings against the initial tokens', at the same
-        alpha: what a receiving model, which reads tokens, can get of what was learned."""
-        if panel is None:
-            return None
-        hard_final = tm.snap(final, vocab, "l2", dc.vocab_chunk)  # the decoding's metric (write_distilled)
-        hard_initial = tm.snap(initial, vocab, "l2", dc.vocab_chunk)
-        same_initial = torch.equal(hard_initial, initial)
-        measured = same_initial and last_panel is not None and last_panel["iteration"] == state.iteration
-        if measured and torch.equal(hard_final, final):
-            row = last_panel  # the prompts are tokens already (pez, swap, a token init): the panel measured them
-        elif measured and torch.equal(hard_final, hard_initial):  # no token moved: the same prompts, gain 0
-            zero = {"mean": 0.0, "relative": 0.0, "ci_low": 0.0, "ci_high": 0.0, "draws": len(panel.draws)}
-            level = last_panel["l_initial_mean"]
-            row = {"prompt_gain": zero, "l_initial_mean": level, "l_current_mean": level}
-        else:
-            hard = Panel(student, panel.draws, snapshot, dc.expert_epochs, hard_initial, clip, config.run.seed, ranks)
-            if same_initial:
-                hard.restore_initial(panel.initial_entries(), "the panel")
-            start = time.perf_counter()
-            row = hard.evaluate(hard_final, lambda t: float(alpha_of(t).detach()))
-            log.info("distill: hard tokens: %s (%.1f s)", gain_line({"iteration": state.iteration, **row}),
-                     time.perf_counter() - start)  # fmt: skip
-        gain = {key: row["prompt_gain"][key] for key in ("mean", "relative", "ci_low", "ci_high", "draws")}
-        return {**gain, "l_initial_mean": row["l_initial_mean"], "l_current_mean": row["l_current_mean"]}
-
     alphas = [float(a) for a in log_alpha.detach().exp()]
     return {
         "syn": final,
         "continuous": (syn if ema is None else ema).detach() if dc.discrete == "pez" else None,
-        "hard_gain": hard_gain(),
+        "hard_gain": None if panel is None else hard_gain(panel, final, vocab, alpha_of, last_panel, state, dc),
         "initial": initial.detach(),
         "alpha": sum(alphas) / len(alphas),
         "alphas": alphas,

@@ -191,14 +191,14 @@ class DistilledSet:
     def hard_gain_line(self) -> str:
         """The prompt gain of the decoded tokens against the initial tokens (``prompt_gain_hard``): what the
         text a receiving model reads carries of what was learned."""
+        from nacd.panel import gain_line
+
         g = self.manifest.get("prompt_gain_hard")
         if not g:
             return "hard-token gain: not measured (distill.panel_size=0, or a set written before nacd measured it)"
-        verdict = "above 0" if g["ci_low"] > 0 else ("below 0" if g["ci_high"] < 0 else "contains 0")
-        return (
-            f"hard-token gain (the decoded tokens against the initial ones, what a receiving model reads): "
-            f"{g['mean']:+.4g} ({100 * g['relative']:+.2f}% of L_distill {g['l_initial_mean']:.4f}), "
-            f"95% CI [{g['ci_low']:+.4g}, {g['ci_high']:+.4g}] ({verdict})"
+        row = {"iteration": self.manifest.get("iterations"), "prompt_gain": g, "l_initial_mean": g["l_initial_mean"]}
+        return gain_line(
+            row, "hard-token gain (the decoded tokens against the initial ones, what a receiving model reads)"
         )
 
     def gain_line(self) -> str:

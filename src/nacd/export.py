@@ -30,26 +30,18 @@ from nacd.errors import NacdError
 
 def distilled_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The distilled set's records as chats, the prompt text placed as text mode places it."""
-    from nacd.finetune import PROMPT_TEXT_SEPARATOR
+    from nacd.finetune import prompted_messages
 
-    rows = []
-    for rec in records:
-        messages = [dict(m) for m in rec["messages"]]
-        first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-        if first is None:
-            raise NacdError(f"distilled example {rec['id']!r} has no user message to put its prompt text in")
-        messages[first]["content"] = rec["prompt_text"] + PROMPT_TEXT_SEPARATOR + messages[first]["content"]
-        rows.append(
-            {
-                "id": rec["id"],
-                "source": rec["source"],
-                "messages": messages,
-                "prompt_text": rec["prompt_text"],
-                "prompt_tokens": rec["prompt_tokens"],
-                "prompt_token_ids": rec["prompt_token_ids"],
-            }
-        )
-    return rows
+    keys = ("prompt_text", "prompt_tokens", "prompt_token_ids")
+    return [
+        {
+            "id": rec["id"],
+            "source": rec["source"],
+            "messages": prompted_messages(rec["messages"], rec["prompt_text"], rec["id"]),
+            **{key: rec[key] for key in keys},
+        }
+        for rec in records
+    ]
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> str:
@@ -108,9 +100,11 @@ def card(config: Any, run_dir: Any, counts: dict[str, int], ds: Any) -> str:
                     text = f"{100 * value:+.1f}% [{100 * lo:+.1f}%, {100 * hi:+.1f}%]"
                 lines.append(f"- gap closed by SEL+NACD, {model} on {bench}: {text}")
     lines += ["", "## Files of the run", ""]
-    for name, manifest in (("select", run_dir.select_dir), ("distill", run_dir.distill_dir)):
-        body = read_manifest(manifest, "selection" if name == "select" else "distilled") if manifest.is_dir() else None
-        for file, record in ((body or {}).get("files") or {}).items():
+    for name, folder, kind in (
+        ("select", run_dir.select_dir, "selection"),
+        ("distill", run_dir.distill_dir, "distilled"),
+    ):
+        for file, record in ((read_manifest(folder, kind) or {}).get("files") or {}).items():
             if isinstance(record, dict) and "sha256" in record:
                 lines.append(f"- `{name}/{file}`: sha256 `{record['sha256']}`")
     lines += [
@@ -136,9 +130,8 @@ def export(config: Any, run_dir: Any, out: Path, push_to_hub: str | None = None)
 
     out = Path(out)
     selected_path = run_dir.select_dir / "selected.jsonl"
-    ds = DistilledSet.load(run_dir.distill_dir) if (run_dir.distill_dir / "manifest.json").is_file() else None
-    if ds is not None and not ds.manifest.get("complete"):
-        ds = None
+    made = read_manifest(run_dir.distill_dir, "distilled")  # a distillation still running is left out
+    ds = DistilledSet.load(run_dir.distill_dir) if made is not None and made.get("complete") else None
     splits: dict[str, list[dict[str, Any]]] = {}
     if ds is not None:
         splits["distilled"] = distilled_rows(ds.records)

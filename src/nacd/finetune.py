@@ -49,19 +49,26 @@ def check(config: Any) -> None:
 PROMPT_TEXT_SEPARATOR = "\n"
 
 
-def with_prompt_text(example: Any, prompt_text: str) -> Any:
-    """The example with ``prompt_text`` + newline prepended to its first user message (text mode).
+def prompted_messages(messages: Any, prompt_text: str, example_id: str = "") -> list[dict[str, str]]:
+    """A copy of ``messages`` with ``prompt_text`` + newline prepended to the first user message (text mode).
 
     The chat template (or the fallback format) then renders it inside the user turn, so the
     pseudo tokens sit where the prompt vectors sit for the distilling model: before the
-    instruction, after the template's own header tokens.
+    instruction, after the template's own header tokens. ``nacd export`` writes the same chats.
     """
+    out = [dict(m) for m in messages]
+    first = next((i for i, m in enumerate(out) if m["role"] == "user"), None)
+    if first is None:
+        raise NacdError(f"example {example_id!r} has no user message to put its prompt text in")
+    out[first]["content"] = prompt_text + PROMPT_TEXT_SEPARATOR + out[first]["content"]
+    return out
+
+
+def with_prompt_text(example: Any, prompt_text: str) -> Any:
+    """The example with its messages :func:`prompted_messages`."""
     from dataclasses import replace
 
-    messages = [dict(m) for m in example.messages]
-    first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-    messages[first]["content"] = prompt_text + PROMPT_TEXT_SEPARATOR + messages[first]["content"]
-    return replace(example, messages=tuple(messages))
+    return replace(example, messages=tuple(prompted_messages(example.messages, prompt_text, example.id)))
 
 
 @dataclass(frozen=True)

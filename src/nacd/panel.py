@@ -162,6 +162,23 @@ def prompt_gain(l_initial: Sequence[float], l_current: Sequence[float], seed: in
     }
 
 
+def seeded_endpoint(
+    student: Any, theta_t: Sequence[Any], draw: Draw, alpha: Any, syn: Any, clip: float | None, seed: int
+) -> list[Any]:
+    """theta_N of ``draw`` from ``theta_t`` with prompts ``syn`` (first-order steps, no graph), the random
+    stream forked and seeded with ``seed``: every prompt set measured with one seed sees the same dropout
+    masks, and training's stream is untouched (the panel, the swap scores)."""
+    import torch
+
+    from nacd.unrolls import endpoint
+
+    device = torch.device(student.device)
+    batches = [b.to(device) for b in draw.batches]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(seed)
+        return endpoint(student, theta_t, torch.as_tensor(alpha, device=device), syn, batches, clip)
+
+
 # --------------------------------------------------------------------------- the evaluation
 
 
@@ -204,18 +221,9 @@ class Panel:
             self._initial_cache[(int(entry[0]), float(entry[1]))] = (float(entry[2]), float(entry[3]))
 
     def _endpoint(self, i: int, draw: Draw, alpha: float, syn: Any) -> list[Any]:
-        """theta_N of draw ``i`` with prompts ``syn``; the random stream is forked and seeded per draw, so
-        both prompt sets see the same dropout masks and training's stream is untouched."""
-        import torch
-
-        from nacd.unrolls import endpoint
-
-        device = torch.device(self.student.device)
+        """theta_N of draw ``i`` with prompts ``syn``, seeded per draw (:func:`seeded_endpoint`)."""
         theta_t = self.snapshot(draw.run, draw.start_epoch)
-        batches = [b.to(device) for b in draw.batches]
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-            torch.manual_seed(self.seed + PANEL_SEED_OFFSET + i)
-            return endpoint(self.student, theta_t, torch.tensor(alpha, device=device), syn, batches, self.clip)
+        return seeded_endpoint(self.student, theta_t, draw, alpha, syn, self.clip, self.seed + PANEL_SEED_OFFSET + i)
 
     def _measure(self, i: int, draw: Draw, alpha: float, syn: Any) -> tuple[float, float, list[Any]]:
         from nacd.tm import matching_loss
@@ -277,6 +285,41 @@ class Panel:
             ],
         }
 
+    def hard_token_gain(
+        self,
+        final: Any,
+        vocab: Any,
+        alpha_of: Callable[[int], float],
+        last_row: dict[str, Any] | None,
+        chunk: int = 8192,
+    ) -> dict[str, Any]:
+        """The gain of the decoded tokens (``final``'s nearest ``vocab`` rows by L2, as the distilled set
+        decodes them) against the initial prompts' nearest tokens, on this panel's draws at the same alpha:
+        what a receiving model, which reads tokens, can get of what was learned. ``last_row``: this panel's
+        evaluation of ``final`` (the loop's last), reused where the prompts are tokens already (pez, swap, a
+        token init) or where no token moved (gain 0)."""
+        import torch
+
+        from nacd.tm import snap
+
+        initial = self.initial.to(final.device)
+        hard_final, hard_initial = snap(final, vocab, "l2", chunk), snap(initial, vocab, "l2", chunk)
+        same_initial = torch.equal(hard_initial, initial)
+        if same_initial and last_row is not None and torch.equal(hard_final, final):
+            row = last_row
+        elif same_initial and last_row is not None and torch.equal(hard_final, hard_initial):
+            zero = {"mean": 0.0, "relative": 0.0, "ci_low": 0.0, "ci_high": 0.0, "draws": len(self.draws)}
+            level = last_row["l_initial_mean"]
+            row = {"prompt_gain": zero, "l_initial_mean": level, "l_current_mean": level}
+        else:
+            hard = Panel(self.student, self.draws, self.snapshot, self.expert_epochs, hard_initial, self.clip,
+                         self.seed, self.ranks)  # fmt: skip
+            if same_initial:
+                hard.restore_initial(self.initial_entries(), "the panel")
+            row = hard.evaluate(hard_final, alpha_of)
+        gain = {key: row["prompt_gain"][key] for key in ("mean", "relative", "ci_low", "ci_high", "draws")}
+        return {**gain, "l_initial_mean": row["l_initial_mean"], "l_current_mean": row["l_current_mean"]}
+
 
 # --------------------------------------------------------------------------- alpha fitted with the initial prompts
 
@@ -334,17 +377,19 @@ def _mean_shares(shares: Sequence[dict[str, float]]) -> dict[str, float]:
     return {g: _mean([s.get(g, 0.0) for s in shares]) for g in groups}
 
 
-def gain_line(row: dict[str, Any]) -> str:
-    """One line for logs, ``nacd inspect`` and ``nacd run``: the gain, its interval, the cosine."""
+def gain_line(row: dict[str, Any], label: str = "prompt gain") -> str:
+    """One line for logs, ``nacd inspect`` and ``nacd run``: the gain, its interval, the cosine (when the
+    row has one; the hard-token gain's has not)."""
     g = row["prompt_gain"]
     verdict = (
         "above 0: the prompts learned"
         if g["ci_low"] > 0
         else ("below 0: the prompts hurt" if g["ci_high"] < 0 else "contains 0: no evidence the prompts learned")
     )
+    cosine = row.get("cosine")
     return (
-        f"prompt gain on {g['draws']} held-out draws at iteration {row['iteration']}: "
+        f"{label} on {g['draws']} held-out draws at iteration {row['iteration']}: "
         f"{g['mean']:+.4g} ({100 * g['relative']:+.2f}% of L_distill {row['l_initial_mean']:.4f}), "
-        f"95% CI [{g['ci_low']:+.4g}, {g['ci_high']:+.4g}] ({verdict}); "
-        f"cosine to the expert {row['cosine']['initial']:.4f} -> {row['cosine']['current']:.4f}"
+        f"95% CI [{g['ci_low']:+.4g}, {g['ci_high']:+.4g}] ({verdict})"
+        + (f"; cosine to the expert {cosine['initial']:.4f} -> {cosine['current']:.4f}" if cosine else "")
     )

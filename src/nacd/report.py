@@ -486,10 +486,8 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         doc.img(curves, "L_distill (Eq. 2), L_reg (Eq. 3) and alpha over iterations")
         doc.img(_plot_distances(ds, folder / "nearest_distances.png"), "Nearest-token distances of the prompt vectors")
         doc.h("Decoded pseudo tokens (paper Figure 3)", 3)
-        moved = [
-            r["id"] for r in ds.records if r["prompt_tokens"] != r.get("initial_prompt_tokens", r["prompt_tokens"])
-        ]
-        shown = (moved + [i for i in ds.ids if i not in set(moved)])[:6]  # examples whose text changed first
+        moved = [False] * len(ds.ids) if ds.initial_ids is None else (ds.nearest_ids != ds.initial_ids).any(1).tolist()
+        shown = [ds.ids[i] for i in sorted(range(len(ds.ids)), key=lambda i: not moved[i])[:6]]  # changed text first
         doc.pre(describe_examples(ds, ids=shown, width=120))
     if summary["effective_size"]:
         doc.h("Effective data size")

@@ -64,10 +64,10 @@ def swap_step(
     best into ``syn`` when it is lower. Returns what was tried and kept, for the history."""
     import torch
 
+    from nacd.panel import seeded_endpoint
     from nacd.tm import matching_loss
-    from nacd.unrolls import endpoint
 
-    n, k, d = syn.shape
+    k = syn.shape[1]
     used = torch.unique(torch.cat([torch.cat([b.reshape(-1) for b in draw.batches]) for draw in draws])).cpu()
     positions = torch.stack(torch.meshgrid(used, torch.arange(k), indexing="ij"), dim=-1).reshape(-1, 2)
     rows = syn.grad[positions[:, 0], positions[:, 1]]
@@ -79,20 +79,17 @@ def swap_step(
     trials = [(-1, -1, -1)] + [
         (int(positions[p, 0]), int(positions[p, 1]), int(cands[p, c])) for p, c in zip(pick, which, strict=True)
     ]
-    device = torch.device(student.device)
 
     def score(trial: tuple[int, int, int]) -> float:
         prompts = syn.detach().clone()
         if trial[0] >= 0:
             prompts[trial[0], trial[1]] = vocab[trial[2]].to(prompts.dtype)
         total = 0.0
-        for i, draw in enumerate(draws):
+        for i, draw in enumerate(draws):  # every trial sees the same dropout masks (seed + i)
             theta_t = snapshot(draw.run, draw.start_epoch)
             target = snapshot(draw.run, draw.start_epoch + dc.expert_epochs)
-            batches = [b.to(device) for b in draw.batches]
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-                torch.manual_seed(seed + i)  # every trial sees the same dropout masks
-                theta_n = endpoint(student, theta_t, alpha_of(draw.start_epoch).detach(), prompts, batches, clip)
+            alpha = alpha_of(draw.start_epoch).detach()
+            theta_n = seeded_endpoint(student, theta_t, draw, alpha, prompts, clip, seed + i)
             total += float(matching_loss(theta_n, target, theta_t))
         return total / len(draws)
 
