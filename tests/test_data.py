@@ -348,6 +348,12 @@ BAD_CHAT_LINES = [
         "messages",
         "no final assistant turn",
     ),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, "messages", "no user turn first"),
+    (
+        {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]},
+        "messages",
+        "no user turn first",
+    ),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "messages[0].content", "missing field"),
     ({"messages": []}, "messages", "empty conversation"),
 ]

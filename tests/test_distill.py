@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -313,6 +314,70 @@ def test_finetune_on_the_distilled_set_same_and_other_architecture(prepared, tin
         finetune.run(forced, run_dir)
 
 
+def test_a_finished_set_is_kept_before_the_process_count_is_checked(prepared, monkeypatch):
+    """Finished work first: a one-process distillation, asked for again by two processes with the same
+    settings, is complete (the meta-batch split concerns only how it would be computed); an unfinished one
+    is refused with the advice."""
+    from nacd.ranks import Ranks
+
+    cfg, run_dir, overrides = prepared
+    done = load_config(None, [*overrides, *REACHABLE, "distill.iterations=2", "distill.panel_size=0"])
+    ds = distill.run(done, run_dir)
+
+    class Two(Ranks):
+        def from_main(self, obj):
+            return obj
+
+        def barrier(self):
+            pass
+
+    monkeypatch.setattr(distill, "current_ranks", lambda cpu=False: Two(0, 2))
+    again = distill.run(done, run_dir)
+    assert again.manifest["created"] == ds.manifest["created"]
+    more = load_config(None, [*overrides, *REACHABLE, "distill.iterations=3", "distill.panel_size=0"])
+    with pytest.raises(NacdError, match="2 processes but distill.meta_batch=1"):
+        distill.run(more, run_dir)
+
+
+def test_finetune_on_the_initial_prompt_tokens_the_control(prepared, tiny_gemma_dir, monkeypatch):
+    """``finetune.prompts=initial`` (nacd run's sel_init): the distilling model takes the embedding rows of
+    the initial tokens, a receiving model their decoded text; both recorded in the manifest."""
+    from nacd import finetune
+
+    cfg, run_dir, overrides = prepared
+    ds = distill.run(cfg, run_dir)
+    seen = {}
+    real = finetune.PromptedExample
+
+    def spy(example, prompt):
+        seen[example.id] = prompt
+        return real(example, prompt)
+
+    monkeypatch.setattr(finetune, "PromptedExample", spy)
+    tune = [*overrides, *REACHABLE, "finetune.dataset=distilled", "finetune.prompts=initial"]
+    m = finetune.run(load_config(None, [*tune, "finetune.name=init"]), run_dir)
+    assert m["complete"] and m["prompt_mode"] == "embeddings" and m["prompts"] == "initial"
+    from nacd.config import ModelConfig
+    from nacd.models import load_model
+
+    model, _ = load_model(ModelConfig(spec=cfg.model.spec), torch.device("cpu"))
+    table = model.get_input_embeddings().weight.detach().float()
+    assert set(seen) == set(ds.ids)
+    for i, example_id in enumerate(ds.ids):
+        assert torch.equal(seen[example_id], table[ds.initial_ids[i]])
+    texts = ds.prompt_texts("initial")
+    assert all(r["initial_prompt_text"] == texts[r["id"]] for r in ds.records)
+    seen_text = []
+    real_text = finetune.with_prompt_text
+    monkeypatch.setattr(finetune, "with_prompt_text", lambda ex, t: seen_text.append(t) or real_text(ex, t))
+    other = load_config(None, [*tune, f"finetune.model={tiny_gemma_dir}", "finetune.name=init_text"])
+    m2 = finetune.run(other, run_dir)
+    assert m2["prompt_mode"] == "text" and m2["prompts"] == "initial"
+    assert sorted(seen_text) == sorted(texts.values())
+    with pytest.raises(NacdError, match="finetune.prompts"):
+        load_config(None, [*overrides, "finetune.dataset=selected", "finetune.prompts=initial"])
+
+
 # --------------------------------------------------------------------------- the prompt-gain panel
 
 
@@ -522,8 +587,10 @@ def test_two_processes_give_the_one_process_result_with_the_same_meta_batch(prep
     assert [p["l_current_mean"] for p in pb] == pytest.approx([p["l_current_mean"] for p in pa], abs=1e-6)
     assert len(pb[-1]["per_draw"]) == 4
 
-    # more processes than draws per update is refused, naming the setting
+    # more processes than draws per update is refused, naming the setting (where there is work to do: a
+    # finished set with the same settings is kept whatever the process count, tested in one process above)
     argv[argv.index("distill.meta_batch=2")] = "distill.meta_batch=1"
+    shutil.rmtree(tmp_path / "two" / "distill")
     proc = torchrun_nacd("distill", argv, 29541)
     assert proc.returncode != 0 and "2 processes but distill.meta_batch=1" in proc.stderr
 

@@ -471,7 +471,7 @@ def test_run_writes_results_samples_and_manifest(tiny_overrides, adapter_dir, tm
     assert arc["acc_norm"] == pytest.approx(sum(s["acc_norm"] for s in samples[:5]) / 5)
     assert samples[0]["id"] == "MCAS_2000_4_6" and len(samples[0]["logprobs"]) == 4
     manifest = read_manifest(folder, "eval")
-    assert manifest["complete"] and manifest["limit"] == 5 and manifest["adapter"]["path"] == str(adapter_dir.resolve())
+    assert manifest["complete"] and manifest["limit"] == 5 and manifest["adapter"]["path"] == "finetune/full/adapter"
     assert manifest["model"]["spec"] == config.model.spec
     assert manifest["protocols"]["arc_easy"] == {"protocol": "text", "num_fewshot": 0}
     # a second run with the same settings is skipped; another limit evaluates again

@@ -173,7 +173,7 @@ def test_ctrl_c_exits_130_and_resumes(tiny_overrides, tmp_path):
     _, err = proc.communicate(timeout=120)
     if proc.returncode != 0:  # finished before the signal otherwise
         assert proc.returncode == 130
-        assert "interrupted; run the same command again to resume" in err
+        assert "interrupted; finished work is kept; run the same command again" in err
     done = subprocess.run(_cli(overrides), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stderr or proc.returncode == 0

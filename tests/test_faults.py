@@ -373,3 +373,80 @@ def test_kill_9_among_less_features_resumes_to_the_uninterrupted_selection(run_c
         assert _same_tensors(shard, root / shard.relative_to(reference)), shard
     for name in ("selection.json",):
         assert (root / "select" / name).read_bytes() == (reference / "select" / name).read_bytes()
+
+
+def test_a_moved_run_folder_keeps_its_evaluations(run_copy, tmp_path, capsys, caplog):
+    """Paths inside a run folder are recorded relative to it: a copied folder reuses its finished
+    evaluation of an adapter; a real change is redone, naming the field and both values."""
+    copy, args = run_copy
+    adapter = ["eval.name=full", f"eval.adapter={copy}/finetune/full/adapter"]
+    assert cli.main(["eval", *args, *adapter]) == 0
+    manifest = json.loads((copy / "eval" / "full" / "manifest.json").read_text())
+    assert manifest["adapter"]["path"] == "finetune/full/adapter"
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(copy, moved, symlinks=True)
+    samples = moved / "eval" / "full" / "samples.jsonl"
+    stamp = samples.stat().st_mtime_ns
+    moved_args = [*args[:-1], f"run.out_dir={moved}", "eval.name=full", f"eval.adapter={moved}/finetune/full/adapter"]
+    assert cli.main(["eval", *moved_args]) == 0
+    assert samples.stat().st_mtime_ns == stamp  # reused, not evaluated again
+    caplog.clear()
+    assert cli.main(["eval", *moved_args, "eval.limit=4"]) == 0
+    assert "was made with other settings (limit was 8, now 4); evaluating again" in caplog.text
+
+
+def test_report_inspect_and_export_refuse_a_config_that_contradicts_the_folder(
+    run_copy, tiny_gemma_dir, tmp_path, capsys
+):
+    """A config naming another distilling model (here: the distilling model as a receiver) or another
+    selection is refused before anything is written, naming the file, the field and both values."""
+    copy, args = run_copy
+    swapped = [a for a in args if not a.startswith("model.spec=")]
+    distiller = next(a for a in args if a.startswith("model.spec=")).split("=", 1)[1]
+    swapped += [f"model.spec={tiny_gemma_dir}", f"compare.receivers=['{distiller}']"]
+    for argv in (
+        ["report", *swapped],
+        ["inspect", *swapped, "--no-plot"],
+        ["export", *swapped, "--out", str(tmp_path / "x")],
+    ):
+        code, err = nacd(argv, capsys)
+        assert code == 1 and "distill/manifest.json: field 'base_model.spec' is" in err, argv
+        assert "as a receiving model" in err and f"nacd {argv[0]} {copy}" in err
+    assert not (copy / "report").exists() and not (tmp_path / "x").exists()
+    code, err = nacd(["report", *args, "select.budget=0.5"], capsys)
+    assert code == 1 and "config.yaml: field 'select.budget' is" in err and "0.5 in the given config" in err
+
+
+def test_a_non_finite_expert_snapshot_is_named_not_distilled_around(run_copy, capsys):
+    """NaN in one tensor of an expert snapshot whose manifest vouches for it (size and sha256 rewritten):
+    the distillation refuses, naming the file and the tensor, instead of skipping every iteration."""
+    from safetensors.torch import load_file, save_file
+
+    from nacd.artifacts import file_record
+
+    copy, args = run_copy
+    shutil.rmtree(copy / "distill")
+    folder = next((copy / "experts").glob("run_*"))
+    path = folder / "epoch_001.safetensors"
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["snapshots"]:
+        if entry["file"] == path.name:
+            entry.update(file_record(path))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, err = nacd(["distill", *args], capsys)
+    assert code == 1 and f"{path}: tensor '{name}' holds 1 non-finite value(s) (NaN or Inf)" in err
+    assert "run `nacd experts` again" in err and not (copy / "distill" / "prompts.safetensors").exists()
+
+
+def test_report_says_when_the_distilled_set_cannot_be_read(run_copy, capsys, caplog):
+    copy, args = run_copy
+    (copy / "distill" / "records.jsonl").unlink()
+    code, err = nacd(["report", *args], capsys)
+    assert code == 0
+    md = (copy / "report" / "report.md").read_text()
+    assert "## Distillation" in md and "The distilled set cannot be read:" in md and "records.jsonl" in md
+    assert "the distilled set cannot be read" in caplog.text

@@ -10,7 +10,7 @@ from nacd.artifacts import RunDir, read_jsonl
 from nacd.config import load_config
 from nacd.errors import ConfigError, NacdError
 from nacd.evaluate import model_name
-from nacd.pipeline import Cell, CostBook, needed_stages, plan
+from nacd.pipeline import Cell, CostBook, cell_configs, needed_stages, plan
 from nacd.report import summarize
 from nacd.stats import paired_bootstrap
 
@@ -132,6 +132,15 @@ def test_plan_covers_models_variants_and_seeds(tiny_overrides, tiny_gemma_dir):
         "select",
         "experts",
     ]
+    init = load_config(
+        None, [*tiny_overrides, "compare.variants=[sel, sel_init]", f"compare.receivers=['{tiny_gemma_dir}']"]
+    )
+    assert needed_stages(init) == ["select", "experts", "distill"]
+    assert {(c.role, c.variant) for c in plan(init)} == {
+        (r, v) for r in ("distilling", "receiver") for v in ("sel", "sel_init")
+    }
+    ft, _ = cell_configs(init, plan(init)[-1], RunDir(init.run.out_dir))
+    assert ft.finetune.dataset == "distilled" and ft.finetune.prompts == "initial"
     cfg = load_config(None, [*tiny_overrides, "compare.variants=[baseline, full]"])
     assert needed_stages(cfg) == []
     with pytest.raises(NacdError, match="compare.variants"):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nacd.errors import io_error
+from nacd.errors import NacdError, io_error
 
 MANIFEST_SCHEMA_VERSION = 1
 
@@ -186,8 +186,6 @@ def record_files(folder: str | Path, names: Iterable[str]) -> dict[str, dict[str
 
 
 def _damaged(path: Path, what: str, fix: str) -> Exception:
-    from nacd.errors import NacdError
-
     return NacdError(f"{path}: {what}; {fix}" if fix else f"{path}: {what}")
 
 
@@ -246,9 +244,24 @@ def load_tensors(
         tensors = load(data)
     except Exception as exc:  # safetensors raises its own error types for a damaged header or body
         raise _damaged(Path(path), f"not a readable safetensors file ({exc})", fix) from None
+    bad = nonfinite(tensors)
+    if bad is not None:
+        raise _damaged(Path(path), f"tensor {bad[0]!r} holds {bad[1]} non-finite value(s) (NaN or Inf)", fix)
     if device is not None and str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors
+
+
+def nonfinite(tensors: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(name, count) of the first floating-point tensor holding NaN or Inf, or None."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                return name, count
+    return None
 
 
 def read_checkpoint_body(folder: Path, fix: str, state_type: type, key: str) -> dict[str, Any]:
@@ -306,32 +319,95 @@ def read_manifest(folder: str | Path, kind: str | None = None) -> dict[str, Any]
 
 
 class MetricsWriter:
-    """Append-only JSONL metrics (one object per line, flushed each write)."""
+    """Append-only JSONL (one object per line): each append writes a whole line or nothing (written with one
+    ``O_APPEND`` write, fsynced; a failed write, a full disk, is cut back to the previous size), and a torn
+    last line that a killed process left is trimmed, with a warning, before the first append."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._checked = False
 
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))
+        if not self._checked:
+            repair_jsonl(self.path)
+            self._checked = True
+        append_line(self.path, json.dumps(record, default=float) + "\n")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` (ending in a newline) whole or not at all; raise :func:`io_error`'s message."""
+    data = line.encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise io_error(exc, path, "append to") from exc
+    try:
+        size = os.fstat(fd).st_size
         try:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, default=float) + "\n")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
         except OSError as exc:
-            raise io_error(exc, self.path, "append to") from exc
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)  # no part of the line stays behind
+            raise io_error(exc, path, "append to") from exc
+    finally:
+        os.close(fd)
+
+
+def repair_jsonl(path: str | Path) -> int:
+    """Trim a torn last line (no newline at its end: a process killed inside an append) from ``path``, with
+    a warning naming the file and the bytes cut; returns the bytes cut (0 when whole or absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        if size == 0:
+            return 0
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        start = max(0, size - (1 << 20))
+        fh.seek(start)
+        tail = fh.read()
+    cut = len(tail) - (tail.rfind(b"\n") + 1) if b"\n" in tail else size
+    try:
+        with open(path, "r+b") as fh:
+            fh.truncate(size - cut)
+    except OSError as exc:
+        raise io_error(exc, path, "trim the torn last line of") from exc
+    log.warning("%s: trimmed a torn last line (%d bytes, from an append that was cut off)", path, cut)
+    return cut
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file; a line that is not JSON is refused naming the file and the line."""
+    rows = []
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                torn = "" if line.endswith("\n") else " (a torn last line: rerunning the stage trims it)"
+                raise NacdError(f"{path}: line {number} is not valid JSON ({exc.msg}){torn}") from None
+    return rows
 
 
 def trim_jsonl(path: str | Path, last: int, key: str = "iteration") -> None:
     """Keep the rows of ``path`` whose ``key`` is at most ``last`` (a resume redoes what came after its
-    checkpoint, so the rows it would duplicate go); nothing to do if there is no file."""
+    checkpoint, so the rows it would duplicate go), a torn last line trimmed first; nothing to do if
+    there is no file."""
     path = Path(path)
     if not path.is_file():
         return
+    repair_jsonl(path)
     rows = read_jsonl(path)
     kept = [r for r in rows if r.get(key, 0) <= last]
     if len(kept) != len(rows):
@@ -462,8 +538,8 @@ def check_identity(folder: str | Path, existing: Mapping[str, Any], identity: Ma
         if existing.get(key) != value:
             where, then, now = first_difference(existing.get(key), value, key)
             raise NacdError(
-                f"{Path(folder) / MANIFEST_NAME}: field '{where}' was {_short(then)} when this was made, "
-                f"now {_short(now)}; {hint}"
+                f"{Path(folder) / MANIFEST_NAME}: field '{where}' was {short_repr(then)} when this was made, "
+                f"now {short_repr(now)}; {hint}"
             )
 
 
@@ -481,6 +557,6 @@ def first_difference(then: Any, now: Any, path: str) -> tuple[str, Any, Any]:
     return path, then, now
 
 
-def _short(value: Any, width: int = 160) -> str:
+def short_repr(value: Any, width: int = 160) -> str:
     text = value if value is _ABSENT else repr(value)
     return text if len(text) <= width else f"{text[: width - 20]}... ({len(text)} characters)"

@@ -261,8 +261,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from nacd.artifacts import RunDir
     from nacd.config import load_config
     from nacd.export import export
+    from nacd.folder import guard
 
     cfg = load_config(args.config, args.overrides)
+    guard(cfg, RunDir(cfg.run.out_dir), "export")
     result = export(cfg, RunDir(cfg.run.out_dir), Path(args.out), args.push_to_hub)
     counts = ", ".join(f"{name} {n}" for name, n in result["counts"].items())
     print(f"{result['out']}: {counts} examples (JSONL, hf/ for datasets.load_from_disk, README.md: the card)")
@@ -273,9 +275,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from nacd.artifacts import RunDir
     from nacd.config import load_config
     from nacd.distill import DistilledSet
+    from nacd.folder import guard
     from nacd.inspection import describe_examples, plot_history, plot_panel
 
     cfg = load_config(args.config, args.overrides)
+    guard(cfg, RunDir(cfg.run.out_dir), "inspect")
     ds = DistilledSet.load(RunDir(cfg.run.out_dir).distill_dir)
     print(describe_examples(ds, args.examples, args.ids))
     if not args.no_plot:
@@ -289,6 +293,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_stage(args: argparse.Namespace) -> int:
     from nacd.artifacts import RunDir, setup_logging
     from nacd.config import load_config
+    from nacd.locks import check_writable
 
     cfg = load_config(args.config, args.overrides)
     setup_logging(cfg.run.log_level)
@@ -298,6 +303,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.run.num_threads)
     module = importlib.import_module(f"nacd.{STAGE_COMMANDS[args.command][0]}")
     run_dir = RunDir(cfg.run.out_dir)
+    check_writable(run_dir.root)
     global _run_log
     _run_log = run_dir.log_path
     with config_kept_on_refusal(run_dir):
@@ -309,33 +315,61 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def config_kept_on_refusal(run_dir: Any) -> Iterator[None]:
-    """A command whose settings are refused (a :class:`NacdError`) leaves the run folder's ``config.yaml``
-    as it found it: the folder keeps describing what it holds, not what was asked and refused."""
+    """A command whose settings are refused (a :class:`NacdError`) before it wrote anything leaves the run
+    folder's ``config.yaml`` as it found it: the folder keeps describing what it holds, not what was asked
+    and refused. A command that failed after writing work keeps the config that work was made with, and a
+    failure to put the file back never hides the error that stopped the command."""
     from nacd.artifacts import atomic_write_bytes
 
     path = run_dir.config_path
     before = path.read_bytes() if path.is_file() else None
     kept = set(run_dir.root.glob("config.*.yaml"))
+    written = _newest_work(run_dir.root)
     try:
         yield
     except NacdError:
         now = path.read_bytes() if path.is_file() else None
-        if now != before:
-            if before is None:
-                path.unlink(missing_ok=True)
-            else:
-                atomic_write_bytes(path, before)
-            for backup in set(run_dir.root.glob("config.*.yaml")) - kept:  # what RunDir.init set aside just now
-                if backup.read_bytes() == before:
-                    backup.unlink()
+        if now != before and _newest_work(run_dir.root) <= written:
+            try:
+                if before is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    atomic_write_bytes(path, before)
+                for backup in set(run_dir.root.glob("config.*.yaml")) - kept:  # what RunDir.init set aside
+                    if backup.read_bytes() == before:
+                        backup.unlink()
+            except (OSError, NacdError) as exc:
+                log.warning("%s: could not put the previous config back (%s)", path, exc)
         raise
 
 
-def log_error(command: str, exc: BaseException) -> None:
+def _newest_work(root: Path) -> float:
+    """The newest modification time of a file a stage writes under ``root`` (its config and log aside)."""
+    newest = 0.0
+    if not root.is_dir():
+        return newest
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if dirpath == str(root) and (name.startswith("config") or name == "nacd.log"):
+                continue
+            if os.path.basename(dirpath) == ".locks":
+                continue
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(os.path.join(dirpath, name)).st_mtime)
+    return newest
+
+
+def log_error(command: str, exc: BaseException, message: str | None = None) -> None:
     """Every failure goes to the run's ``nacd.log`` (when a stage opened one): the message as an ERROR
-    line and its traceback as a DEBUG one, so the log tells what happened without a terminal."""
+    line and its traceback as a DEBUG one, so the log tells what happened without a terminal. Never
+    raises: a log that cannot be written (a full disk, a read-only folder) must not hide the failure."""
     if _run_log is None:
         return
+    with contextlib.suppress(Exception):  # the error being reported matters more than its log line
+        _log_error(command, exc, message)
+
+
+def _log_error(command: str, exc: BaseException, message: str | None) -> None:
     target = str(_run_log.resolve())
     files = [h for h in logging.getLogger().handlers if getattr(h, "baseFilename", None) == target]
     opened = None
@@ -345,9 +379,10 @@ def log_error(command: str, exc: BaseException) -> None:
 
         opened.setFormatter(log_formatter())
         files = [opened]
-    message = (
-        f"nacd {command}{who()}: error: {exc}" if isinstance(exc, NacdError) else f"nacd {command}{who()}: {exc!r}"
-    )
+    if message is None:
+        message = (
+            f"nacd {command}{who()}: error: {exc}" if isinstance(exc, NacdError) else f"nacd {command}{who()}: {exc!r}"
+        )
     records = [
         log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), None),
         log.makeRecord(log.name, logging.DEBUG, __file__, 0, "traceback:", (), (type(exc), exc, exc.__traceback__)),
@@ -372,7 +407,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _print_report(result: dict, lead: str = "") -> None:
     """The table, the distillation's prompt gain and moved tokens, and the report's path."""
-    lines = [result[key] for key in ("prompt_gain", "tokens_moved", "hard_token_gain") if result.get(key)]
+    lines = [result[key] for key in ("prompt_gain", "tokens_moved", "hard_token_gain", "skipped") if result.get(key)]
     lines += result.get("effective_size") or []
     gain = "".join(f"\n{line}" for line in lines) + "\n" if lines else ""
     print(f"{lead}{result['table']}\n{gain}\nreport: {result['report']} (and report.html beside it)")
@@ -442,13 +477,24 @@ def lost_contact(exc: BaseException) -> bool:
     return isinstance(exc, DistError) or (isinstance(exc, RuntimeError) and any(s in str(exc) for s in _LOST))
 
 
+#: Commands whose work resumes from checkpoints (select: LESS's gradient shards); the others redo theirs.
+_CHECKPOINTED = {"run", "select", "experts", "distill", "finetune"}
+
+
+def resume_advice(command: str) -> str:
+    """What a stopped command left and how to go on: a checkpointed stage resumes, an evaluation redoes."""
+    if command in _CHECKPOINTED:
+        return _RESUME
+    return "nothing of it is kept (it keeps no checkpoint); run the same command again"
+
+
 def stopped_message(command: str) -> str:
     if _world() <= 1:
-        return f"nacd {command}: stopped (SIGTERM); {_RESUME}"
+        return f"nacd {command}: stopped (SIGTERM); {resume_advice(command)}"
     return (
         f"nacd {command}{who()}: stopped by the launcher (SIGTERM), which stops every process when one fails: "
         "the launcher's summary below names the one that failed and its exit code (-9, SIGKILL, is often the "
-        f"out-of-memory killer), and its own error is above if it could print one; {_RESUME}"
+        f"out-of-memory killer), and its own error is above if it could print one; {resume_advice(command)}"
     )
 
 
@@ -463,12 +509,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NacdError as exc:
         return main_error(args.command, exc)
     except KeyboardInterrupt as exc:
-        log_error(args.command, exc)
-        print(f"nacd {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        message = f"nacd {args.command}: interrupted; {resume_advice(args.command)}"
+        log_error(args.command, exc, message)
+        print(message, file=sys.stderr)
         return 130
     except Stopped as exc:
-        log_error(args.command, exc)
-        print(stopped_message(args.command), file=sys.stderr)
+        message = stopped_message(args.command)
+        log_error(args.command, exc, message)
+        print(message, file=sys.stderr)
         return 128 + signal.SIGTERM
     except Exception as exc:  # a bug: the traceback goes to the terminal and to the run's log
         if lost_contact(exc):  # another process died: say so in one line, not with a collective's traceback

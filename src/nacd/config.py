@@ -341,6 +341,12 @@ class FinetuneConfig:
         "dataset=distilled: embeddings (the distilling model takes the prompt vectors), text (nearest tokens, "
         "decoded and re-tokenized; any model), auto = embeddings when the tuned model is the distilling model.",
     )
+    prompts: Literal["learned", "initial"] = f(
+        "learned",
+        "dataset=distilled: learned (the distilled prompts) or initial (the initial prompts' nearest tokens, "
+        "nothing learned: the control that separates what distillation learned from what prepending k tokens "
+        "does; nacd run's variant sel_init).",
+    )
     name: str | None = f(None, "Variant folder name under finetune/ (default: the dataset name).")
     seed: int | None = f(None, "Seed of the tuned run (data order, LoRA init); None = run.seed.")
     train: TrainConfig = f(
@@ -358,6 +364,8 @@ class FinetuneConfig:
         _check(self.soft_labels_topk >= 1, "soft_labels_topk", "must be at least 1")
         _check(not (self.soft_labels and self.dataset == "distilled"), "soft_labels",
                "applies to dataset full or selected, not to the distilled set")  # fmt: skip
+        _check(self.prompts == "learned" or self.dataset == "distilled", "prompts",
+               "applies to dataset=distilled only")  # fmt: skip
 
 
 @dataclass
@@ -418,8 +426,9 @@ def _is_subfolder(name: str) -> bool:
     return not name.startswith(("/", "\\")) and all(p.strip() and p not in (".", "..") for p in parts)
 
 
-#: The protocol's variants (paper Table 1 rows): no tuning, D_full, D_sel, D_sel + distilled prompts.
-VARIANTS = ("baseline", "full", "sel", "sel_soft", "sel_nacd")
+#: The protocol's variants (paper Table 1 rows): no tuning, D_full, D_sel, D_sel + distilled prompts; and two
+#: controls: D_sel toward the expert's soft labels, D_sel with the initial (unlearned) prompt tokens.
+VARIANTS = ("baseline", "full", "sel", "sel_soft", "sel_init", "sel_nacd")
 
 
 @dataclass
@@ -427,9 +436,10 @@ class CompareConfig:
     """``nacd run``: which variants, models and seeds the comparison table holds (docs/PIPELINE.md)."""
 
     variants: list[str] = f(
-        list(VARIANTS),
+        [v for v in VARIANTS if v != "sel_init"],
         "Rows of the table: baseline (no tuning), full (D_full), sel (D_sel), sel_nacd (D_sel + distilled prompts); "
-        "also sel_soft (D_sel toward the expert's soft labels, distilling model only).",
+        "also sel_soft (D_sel toward the expert's soft labels, distilling model only) and sel_init (D_sel with "
+        "the initial prompt tokens, nothing learned: what prepending k tokens does without distillation).",
     )
     receivers: list[str] = f(
         [],

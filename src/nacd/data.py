@@ -294,6 +294,14 @@ def _chat_messages(record: dict[str, Any], fields: dict[str, str]) -> list[dict[
             "no final assistant turn",
             f"the last turn is a {messages[-1]['role']} turn: there is no response to learn",
         )
+    first = next((m["role"] for m in messages if m["role"] != "system"), None)
+    if first != "user":
+        raise BadRecord(
+            column,
+            "no user turn first",
+            "the conversation (after any system turn) starts with an assistant turn: there is no instruction "
+            "for the response, nor a turn a prompt can go in",
+        )
     return messages
 
 

@@ -52,6 +52,7 @@ from nacd.artifacts import (
 from nacd.distill_state import DistillState, load_checkpoint, save_checkpoint
 from nacd.distilled import KIND, DistilledSet, write_distilled
 from nacd.errors import NacdError
+from nacd.locks import locked
 from nacd.ranks import Ranks
 from nacd.ranks import current as current_ranks
 
@@ -442,10 +443,20 @@ def distill(
                 l_distill=f"{record['l_distill']:.4f}", l_reg=f"{record['l_reg']:.3f}", alpha=f"{record['alpha']:.3g}"
             )
             if state.bad_in_a_row >= dc.max_bad_iterations:
+                kept = (
+                    f"the last checkpoint ({ckpt}) is kept and the same command resumes from it"
+                    if recover_dir(ckpt).is_dir()
+                    else "no checkpoint was written yet"
+                )
+                cause = (
+                    "no iteration was finite: the experts' snapshots or the data give the student a non-finite "
+                    "loss at once (a too-large distill.lr_init can too)"
+                    if state.bad_in_a_row == state.iteration
+                    else "lower distill.lr_syn / distill.lr_lr or distill.lr_init"
+                )
                 raise NacdError(
                     f"distill: {state.bad_in_a_row} iterations in a row had a non-finite loss or gradient "
-                    f"(last: iteration {state.iteration}); lower distill.lr_syn / distill.lr_lr or "
-                    f"distill.lr_init. D_syn was not changed by them; the last checkpoint is kept"
+                    f"(last: iteration {state.iteration}); {cause}. The prompts were not changed by them; {kept}"
                 )
             if panel is not None and (state.iteration % dc.eval_every == 0 or state.iteration == dc.iterations):
                 evaluate_panel()
@@ -473,6 +484,7 @@ def distill(
     }
 
 
+@locked("distill", lambda config, run_dir: run_dir.distill_dir)
 def run(config: Any, run_dir: RunDir) -> DistilledSet:
     """``nacd distill``: distill D_sel against the run's expert trajectories; resumable."""
     from nacd.chat import tokenize_corpus
@@ -491,12 +503,6 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
         raise NacdError(f"{run_dir.experts_dir}: no complete expert run; run `nacd experts` first")
     device = resolve_device(config.run.device)
     ranks = current_ranks(cpu=device.type == "cpu")
-    if ranks.world > config.distill.meta_batch:
-        raise NacdError(
-            f"distill: {ranks.world} processes but distill.meta_batch={config.distill.meta_batch} draws per update; "
-            f"each process unrolls its share of a meta-batch, so set distill.meta_batch to {ranks.world} (or a "
-            f"multiple of it), or launch fewer processes"
-        )
     if ranks.is_main:
         run_dir.init(config)
     setup_logging(config.run.log_level, run_dir.log_path if ranks.is_main else None)
@@ -526,9 +532,16 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
         made = same_up_to_rounding(with_new_defaults(existing, identity["distill"]), identity)
         check_identity(folder, made, identity, hint)
     finished = existing.get("iterations") if existing is not None and existing.get("complete") else None
-    if finished == config.distill.iterations:
+    if finished == config.distill.iterations:  # finished work first: how it would be computed does not matter
+        done = DistilledSet.load(folder)  # checked before it is called complete
         log.info("distill: complete in %s, skipped", folder)
-        return DistilledSet.load(folder)
+        return done
+    if ranks.world > config.distill.meta_batch:
+        raise NacdError(
+            f"distill: {ranks.world} processes but distill.meta_batch={config.distill.meta_batch} draws per update; "
+            f"each process unrolls its share of a meta-batch, so set distill.meta_batch to {ranks.world} (or a "
+            f"multiple of it), or launch fewer processes"
+        )
     if finished is not None and finished > config.distill.iterations:
         raise NacdError(
             f"{folder}: holds a finished distillation of {finished} iterations, more than "

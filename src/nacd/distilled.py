@@ -74,6 +74,7 @@ def write_distilled(
                     "prompt_tokens": [tokenizer.decode([t]) for t in ids],
                     "prompt_text": tokenizer.decode(ids),
                     "initial_prompt_tokens": [tokenizer.decode([t]) for t in init_ids[i].tolist()],
+                    "initial_prompt_text": tokenizer.decode(init_ids[i].tolist()),
                     "nearest_distance": [round(x, 6) for x in dist[i].tolist()],
                     "messages": list(ex.messages),
                 },
@@ -169,6 +170,24 @@ class DistilledSet:
         """The (k, d) prompt vectors of one example, for the distilling model."""
         return self.prompts[self.ids.index(example_id)]
 
+    def initial_embeddings(self, example_id: str, embedding: Any) -> Any:
+        """The (k, d) embedding rows of one example's initial tokens (``finetune.prompts=initial``), from the
+        distilling model's input ``embedding`` matrix."""
+        if self.initial_ids is None:
+            raise NacdError(f"{self.folder}: the set records no initial tokens (made before nacd kept them); "
+                            "run `nacd distill` again to tune on them")  # fmt: skip
+        return embedding[self.initial_ids[self.ids.index(example_id)]].detach().float().cpu()
+
+    def prompt_texts(self, which: str = "learned") -> dict[str, str]:
+        """Example id -> the decoded prompt text a receiving model reads: the learned prompts' nearest tokens,
+        or (``initial``) the initial prompts' (joined token strings in sets made before the text was kept)."""
+        if which == "learned":
+            return {r["id"]: r["prompt_text"] for r in self.records}
+        if self.records and "initial_prompt_tokens" not in self.records[0]:
+            raise NacdError(f"{self.folder / 'records.jsonl'}: no initial_prompt_tokens (a set made before nacd "
+                            "kept them); run `nacd distill` again to tune on them")  # fmt: skip
+        return {r["id"]: r.get("initial_prompt_text", "".join(r["initial_prompt_tokens"])) for r in self.records}
+
     def history(self) -> list[dict[str, Any]]:
         return read_jsonl(self.folder / "history.jsonl")
 
@@ -186,6 +205,17 @@ class DistilledSet:
         return (
             f"nearest tokens: {int(moved.sum())} of {moved.numel()} prompt vectors left their initial token "
             f"({int(moved.any(dim=1).sum())} of {moved.shape[0]} examples decode to new text for a receiving model)"
+        )
+
+    def skipped_line(self) -> str | None:
+        """A warning when iterations were skipped (a non-finite loss or gradient): the set is complete but
+        learned from fewer updates than asked; None when none was."""
+        skipped = int(self.manifest.get("skipped_iterations") or 0)
+        if not skipped:
+            return None
+        return (
+            f"warning: {skipped} of {self.manifest.get('iterations')} distillation iterations were skipped (a "
+            "non-finite loss or gradient; history.jsonl says which): the prompts learned from fewer updates"
         )
 
     def hard_gain_line(self) -> str:

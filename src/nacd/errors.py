@@ -37,8 +37,8 @@ class StageNotImplementedError(NacdError):
 
 
 _IO_HINTS = {
-    errno.ENOSPC: "free some space and run the same command again: finished work is kept and the stage resumes",
-    errno.EDQUOT: "free some space and run the same command again: finished work is kept and the stage resumes",
+    errno.ENOSPC: "free some space and run the same command again: finished stages and checkpoints are kept",
+    errno.EDQUOT: "free some space and run the same command again: finished stages and checkpoints are kept",
     errno.EACCES: "check the permissions of the folder (run.out_dir) and its files",
     errno.EPERM: "check the permissions of the folder (run.out_dir) and its files",
     errno.EROFS: "the file system is read-only; choose another run.out_dir",

@@ -42,6 +42,7 @@ from nacd.artifacts import (
     write_manifest,
 )
 from nacd.errors import NacdError
+from nacd.locks import locked
 from nacd.lora import init_lora, lora_parameters, lora_state
 from nacd.train import Callback, TrainingSetup, TrainLoop, setup_training
 
@@ -154,6 +155,7 @@ def check(config: Any) -> None:
     """Raise if this stage cannot run with ``config`` (every valid config can)."""
 
 
+@locked("experts", lambda config, run_dir: run_dir.experts_dir)
 def run(config: Any, run_dir: RunDir) -> ExpertStore:
     """``nacd experts``: record every expert run of ``config.experts`` into ``run_dir``."""
     run_dir.init(config)

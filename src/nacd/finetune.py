@@ -32,6 +32,7 @@ from nacd.artifacts import (
     write_manifest,
 )
 from nacd.errors import NacdError
+from nacd.locks import locked
 from nacd.lora import init_lora, lora_parameters
 from nacd.select import read_ids, select_examples
 from nacd.train import CheckpointEvery, TrainLoop, setup_training
@@ -158,6 +159,7 @@ def prompt_mode(config: Any, distilled: Any) -> str | None:
     return mode
 
 
+@locked("finetune", lambda config, run_dir: run_dir.finetune_dir(config.finetune.name or config.finetune.dataset))
 def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     """``nacd finetune``: tune ``config.model`` with LoRA on the chosen data set; resumable."""
     fc = config.finetune
@@ -166,7 +168,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     examples, source, distilled = _examples_for(config, run_dir)  # fails before loading a model if data is missing
     mode = prompt_mode(config, distilled)
     if mode == "text":
-        by_id = {r["id"]: r["prompt_text"] for r in distilled.records}
+        by_id = distilled.prompt_texts(fc.prompts)
         examples = [with_prompt_text(ex, by_id[ex.id]) for ex in examples]
     run_dir.init(config)
     setup_logging(config.run.log_level, run_dir.log_path)
@@ -190,7 +192,11 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
         offset = int(distilled.manifest["distill"].get("prompt_offset", 0))
         check_prompt_offset(setup.data, offset, f"{distilled.folder}: distill.prompt_offset")
         forward = PromptedForward(setup.model, offset)
-        dataset = [PromptedExample(ex, distilled.embeddings(ex.id)) for ex in setup.data]
+        if fc.prompts == "initial":
+            table = setup.model.get_input_embeddings().weight
+            dataset = [PromptedExample(ex, distilled.initial_embeddings(ex.id, table)) for ex in setup.data]
+        else:
+            dataset = [PromptedExample(ex, distilled.embeddings(ex.id)) for ex in setup.data]
 
         def collate(items: list[PromptedExample]) -> dict[str, Any]:
             return forward.collate(items, setup.tokenizer.pad_token_id)
@@ -209,6 +215,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
         "data_hash": setup.data_hash,
         "dataset": fc.dataset,
         "prompt_mode": mode,
+        **({"prompts": fc.prompts} if fc.prompts != "learned" else {}),
         "distilled": {"created": distilled.manifest["created"], "alpha": distilled.alpha} if distilled else None,
     }
     if teacher is not None:

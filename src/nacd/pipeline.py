@@ -8,6 +8,8 @@ distilling model (``model.spec``) and on every receiving model (``compare.receiv
 * ``full``: LoRA on D_full; ``sel``: on D_sel; ``sel_nacd``: on D_sel with the distilled prompts
   (prompt embeddings on the distilling model, decoded nearest-token text on a receiver),
   each once per seed of ``compare.seeds``;
+* controls: ``sel_soft`` (D_sel toward the expert's soft labels) and ``sel_init`` (D_sel with the
+  initial prompt tokens, placed as ``sel_nacd`` places the learned ones: what prepending k tokens does);
 * with ``compare.sizes``, SEL at other sizes (``sel_<m>x``, ``random_<m>x``: :mod:`nacd.sizes`), for the
   effective data size of SEL+NACD.
 
@@ -41,7 +43,7 @@ from nacd.sizes import ids_path
 log = logging.getLogger(__name__)
 
 #: finetune.dataset of each tuned variant.
-DATASETS = {"full": "full", "sel": "selected", "sel_soft": "selected", "sel_nacd": "distilled"}
+DATASETS = {"full": "full", "sel": "selected", "sel_soft": "selected", "sel_init": "distilled", "sel_nacd": "distilled"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Cell:
 
     model: str  # model spec
     role: str  # distilling | receiver
-    variant: str  # baseline | full | sel | sel_nacd
+    variant: str  # baseline | full | sel | sel_soft | sel_init | sel_nacd | a size (sel_2x, random_1x, ...)
     seed: int | None  # None for the baseline
 
     @property
@@ -86,14 +88,15 @@ def plan(config: Any) -> list[Cell]:
 
 
 def needed_stages(config: Any) -> list[str]:
-    """The shared stages the variants need: select for sel/sel_nacd, experts and distill for sel_nacd."""
+    """The shared stages the variants need: select for every SEL variant, experts for sel_soft and the
+    distilled set, distill for sel_nacd and sel_init."""
     variants = set(config.compare.variants)
     stages = []
-    if variants & {"sel", "sel_soft", "sel_nacd"} or config.compare.sizes:
+    if variants & {"sel", "sel_soft", "sel_init", "sel_nacd"} or config.compare.sizes:
         stages.append("select")
-    if variants & {"sel_soft", "sel_nacd"}:
+    if variants & {"sel_soft", "sel_init", "sel_nacd"}:
         stages.append("experts")
-    if "sel_nacd" in variants:
+    if variants & {"sel_init", "sel_nacd"}:  # sel_init takes the set's initial tokens
         stages.append("distill")
     return stages
 
@@ -112,6 +115,7 @@ def cell_configs(config: Any, cell: Cell, run_dir: RunDir) -> tuple[Any | None, 
             seed=cell.seed,
             ids_file=str(ids_path(run_dir, cell.variant)) if size else None,
             soft_labels=cell.variant == "sel_soft",
+            prompts="initial" if cell.variant == "sel_init" else "learned",
         )
         if size:
             fc = _fit_batch(fc, ids_path(run_dir, cell.variant))
@@ -257,7 +261,7 @@ def check(config: Any) -> None:
     plan(config)
     for name in [*needed_stages(config), "finetune", "evaluate"]:
         importlib.import_module(f"nacd.{name}").check(config)
-    if "sel_nacd" in config.compare.variants and config.distill.ids_file:
+    if {"sel_init", "sel_nacd"} & set(config.compare.variants) and config.distill.ids_file:
         raise NacdError("distill.ids_file: nacd run distills the run's own selection; leave distill.ids_file unset")
 
 
@@ -312,10 +316,12 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
 def report(config: Any, run_dir: RunDir) -> dict[str, Any]:
     """``nacd report``: (re)write the report from whatever the run folder holds now; cells that
     are not done yet show as ``-``. Trains and evaluates nothing."""
+    from nacd.folder import guard
     from nacd.report import write_report
 
     if not run_dir.root.is_dir():
         raise NacdError(f"run.out_dir={str(run_dir.root)!r}: no run folder; run `nacd run` first")
+    guard(config, run_dir, "report")
     setup_logging(config.run.log_level)
     book = CostBook(run_dir.root / "costs.json", "")
     return write_report(config, run_dir, plan(config), book.read())

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from nacd.artifacts import atomic_write_json, atomic_write_text, read_jsonl, read_manifest
+from nacd.errors import NacdError
 from nacd.sizes import effective_line, effective_size, fmt_effective
 from nacd.sizes import label as size_label
 from nacd.stats import gap_closed, mean_std, paired_bootstrap
@@ -38,6 +39,7 @@ LABELS = {
     "full": "FULL",
     "sel": "SEL",
     "sel_soft": "SEL + expert soft labels",
+    "sel_init": "SEL + initial prompt tokens",
     "sel_nacd": "SEL+NACD",
 }
 
@@ -125,23 +127,32 @@ def summarize(config: Any, run_dir: Any, cells: Sequence[Any]) -> dict[str, Any]
             scale = 1 if bench in losses else 100
             bootstrap.setdefault(model, {})[bench] = {k: (scale * v if k in ("diff", "lo", "hi") else v)
                                                      for k, v in res.items()}  # fmt: skip
-    gaps: dict[str, dict[str, Any]] = {}
-    for model in models:
-        for bench in benches:
-            gap = _gap(matrices, model, bench, bench not in losses, config)
-            if gap is not None:
-                gaps.setdefault(model, {})[bench] = gap
+    gaps: dict[str, dict[str, dict[str, Any]]] = {}  # variant -> model -> benchmark
+    for variant in ("sel_nacd", *CONTROLS):
+        for model in models:
+            for bench in benches:
+                gap = _gap(matrices, model, bench, bench not in losses, config, variant)
+                if gap is not None:
+                    gaps.setdefault(variant, {}).setdefault(model, {})[bench] = gap
     summary = {"metric": metric, "models": models, "benchmarks": benches, "table": table, "bootstrap": bootstrap,
-               "gap_closed": gaps, "loss_benchmarks": sorted(losses)}  # fmt: skip
+               "gap_closed": gaps.pop("sel_nacd", {}), "gap_closed_controls": gaps,
+               "loss_benchmarks": sorted(losses)}  # fmt: skip
     summary["effective_size"] = effective_size(summary, run_dir, config)
     return summary
 
 
-def _gap(matrices: dict, model: str, bench: str, higher_is_better: bool, config: Any) -> dict[str, Any] | None:
-    """The gap closed of one model and benchmark (:func:`nacd.stats.gap_closed`), in the table's units, or
-    None while FULL, SEL or SEL+NACD is missing. SEL and SEL+NACD are paired by seed, and FULL too when
-    it has every one of their seeds (``compare.full_seeds`` may give it fewer)."""
-    full, sel, nacd = (matrices.get((model, v, bench)) for v in ("full", "sel", "sel_nacd"))
+#: Baselines whose gap closed is given beside SEL+NACD's (``summary["gap_closed_controls"]``).
+CONTROLS = ("sel_soft", "sel_init")
+
+
+def _gap(
+    matrices: dict, model: str, bench: str, higher_is_better: bool, config: Any, variant: str = "sel_nacd"
+) -> dict[str, Any] | None:
+    """The gap closed by ``variant`` (SEL+NACD, or a control) for one model and benchmark
+    (:func:`nacd.stats.gap_closed`), in the table's units, or None while FULL, SEL or the variant is
+    missing. SEL and the variant are paired by seed, and FULL too when it has every one of their seeds
+    (``compare.full_seeds`` may give it fewer)."""
+    full, sel, nacd = (matrices.get((model, v, bench)) for v in ("full", "sel", variant))
     if not (full and sel and nacd):
         return None
     seeds = sorted(set(sel) & set(nacd), key=str)
@@ -215,11 +226,13 @@ def table_rows(summary: dict[str, Any], model_names: dict[str, str]) -> tuple[li
                 row.append(fmt_cell(summary["table"].get(m, {}).get(variant, {}).get(b), 4 if b in losses else 2))
         rows.append(row)
     units = {b: "loss" if b in losses else "points" for b in summary["benchmarks"]}
-    for label, key, fmt in (
-        ("Gap closed by SEL+NACD", "gap_closed", lambda e, b: fmt_gap(e, units[b])),
-        ("Effective data size of SEL+NACD", "effective_size", lambda e, b: fmt_effective(e)),
+    controls = summary.get("gap_closed_controls") or {}
+    for label, per_model, fmt in (
+        ("Gap closed by SEL+NACD", summary.get("gap_closed"), lambda e, b: fmt_gap(e, units[b])),
+        *((f"Gap closed by {LABELS[v]}", controls.get(v), lambda e, b: fmt_gap(e, units[b])) for v in CONTROLS),
+        ("Effective data size of SEL+NACD", summary.get("effective_size"), lambda e, b: fmt_effective(e)),
     ):
-        per_model = summary.get(key) or {}
+        per_model = per_model or {}
         if per_model:
             cells = [fmt(per_model.get(m, {}).get(b), b) for m in summary["models"] for b in summary["benchmarks"]]
             rows.append([label, *cells])
@@ -463,10 +476,13 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         )
         doc.table(["model", "benchmark", "diff", "interval", "P(diff <= 0)", "questions x seeds"], boot_rows)
     ds = None
-    try:
-        ds = DistilledSet.load(run_dir.distill_dir)
-    except Exception:  # no distillation in this run (variants without sel_nacd)
-        ds = None
+    if (run_dir.distill_dir / "manifest.json").is_file():  # absent: no distillation in this run
+        try:
+            ds = DistilledSet.load(run_dir.distill_dir)
+        except NacdError as exc:  # said, not dropped: the table may still show SEL+NACD tuned before the damage
+            doc.h("Distillation")
+            doc.p(f"The distilled set cannot be read: {exc}")
+            log.warning("report: the distilled set cannot be read: %s", exc)
     if ds is not None:
         doc.h("Distillation")
         m = ds.manifest
@@ -522,6 +538,7 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         "prompt_gain": ds.gain_line() if ds is not None else None,
         "tokens_moved": ds.moved_line() if ds is not None else None,
         "hard_token_gain": ds.hard_gain_line() if ds is not None else None,
+        "skipped": ds.skipped_line() if ds is not None else None,
         "effective_size": [
             effective_line(names.get(m, m).split(" (")[0], b, e)
             for m, per in summary["effective_size"].items()

@@ -55,6 +55,7 @@ from nacd.artifacts import (
     write_manifest,
 )
 from nacd.errors import DataError, NacdError, StageNotImplementedError
+from nacd.locks import locked
 from nacd.ranks import current as current_ranks
 
 log = logging.getLogger(__name__)
@@ -426,6 +427,7 @@ def _method_config(config: Any) -> dict[str, Any] | None:
     return dataclasses.asdict(sub) if dataclasses.is_dataclass(sub) else None
 
 
+@locked("select", lambda config, run_dir: run_dir.select_dir)
 def run(config: Any, run_dir: RunDir) -> Selection:
     """``nacd select``: select D_sel from ``config.data``; skipped when the same selection exists."""
     from nacd.data import corpus_hash, load_corpus

@@ -22,6 +22,7 @@ from nacd.evaluate.heldout import (
     is_heldout,
     load_heldout,
 )
+from nacd.locks import locked
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +81,45 @@ def model_name(spec: str) -> str:
     return _safe(Path(spec).stem if spec.endswith(".gguf") else Path(spec).name or spec)
 
 
-def _adapter_identity(adapter: str | None) -> dict[str, Any] | None:
+def _adapter_identity(adapter: str | None, run_root: Path | None = None) -> dict[str, Any] | None:
+    """The adapter's files and config; its path is recorded (relative to the run folder when inside it,
+    so a copied or moved folder reads the same) but only the contents decide reuse (:func:`_same`)."""
     from nacd.artifacts import sha256_file
 
     if adapter is None:
         return None
     folder = Path(adapter).expanduser()
     weights = sorted(folder.glob("adapter_model.*"))
+    path = str(folder.resolve())
+    if run_root is not None and folder.resolve().is_relative_to(run_root.resolve()):
+        path = str(folder.resolve().relative_to(run_root.resolve()))
     return {
-        "path": str(folder.resolve()),
+        "path": path,
         "sha256": {p.name: sha256_file(p) for p in weights},
         "config": json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")),
     }
 
 
+def _changed(existing: dict[str, Any], identity: dict[str, Any]) -> str | None:
+    """None when a finished evaluation's manifest matches ``identity``, else its first difference named
+    (``benchmarks.demo_mc.data_hash was '...', now '...'``). Where the adapter lies does not count."""
+    from nacd.artifacts import first_difference, short_repr
+
+    def unplaced(body: dict[str, Any]) -> dict[str, Any]:
+        adapter = body.get("adapter")
+        return {**body, "adapter": {k: v for k, v in adapter.items() if k != "path"}} if adapter else body
+
+    then, now = unplaced({k: existing.get(k) for k in identity}), unplaced(identity)
+    if then == now:
+        return None
+    where, a, b = first_difference(then, now, "")
+    return f"{where.lstrip('.')} was {short_repr(a)}, now {short_repr(b)}"
+
+
 def verify_adapter(adapter: str | Path, deep: bool = True) -> None:
     """Stop before any model is loaded when ``adapter`` is no peft adapter folder, or when it is a nacd
     tuning's adapter whose files differ from what that tuning's manifest records."""
-    from nacd.artifacts import read_manifest, verify_files
+    from nacd.artifacts import load_tensors, read_manifest, verify_files
 
     folder = Path(adapter).expanduser()
     if not (folder / "adapter_config.json").is_file():
@@ -107,9 +129,13 @@ def verify_adapter(adapter: str | Path, deep: bool = True) -> None:
         )
     owner = folder.parent
     body = read_manifest(owner) if folder.name == "adapter" and (owner / "manifest.json").is_file() else None
+    fix = "the adapter is damaged; retrain it"
     if body is not None and body.get("kind") == "finetune":
         fix = f"the adapter is damaged; delete {owner} and run `nacd finetune` again"
         verify_files(owner, body.get("files"), fix, deep=deep)
+    weights = folder / "adapter_model.safetensors"
+    if deep and weights.is_file():  # NaN weights would score every question alike, without a word
+        load_tensors(weights, None, fix)
 
 
 def check(config: Any) -> None:
@@ -176,6 +202,7 @@ def _benchmark_identity(bench: Any) -> dict[str, Any]:
     }
 
 
+@locked("eval", lambda config, run_dir: run_dir.eval_dir(eval_name(config)))
 def run(config: Any, run_dir: Any) -> dict[str, Any]:
     """``nacd eval``: evaluate ``model.spec`` (plus ``eval.adapter``) on ``eval.benchmarks``; writes
     ``<run>/eval/<name>/``. A complete evaluation with the same model, adapter and settings is skipped."""
@@ -210,7 +237,7 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
     model, tokenizer = load_model(config.model, device)
     identity = {
         "model": {"spec": config.model.spec, "fingerprint": model_fingerprint(model)},
-        "adapter": _adapter_identity(ec.adapter),
+        "adapter": _adapter_identity(ec.adapter, run_dir.root),
         "benchmarks": {b.name: _benchmark_identity(b) for b in benchmarks},
         "split": ec.split,
         "protocol": ec.protocol,
@@ -225,7 +252,8 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
         identity["tokenization"] = {"max_seq_len": dc.max_seq_len, "template": dc.template, "truncation": dc.truncation}
     existing = ranks.from_main(read_manifest(folder, KIND))  # one decision for all processes
     if existing is not None and existing.get("complete") and (folder / "results.json").is_file():
-        if all(existing.get(k) == v for k, v in identity.items()):
+        changed = _changed(existing, identity)
+        if changed is None:
             files = existing.get("files") or {}
             try:
                 verify_files(folder, {k: v for k, v in files.items() if k != "results.json"}, "", deep=True)
@@ -236,7 +264,7 @@ def run(config: Any, run_dir: Any) -> dict[str, Any]:
                 log.info("eval %s: complete in %s, skipped", name, folder)
                 return body
         else:
-            log.warning("eval %s: %s was made with other settings; evaluating again", name, folder)
+            log.warning("eval %s: %s was made with other settings (%s); evaluating again", name, folder, changed)
     if ec.adapter:
         model = apply_adapter(model, ec.adapter)
     start = time.time()
