@@ -20,6 +20,7 @@ def load_student(config: str, run_dir: str, overrides: list[str]) -> tuple[Any, 
     from nacd.lora import add_lora
     from nacd.models import load_model, resolve_device
     from nacd.select import select_examples
+    from nacd.student import Student
 
     cfg = load_config(config, [*overrides, f"run.out_dir={run_dir}"])
     rd = RunDir(cfg.run.out_dir)
@@ -29,6 +30,6 @@ def load_student(config: str, run_dir: str, overrides: list[str]) -> tuple[Any, 
     data = tokenize_corpus(select_examples(load_corpus(cfg.data)[0], ids, str(ids_path)), tok, cfg.data)
     model = add_lora(model, cfg.lora)
     model.train()
-    student = tm.Student(model, data, tok.pad_token_id, prompt_offset=cfg.distill.prompt_offset)
+    student = Student(model, data, tok.pad_token_id, prompt_offset=cfg.distill.prompt_offset)
     student.vocab_ids = torch.tensor(tm.text_token_ids(tok, student.vocab.shape[0]))
     return cfg, ExpertStore(rd.experts_dir), student, device

@@ -90,7 +90,7 @@ def build(args: argparse.Namespace) -> tuple:
     from nacd.data import load_corpus
     from nacd.lora import add_lora, init_lora, lora_parameters
     from nacd.models import load_model
-    from nacd.tm import Student
+    from nacd.student import Student
 
     torch.manual_seed(0)
     device = torch.device(args.device)

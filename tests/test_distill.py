@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from nacd import distill, experts
+from nacd import distill, distill_loop, experts
 from nacd import select as selection
 from nacd.artifacts import RunDir, read_jsonl
 from nacd.config import load_config
@@ -458,7 +458,9 @@ def test_meta_batch_gradient_is_the_mean_of_single_draw_gradients(prepared):
     model = add_lora(model, cfg.lora)
     ids = read_ids(run_dir.select_dir / "selection.json")
     data = tokenize_corpus(select_examples(load_config_corpus(cfg), ids, "sel"), tok, cfg.data)
-    student = tm.Student(model, data, tok.pad_token_id)
+    from nacd.student import Student
+
+    student = Student(model, data, tok.pad_token_id)
     store = ExpertStore(run_dir.experts_dir)
 
     def snapshot(run, epoch):
@@ -480,7 +482,7 @@ def test_meta_batch_gradient_is_the_mean_of_single_draw_gradients(prepared):
     def grads(chosen, skip_above=None):
         syn.grad = log_alpha.grad = None
         d = type(dc)(**{**dc.__dict__, "skip_above": skip_above})
-        rows, accepted, finite = distill.meta_gradient(
+        rows, accepted, finite = distill_loop.meta_gradient(
             student, chosen, syn, alpha_of, snapshot, vocab, d, 1.0, 1.0, None
         )
         assert finite
@@ -614,7 +616,7 @@ def test_two_processes_score_the_swaps_as_one_does(prepared, tmp_path):
 #: would end it) in the third iteration, after the main process has checkpointed the first.
 _DIES = """
 import os, sys
-import nacd.distill as d
+import nacd.distill_loop as d
 from nacd.cli import main
 from nacd.ranks import current
 

@@ -9,8 +9,8 @@ from nacd.config import LoraConfig, ModelConfig
 from nacd.errors import NacdError
 from nacd.lora import add_lora, init_lora, lora_parameters
 from nacd.models import load_model
+from nacd.student import Student
 from nacd.tm import (
-    Student,
     check_prompt_offset,
     initial_prompts,
     matching_loss,

@@ -140,12 +140,17 @@ def folder_lock(root: str | Path, folder: str | Path, what: str) -> Iterator[Non
 
 def locked(command: str, folder_of: Any) -> Any:
     """Decorate the ``run(config, run_dir)`` of the stage ``nacd <command>`` to hold :func:`folder_lock` on
-    the folder ``folder_of(config, run_dir)`` it writes."""
+    the folder ``folder_of(config, run_dir)`` it writes. The stage module's cheap ``check(config)`` runs
+    first, so settings refused outright leave no run folder behind."""
     import functools
+    import sys
 
     def wrap(fn: Any) -> Any:
         @functools.wraps(fn)
         def run(config: Any, run_dir: Any, *args: Any, **kwargs: Any) -> Any:
+            check = getattr(sys.modules[fn.__module__], "check", None)
+            if check is not None:
+                check(config)
             folder = folder_of(config, run_dir)
             with folder_lock(run_dir.root, folder, f"nacd {command}"):
                 return fn(config, run_dir, *args, **kwargs)

@@ -61,7 +61,7 @@ def split_runs(runs: Sequence[int], holdout: bool) -> tuple[list[int], list[int]
 
 def sample_draw(gen: Any, runs: Sequence[int], max_start_epoch: int, n: int, batch: int, steps: int) -> Draw:
     """One training draw from ``gen``: a run and a start epoch uniformly, then N batches of
-    ``batch`` examples of D_sel without replacement (the order :func:`nacd.distill.distill` draws in)."""
+    ``batch`` examples of D_sel without replacement (the order :func:`nacd.distill_loop.distill` draws in)."""
     import torch
 
     run = runs[int(torch.randint(len(runs), (1,), generator=gen))]

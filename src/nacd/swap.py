@@ -2,7 +2,7 @@
 2020; Zou et al. 2023) with L_distill as the objective.
 
 The prompts are vocabulary rows throughout. Each iteration, after the meta-gradient G = dL/dP of the
-iteration's draws is taken at the current tokens (:func:`nacd.distill.meta_gradient`, the same exact
+iteration's draws is taken at the current tokens (:func:`nacd.distill_loop.meta_gradient`, the same exact
 unroll as the continuous mode):
 
 1. for every prompt position of the examples the draws use, the first-order estimate of the loss change

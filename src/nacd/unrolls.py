@@ -38,7 +38,8 @@ import torch
 
 from nacd.errors import NacdError
 from nacd.models import double_backward_attention
-from nacd.tm import Student, global_norm, matching_loss
+from nacd.student import Student
+from nacd.tm import global_norm, matching_loss
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: scale = max_norm / (norm + 1e-6), at most 1
 

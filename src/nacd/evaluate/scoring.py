@@ -244,6 +244,71 @@ def _close(a: Sequence[tuple[float, int]], b: Sequence[tuple[float, int]], half:
     return all(abs(x[0] - y[0]) <= atol + rtol * abs(y[0]) for x, y in zip(a, b, strict=True))
 
 
+class _Scorer:
+    """How :func:`score_loglikelihood` scores one batch of context groups: plainly (one row per request) or
+    packed (one row per context, its prefix shared across the batch when it can be), each packed kind
+    checked once against plain scoring under ``method=auto`` and dropped, with a warning, if it differs
+    or fails on this model."""
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int, method: str):
+        import torch
+
+        self.model, self.batch_size = model, batch_size
+        self.max_length = model_max_length(model, tokenizer)
+        attn = getattr(model.config, "_attn_implementation", None)
+        if method != "plain" and attn not in (None, "eager", "sdpa"):
+            log.warning("attention %s takes no custom masks: scoring one row per request (slower)", attn)
+            method = "plain"
+        self.half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        self.verify = {"packed": method == "auto", "shared": method == "auto"}
+        self.modes = {"packed": method != "plain", "shared": method != "plain"}
+        self.window = _sliding(model.config)[0]
+
+    def plain(self, batch: Sequence[_Group]) -> list[list[tuple[float, int]]]:
+        pairs = [(g.context, c) for g in batch for c in g.continuations]
+        flat = []
+        for start in range(0, len(pairs), self.batch_size):
+            flat.extend(_score_plain(self.model, pairs[start : start + self.batch_size], self.max_length))
+        out, at = [], 0
+        for g in batch:
+            out.append(flat[at : at + len(g.continuations)])
+            at += len(g.continuations)
+        return out
+
+    def packed(self, batch: list[_Group], prefix: int) -> list[list[tuple[float, int]]]:
+        modes, verify = self.modes, self.verify
+        # a sliding-window model shares a cached prefix only when the whole batch lies inside its window:
+        # the window then masks nothing, and its cache layers keep every prefix token
+        inside = self.window is None or max(g.fits for g in batch) < self.window
+        prefix = prefix if modes["shared"] and inside else 0
+        if not modes["packed"]:
+            return self.plain(batch)
+        kind = "shared" if prefix else "packed"
+        try:
+            scores = _score_packed(self.model, batch, prefix)
+        except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            if not verify[kind]:
+                raise
+            log.warning("%s scoring fails on this model (%s: %s): not used", kind, type(exc).__name__, exc)
+            modes[kind] = verify[kind] = False
+            return self.packed(batch, 0) if prefix else self.plain(batch)
+        if verify[kind]:
+            verify[kind] = False
+            # the shortest of the contexts with the most multi-token choices: packing errors show there
+            probe = min(range(len(batch)), key=lambda i: (-batch[i].packed_choices, batch[i].packed_len))
+            reference = self.plain([batch[probe]])[0]
+            if not _close(scores[probe], reference, self.half):
+                log.warning(
+                    "%s scoring differs from plain scoring on this model (%s vs %s): not used",
+                    "shared-prefix" if prefix else "packed",
+                    [round(s, 4) for s, _ in scores[probe]],
+                    [round(s, 4) for s, _ in reference],
+                )
+                modes[kind] = False
+                return self.packed(batch, 0) if prefix else self.plain(batch)
+        return scores
+
+
 def score_loglikelihood(
     model: Any,
     tokenizer: Any,
@@ -283,74 +348,22 @@ def score_loglikelihood(
     cache: dict[str, list[int]] = {}
     encoded = [encode_pair(tokenizer, ctx, cont, cache) for ctx, cont in requests]
     groups = _group_requests(encoded)
-    max_length = model_max_length(model, tokenizer)
-    param = next(model.parameters())
-    attn = getattr(model.config, "_attn_implementation", None)
-    if method != "plain" and attn not in (None, "eager", "sdpa"):
-        log.warning("attention %s takes no custom masks: scoring one row per request (slower)", attn)
-        method = "plain"
-    half = param.dtype in (torch.float16, torch.bfloat16)
-    verify = {"packed": method == "auto", "shared": method == "auto"}
-    modes = {"packed": method != "plain", "shared": method != "plain"}
+    scorer = _Scorer(model, tokenizer, batch_size, method)
+    max_length = scorer.max_length
     results: list[tuple[float, int] | None] = [None] * len(requests)
-
-    def plain(batch: Sequence[_Group]) -> list[list[tuple[float, int]]]:
-        pairs = [(g.context, c) for g in batch for c in g.continuations]
-        flat = []
-        for start in range(0, len(pairs), batch_size):
-            flat.extend(_score_plain(model, pairs[start : start + batch_size], max_length))
-        out, at = [], 0
-        for g in batch:
-            out.append(flat[at : at + len(g.continuations)])
-            at += len(g.continuations)
-        return out
-
-    window = _sliding(model.config)[0]
-
-    def packed(batch: list[_Group], prefix: int) -> list[list[tuple[float, int]]]:
-        # a sliding-window model shares a cached prefix only when the whole batch lies inside its window:
-        # the window then masks nothing, and its cache layers keep every prefix token
-        inside = window is None or max(g.fits for g in batch) < window
-        prefix = prefix if modes["shared"] and inside else 0
-        if not modes["packed"]:
-            return plain(batch)
-        kind = "shared" if prefix else "packed"
-        try:
-            scores = _score_packed(model, batch, prefix)
-        except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            if not verify[kind]:
-                raise
-            log.warning("%s scoring fails on this model (%s: %s): not used", kind, type(exc).__name__, exc)
-            modes[kind] = verify[kind] = False
-            return packed(batch, 0) if prefix else plain(batch)
-        if verify[kind]:
-            verify[kind] = False
-            # the shortest of the contexts with the most multi-token choices: packing errors show there
-            probe = min(range(len(batch)), key=lambda i: (-batch[i].packed_choices, batch[i].packed_len))
-            reference = plain([batch[probe]])[0]
-            if not _close(scores[probe], reference, half):
-                log.warning(
-                    "%s scoring differs from plain scoring on this model (%s vs %s): not used",
-                    "shared-prefix" if prefix else "packed",
-                    [round(s, 4) for s, _ in scores[probe]],
-                    [round(s, 4) for s, _ in reference],
-                )
-                modes[kind] = False
-                return packed(batch, 0) if prefix else plain(batch)
-        return scores
 
     fits = [g for g in groups if g.fits <= max_length]
     too_long = [g for g in groups if g.fits > max_length]
     if too_long:
         log.warning("%d context(s) longer than the model's %d tokens: cut from the left", len(too_long), max_length)
-    plan = _plan(fits, batch_size, modes["shared"])
+    plan = _plan(fits, batch_size, scorer.modes["shared"])
     plan += [(too_long[i : i + batch_size], -1) for i in range(0, len(too_long), batch_size)]
     mine = set(ranks.mine(len(plan)))
     with torch.no_grad():
         for j, (batch, prefix) in enumerate(plan):
             if j not in mine:
                 continue
-            scores = plain(batch) if prefix < 0 else packed(batch, prefix)
+            scores = scorer.plain(batch) if prefix < 0 else scorer.packed(batch, prefix)
             for g, group_scores in zip(batch, scores, strict=True):
                 for i, s in zip(g.indices, group_scores, strict=True):
                     results[i] = s
