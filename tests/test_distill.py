@@ -314,6 +314,65 @@ def test_finetune_on_the_distilled_set_same_and_other_architecture(prepared, tin
         finetune.run(forced, run_dir)
 
 
+def test_prompt_dropout_tunes_a_share_of_batches_on_plain_input(prepared, tiny_gemma_dir):
+    """``finetune.prompt_dropout``: a batch goes without its prompts by a hash of the seed and its ids (the
+    same decision on a resume), about the asked share of batches; the tuning records the setting, and a
+    receiving model (text mode) refuses it."""
+    from nacd import finetune
+    from nacd.finetune import PromptedExample, PromptedForward
+
+    cfg, run_dir, overrides = prepared
+    distill.run(load_config(None, [*overrides, *REACHABLE, "distill.iterations=2", "distill.panel_size=0"]), run_dir)
+
+    class Ex:
+        def __init__(self, i):
+            self.id, self.input_ids, self.labels = f"x{i}", [1, 2, 3], [-100, 2, 3]
+
+    fwd = PromptedForward.__new__(PromptedForward)
+    fwd.dropout, fwd.seed = 0.5, 7
+    batches = [[PromptedExample(Ex(i), torch.zeros(2, 4)), PromptedExample(Ex(i + 1000), torch.zeros(2, 4))]
+               for i in range(400)]  # fmt: skip
+    plain = [fwd.plain(b) for b in batches]
+    assert 0.4 < sum(plain) / len(plain) < 0.6 and plain == [fwd.plain(b) for b in batches]
+    fwd.dropout = 0.0
+    assert not any(fwd.plain(b) for b in batches)
+
+    # a plain batch after a prompted one goes through the same forward and gives the plain loss
+    from nacd.chat import tokenize_corpus
+    from nacd.config import ModelConfig
+    from nacd.data import load_corpus
+    from nacd.models import load_model
+    from nacd.train import default_forward
+
+    model, tok = load_model(ModelConfig(spec=cfg.model.spec), torch.device("cpu"))
+    ds = distill.DistilledSet.load(run_dir.distill_dir)
+    corpus = {ex.id: ex for ex in load_corpus(cfg.data)[0]}
+    data = tokenize_corpus([corpus[i] for i in ds.ids[:4]], tok, cfg.data)
+    items = [PromptedExample(ex, ds.embeddings(ex.id)) for ex in data]
+    fwd = PromptedForward(model, dropout=0.5)
+    with torch.no_grad():
+        prompted = fwd.collate(items, tok.pad_token_id)
+        fwd.dropout = 0.0
+        fwd(model, fwd.collate(items, tok.pad_token_id))
+        assert fwd.ready  # the sparse-logits hook is on the model from here
+        fwd.dropout = 0.999999
+        plain_batch = fwd.collate(items, tok.pad_token_id)
+        assert "prompts" not in plain_batch and prompted
+        a, n = fwd(model, plain_batch)
+        fwd.close()
+        b, m = default_forward(model, plain_batch)
+    assert n == m and a.item() == pytest.approx(b.item(), rel=1e-5)
+
+    tune = [*overrides, *REACHABLE, "distill.iterations=2", "distill.panel_size=0", "finetune.dataset=distilled"]
+    m = finetune.run(load_config(None, [*tune, "finetune.prompt_dropout=0.5", "finetune.name=drop"]), run_dir)
+    assert m["complete"] and m["prompt_dropout"] == 0.5
+    other = [*tune, "finetune.prompt_dropout=0.5", f"finetune.model={tiny_gemma_dir}", "finetune.name=t"]
+    with pytest.raises(NacdError, match="prompt_dropout: applies to the distilling model's prompt vectors"):
+        finetune.run(load_config(None, other), run_dir)
+    with pytest.raises(NacdError, match="prompt_dropout: applies to dataset=distilled only"):
+        finetune.run(load_config(None, [*overrides, "finetune.prompt_dropout=0.5", "finetune.name=s"]), run_dir)
+
+
 def test_a_finished_set_is_kept_before_the_process_count_is_checked(prepared, monkeypatch):
     """Finished work first: a one-process distillation, asked for again by two processes with the same
     settings, is complete (the meta-batch split concerns only how it would be computed); an unfinished one

@@ -141,6 +141,12 @@ def test_plan_covers_models_variants_and_seeds(tiny_overrides, tiny_gemma_dir):
     }
     ft, _ = cell_configs(init, plan(init)[-1], RunDir(init.run.out_dir))
     assert ft.finetune.dataset == "distilled" and ft.finetune.prompts == "initial"
+    drop = load_config(None, [*tiny_overrides, "compare.variants=[sel, sel_init, sel_nacd]",
+                              f"compare.receivers=['{tiny_gemma_dir}']", "finetune.prompt_dropout=0.5"])  # fmt: skip
+    dropped = {(c.role, c.variant): cell_configs(drop, c, RunDir(drop.run.out_dir))[0].finetune.prompt_dropout
+               for c in plan(drop)}  # fmt: skip
+    assert dropped == {("distilling", "sel"): 0.0, ("distilling", "sel_init"): 0.5, ("distilling", "sel_nacd"): 0.5,
+                       ("receiver", "sel"): 0.0, ("receiver", "sel_init"): 0.0, ("receiver", "sel_nacd"): 0.0}  # fmt: skip
     cfg = load_config(None, [*tiny_overrides, "compare.variants=[baseline, full]"])
     assert needed_stages(cfg) == []
     with pytest.raises(NacdError, match="compare.variants"):

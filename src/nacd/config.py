@@ -347,6 +347,12 @@ class FinetuneConfig:
         "nothing learned: the control that separates what distillation learned from what prepending k tokens "
         "does; nacd run's variant sel_init).",
     )
+    prompt_dropout: float = f(
+        0.0,
+        "dataset=distilled on the distilling model: the fraction of batches tuned without their prompt vectors "
+        "(plain input, as the tuned model is used), chosen by a hash of the seed and the batch's example ids; "
+        "nacd run applies it to sel_nacd and sel_init on the distilling model.",
+    )
     name: str | None = f(None, "Variant folder name under finetune/ (default: the dataset name).")
     seed: int | None = f(None, "Seed of the tuned run (data order, LoRA init); None = run.seed.")
     train: TrainConfig = f(
@@ -366,6 +372,7 @@ class FinetuneConfig:
                "applies to dataset full or selected, not to the distilled set")  # fmt: skip
         _check(self.prompts == "learned" or self.dataset == "distilled", "prompts",
                "applies to dataset=distilled only")  # fmt: skip
+        _check(0.0 <= self.prompt_dropout < 1.0, "prompt_dropout", "must be in [0, 1)")
 
 
 @dataclass

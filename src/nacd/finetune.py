@@ -15,6 +15,7 @@ Output, ``<run>/finetune/<variant>/``::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -88,25 +89,34 @@ class PromptedForward:
     """Loss on the text embeddings with the prompt vectors inserted at ``offset`` (as they were distilled)
     through the shared loop (embeddings mode)."""
 
-    def __init__(self, model: Any, offset: int = 0):
+    def __init__(self, model: Any, offset: int = 0, dropout: float = 0.0, seed: int = 0):
         from nacd.tm import embed_scale
         from nacd.train import SparseLogitsForward, causal_lm
 
         self.embed = causal_lm(model).get_input_embeddings()
         self.scale = embed_scale(self.embed)
         self.offset = offset
+        self.dropout, self.seed = dropout, seed
         self.sparse = SparseLogitsForward()
         self.ready: bool | None = None
+
+    def plain(self, items: list[PromptedExample]) -> bool:
+        """Whether this batch is tuned without its prompts (``finetune.prompt_dropout``): a hash of the seed
+        and the batch's ids, so a resumed run takes the same decisions."""
+        if self.dropout <= 0:
+            return False
+        key = f"{self.seed}:" + ",".join(it.example.id for it in items)
+        return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 2**32 < self.dropout
 
     def collate(self, items: list[PromptedExample], pad_token_id: int) -> dict[str, Any]:
         import torch
 
         from nacd.chat import collate
 
-        return {
-            **collate([it.example for it in items], pad_token_id),
-            "prompts": torch.stack([it.prompt for it in items]),
-        }
+        batch = collate([it.example for it in items], pad_token_id)
+        if self.plain(items):
+            return batch
+        return {**batch, "prompts": torch.stack([it.prompt for it in items])}
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
         import torch
@@ -114,7 +124,10 @@ class PromptedForward:
         from nacd.tm import prompted_inputs
         from nacd.train import default_forward
 
-        inputs = prompted_inputs(self.embed, self.scale, batch["prompts"], batch, self.offset)
+        if "prompts" in batch:
+            inputs = prompted_inputs(self.embed, self.scale, batch["prompts"], batch, self.offset)
+        else:  # a batch of plain input (prompt_dropout): the same forward, the token ids as they are
+            inputs = batch
         if self.ready is None:
             with torch.no_grad():
                 self.ready = self.sparse.install(model, inputs)
@@ -167,6 +180,13 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     folder = run_dir.finetune_dir(variant)
     examples, source, distilled = _examples_for(config, run_dir)  # fails before loading a model if data is missing
     mode = prompt_mode(config, distilled)
+    if fc.prompt_dropout and fc.dataset != "distilled":
+        raise NacdError("finetune.prompt_dropout: applies to dataset=distilled only")
+    if mode == "text" and fc.prompt_dropout:
+        raise NacdError(
+            "finetune.prompt_dropout: applies to the distilling model's prompt vectors (embeddings mode); "
+            f"{fc.model or config.model.spec!r} takes the prompts as text"
+        )
     if mode == "text":
         by_id = distilled.prompt_texts(fc.prompts)
         examples = [with_prompt_text(ex, by_id[ex.id]) for ex in examples]
@@ -191,7 +211,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
 
         offset = int(distilled.manifest["distill"].get("prompt_offset", 0))
         check_prompt_offset(setup.data, offset, f"{distilled.folder}: distill.prompt_offset")
-        forward = PromptedForward(setup.model, offset)
+        forward = PromptedForward(setup.model, offset, fc.prompt_dropout, seed)
         if fc.prompts == "initial":
             table = setup.model.get_input_embeddings().weight
             dataset = [PromptedExample(ex, distilled.initial_embeddings(ex.id, table)) for ex in setup.data]
@@ -216,6 +236,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
         "dataset": fc.dataset,
         "prompt_mode": mode,
         **({"prompts": fc.prompts} if fc.prompts != "learned" else {}),
+        **({"prompt_dropout": fc.prompt_dropout} if fc.prompt_dropout else {}),
         "distilled": {"created": distilled.manifest["created"], "alpha": distilled.alpha} if distilled else None,
     }
     if teacher is not None:

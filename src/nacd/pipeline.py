@@ -116,6 +116,9 @@ def cell_configs(config: Any, cell: Cell, run_dir: RunDir) -> tuple[Any | None, 
             ids_file=str(ids_path(run_dir, cell.variant)) if size else None,
             soft_labels=cell.variant == "sel_soft",
             prompts="initial" if cell.variant == "sel_init" else "learned",
+            prompt_dropout=config.finetune.prompt_dropout
+            if cell.variant in ("sel_init", "sel_nacd") and cell.role == "distilling"
+            else 0.0,
         )
         if size:
             fc = _fit_batch(fc, ids_path(run_dir, cell.variant))
