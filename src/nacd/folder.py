@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nacd.artifacts import RunDir, read_manifest, short_repr
+from nacd.artifacts import RunDir, first_difference, read_manifest, short_repr
 from nacd.errors import NacdError
 
 #: Config fields that define what a run folder holds (the roles of its models, its corpus, its selection).
@@ -61,7 +61,8 @@ def guard(config: Any, run_dir: RunDir, command: str) -> None:
     for key in IDENTITY_FIELDS:
         then = _get(saved, key)
         if then is not None and then != _get(now, key):
+            where, a, b = first_difference(then, _get(now, key), key)  # the leaf: data.sources.0.path
             raise NacdError(
-                f"{run_dir.config_path}: field '{key}' is {short_repr(then)} in the folder, "
-                f"{short_repr(_get(now, key))} in the given config; {fix}"
+                f"{run_dir.config_path}: field '{where}' is {short_repr(a)} in the folder, "
+                f"{short_repr(b)} in the given config; {fix}"
             )

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -19,7 +20,7 @@ from nacd.errors import NacdError
 log = logging.getLogger(__name__)
 
 
-def check_writable(folder: str | Path, what: str = "run folder (run.out_dir)") -> None:
+def check_writable(folder: str | Path) -> None:
     """Refuse at once, in one line naming the folder, when ``folder`` (or the nearest folder above it that
     exists, where it will be made) cannot be written: a read-only mount, another user's folder. Tried by
     writing a file, since permission bits do not tell (root, ACLs, read-only mounts)."""
@@ -39,7 +40,7 @@ def check_writable(folder: str | Path, what: str = "run folder (run.out_dir)") -
         target = log_file if log_file.exists() and probe_dir == folder else probe_dir
         reason = exc.strerror or type(exc).__name__
         raise NacdError(
-            f"{target}: the {what} cannot be written ({reason}); choose another run.out_dir, or copy the folder "
+            f"{target}: the run folder (run.out_dir) cannot be written ({reason}); choose another run.out_dir, or copy the folder "
             "somewhere writable and point run.out_dir there, or fix its permissions"
         ) from None
 
@@ -58,8 +59,6 @@ def _process_start(pid: int) -> str | None:
 
 def _alive(holder: Mapping[str, Any]) -> bool:
     """Whether the process that wrote a lock still runs (a lock of another host counts as alive)."""
-    import socket
-
     if holder.get("host") != socket.gethostname():
         return True
     pid = int(holder.get("pid") or 0)
@@ -79,8 +78,6 @@ def folder_lock(root: str | Path, folder: str | Path, what: str) -> Iterator[Non
     second process asking for it is refused, naming the holder's PID, host and start; a stale lock (its
     process gone, on this host) is taken over with a warning. Under a launcher only the main process
     (``RANK`` 0) takes it, so the processes of one job count as one holder. Re-entrant in one process."""
-    import socket
-
     if int(os.environ.get("RANK") or 0) != 0:
         yield
         return

@@ -232,7 +232,6 @@ def table_rows(summary: dict[str, Any], model_names: dict[str, str]) -> tuple[li
         *((f"Gap closed by {LABELS[v]}", controls.get(v), lambda e, b: fmt_gap(e, units[b])) for v in CONTROLS),
         ("Effective data size of SEL+NACD", summary.get("effective_size"), lambda e, b: fmt_effective(e)),
     ):
-        per_model = per_model or {}
         if per_model:
             cells = [fmt(per_model.get(m, {}).get(b), b) for m in summary["models"] for b in summary["benchmarks"]]
             rows.append([label, *cells])

@@ -83,16 +83,17 @@ def model_name(spec: str) -> str:
 
 def _adapter_identity(adapter: str | None, run_root: Path | None = None) -> dict[str, Any] | None:
     """The adapter's files and config; its path is recorded (relative to the run folder when inside it,
-    so a copied or moved folder reads the same) but only the contents decide reuse (:func:`_same`)."""
+    so a copied or moved folder reads the same) but only the contents decide reuse (:func:`_changed`)."""
     from nacd.artifacts import sha256_file
 
     if adapter is None:
         return None
     folder = Path(adapter).expanduser()
     weights = sorted(folder.glob("adapter_model.*"))
-    path = str(folder.resolve())
-    if run_root is not None and folder.resolve().is_relative_to(run_root.resolve()):
-        path = str(folder.resolve().relative_to(run_root.resolve()))
+    resolved = folder.resolve()
+    path = str(resolved)
+    if run_root is not None and resolved.is_relative_to(run_root.resolve()):
+        path = str(resolved.relative_to(run_root.resolve()))
     return {
         "path": path,
         "sha256": {p.name: sha256_file(p) for p in weights},
