@@ -282,7 +282,7 @@ def test_a_copy_of_the_target_ranks_first(reference, tmp_path, caplog):
     assert "5 of 5 shard(s) already" in caplog.text and "recomputing these features" in caplog.text
 
 
-def test_interrupted_features_resume_from_complete_shards(reference, tmp_path, monkeypatch):
+def test_interrupted_features_resume_from_complete_shards(reference, tmp_path, monkeypatch, caplog):
     cfg, examples, targets, ref_dir, ref_scores = reference
     workdir = tmp_path / "less"
     shutil.copytree(ref_dir / "warmup", workdir / "warmup")
@@ -325,12 +325,22 @@ def test_interrupted_features_resume_from_complete_shards(reference, tmp_path, m
     calls.clear()
     assert less_scores(cfg, examples, targets, workdir) == ref_scores
     assert calls == [8]
-    # one of the same size but other bytes is caught when read, and named
+    # one of the same size but other bytes is named and computed again, alone
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0x55
     shard.write_bytes(bytes(data))
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="nacd"):
+        assert less_scores(cfg, examples, targets, workdir) == ref_scores
+    assert calls == [8]
+    assert "shard_00002.safetensors: its sha256 differs from its manifest's (damaged); computing it again" in caplog.text
+    # damaged after the features were scored (between the write and the read): caught when read, and named
+    checked = less._shard_ok
+    monkeypatch.setattr(less, "_shard_ok", lambda folder, k, files: True)
+    shard.write_bytes(bytes(data))
     with pytest.raises(NacdError, match=r"shard_00002.safetensors: its sha256 differs .*delete it and rerun"):
         less_scores(cfg, examples, targets, workdir)
+    monkeypatch.setattr(less, "_shard_ok", checked)
     shard.unlink()
     # a damaged warm-up snapshot stops LESS before any feature is computed, naming the file
     snap = workdir / "warmup" / "epoch_001.safetensors"

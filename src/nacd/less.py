@@ -47,7 +47,8 @@ Layout of ``workdir``::
 
 Resumable: a complete warm-up is skipped and an interrupted one resumes from its checkpoint; a
 warm-up folder made with another model, LoRA, data or config is refused. Feature shards are
-written atomically and never recomputed; a features folder made with other settings (projection,
+written atomically and never recomputed while their size and sha256 match the manifest (one that
+does not is computed again, with a warning naming it); a features folder made with other settings (projection,
 data, dtype, a redone warm-up) is recomputed, with a warning: new targets recompute only the
 target features. With several processes (``torchrun``) the warm-up is data-parallel and process
 ``r`` computes the shards ``k`` with ``k % world == r``; every process then reads all shards.
@@ -288,16 +289,22 @@ def _prepare_features_dir(folder: Path, identity: dict[str, Any]) -> None:
 
 
 def _shard_ok(folder: Path, k: int, files: dict[str, Any]) -> bool:
-    """A shard counts as written if it is there at the size ``files`` (its manifest's) records, when it
-    records one; one of another size (damaged outside nacd: shards are written atomically) is computed again."""
+    """A shard counts as written if it is there with the size and sha256 ``files`` (its manifest's) records,
+    when it records one; one of another size or content (damaged outside nacd: shards are written
+    atomically) is computed again with a warning naming it. The hash costs a read of the shard, far less
+    than its gradients."""
     path = shard_path(folder, k)
     if not path.is_file():
         return False
     record = files.get(path.name)
-    if record is not None and path.stat().st_size != record["size"]:
-        log.warning(
-            "%s: %d bytes, its manifest recorded %d; computing it again", path, path.stat().st_size, record["size"]
-        )
+    if record is None:
+        return True
+    size = path.stat().st_size
+    if size != record["size"]:
+        log.warning("%s: %d bytes, its manifest recorded %d; computing it again", path, size, record["size"])
+        return False
+    if sha256_file(path) != record["sha256"]:
+        log.warning("%s: its sha256 differs from its manifest's (damaged); computing it again", path)
         return False
     return True
 
