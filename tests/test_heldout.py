@@ -215,6 +215,14 @@ def test_held_out_questions_are_read_as_their_rows_write_them(shared_data):
     assert example_question(ex("Could the Police arrest people?", "no")).gold == 1
     assert example_question(ex("How many clips did Natalia sell?", "72")) is None
     assert example_question(ex("Where?\nOptions:\n- a\n- b", "c")) is None  # the answer is no option
+    # heldout_content: the question without its options, the options' texts scored, the same gold
+    doc = example_question(ex("What?\nOptions:\n- (A) DNA\n- (B) sex\n- (C) eggs", "(B)"), content=True)
+    assert (doc.question, doc.choices, doc.gold) == ("What?", ("DNA", "sex", "eggs"), 1)
+    doc = example_question(ex("Where?\nOptions:\n- bedroom\n- synagogue\n- roses", "synagogue"), content=True)
+    assert (doc.question, doc.choices, doc.gold) == ("Where?", ("bedroom", "synagogue", "roses"), 1)
+    doc = example_question(ex(sense, "Sentence B"), content=True)  # heads are the answers: kept as written
+    assert (doc.question, doc.choices, doc.gold) == (sense, ("Sentence A", "Sentence B"), 1)
+    assert example_question(ex("Could the Police arrest people?", "no"), content=True).choices == ("yes", "no")
     # the shared rows: every file with options or yes/no answers gives questions, gsm8k none
     cfg = load_config(None, [f"data.root={shared_data}", "data.heldout=40", "eval.benchmarks=['heldout_mc:flan_cot']",
                              "data.sources=[{path: 'instruct/flan_cot/*_train.tsv', name: flan_cot, max_examples: 50}]"])  # fmt: skip
@@ -223,6 +231,12 @@ def test_held_out_questions_are_read_as_their_rows_write_them(shared_data):
     assert not {d.subject for d in bench.docs} & {"gsm8k_train"} and all(
         0 <= d.gold < len(d.choices) for d in bench.docs
     )
+    cfg = load_config(None, [f"data.root={shared_data}", "data.heldout=40", "eval.benchmarks=['heldout_content:flan_cot']",
+                             "data.sources=[{path: 'instruct/flan_cot/*_train.tsv', name: flan_cot, max_examples: 50}]"])  # fmt: skip
+    (content,) = load_benchmarks(cfg)
+    assert content.name == "heldout_content_flan_cot" and [d.id for d in content.docs] == [d.id for d in bench.docs]
+    assert [d.gold for d in content.docs] == [d.gold for d in bench.docs]
+    assert not any("Options:" in d.question for d in content.docs if d.subject in ("qasc_train", "ecqa_train"))
 
 
 def test_chat_format_scores_the_answer_as_the_assistant_turn(tiny_llama_dir, tiny_gemma_dir):

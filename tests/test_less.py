@@ -333,7 +333,9 @@ def test_interrupted_features_resume_from_complete_shards(reference, tmp_path, m
     with caplog.at_level(logging.WARNING, logger="nacd"):
         assert less_scores(cfg, examples, targets, workdir) == ref_scores
     assert calls == [8]
-    assert "shard_00002.safetensors: its sha256 differs from its manifest's (damaged); computing it again" in caplog.text
+    assert (
+        "shard_00002.safetensors: its sha256 differs from its manifest's (damaged); computing it again" in caplog.text
+    )
     # damaged after the features were scored (between the write and the read): caught when read, and named
     checked = less._shard_ok
     monkeypatch.setattr(less, "_shard_ok", lambda folder, k, files: True)

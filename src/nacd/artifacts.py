@@ -131,7 +131,10 @@ def remove_dir(path: str | Path) -> None:
     shutil.rmtree(gone, ignore_errors=True)
     for victim in (_aside(path), path):  # a previous version a killed atomic_dir left aside goes first
         if victim.exists():
-            os.replace(victim, gone)
+            try:
+                os.replace(victim, gone)
+            except FileNotFoundError:  # another process of the same launch removed it first
+                continue
             shutil.rmtree(gone, ignore_errors=True)
 
 

@@ -112,6 +112,7 @@ def train_expert(config: Any, setup: TrainingSetup, folder: Path, index: int) ->
     if existing is not None:  # what a skip or a resume trusts: every snapshot listed, at its recorded size
         verify_snapshots(folder, existing)
     if existing is not None and existing.get("complete"):
+        remove_dir(folder / "checkpoint")  # a kill between the manifest and the removal left it
         log.info("expert %d: complete in %s, skipped", index, folder)
         return existing
     folder.mkdir(parents=True, exist_ok=True)

@@ -172,63 +172,54 @@ def prompt_mode(config: Any, distilled: Any) -> str | None:
     return mode
 
 
-@locked("finetune", lambda config, run_dir: run_dir.finetune_dir(config.finetune.name or config.finetune.dataset))
-def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
-    """``nacd finetune``: tune ``config.model`` with LoRA on the chosen data set; resumable."""
+def _check_options(config: Any, mode: str | None, model_spec: str) -> None:
+    """Refuse the finetune options that do not apply to this data set or model, naming the option."""
     fc = config.finetune
-    variant = fc.name or fc.dataset
-    folder = run_dir.finetune_dir(variant)
-    examples, source, distilled = _examples_for(config, run_dir)  # fails before loading a model if data is missing
-    mode = prompt_mode(config, distilled)
     if fc.prompt_dropout and fc.dataset != "distilled":
         raise NacdError("finetune.prompt_dropout: applies to dataset=distilled only")
     if mode == "text" and fc.prompt_dropout:
         raise NacdError(
             "finetune.prompt_dropout: applies to the distilling model's prompt vectors (embeddings mode); "
-            f"{fc.model or config.model.spec!r} takes the prompts as text"
+            f"{model_spec!r} takes the prompts as text"
         )
-    if mode == "text":
-        by_id = distilled.prompt_texts(fc.prompts)
-        examples = [with_prompt_text(ex, by_id[ex.id]) for ex in examples]
-    run_dir.init(config)
-    setup_logging(config.run.log_level, run_dir.log_path)
-    model_cfg = replace(config.model, spec=fc.model) if fc.model else config.model
-    if fc.soft_labels and model_cfg.spec != config.model.spec:
+    if fc.soft_labels and model_spec != config.model.spec:
         raise NacdError(
             f"finetune.soft_labels: the expert's soft labels are in {config.model.spec!r}'s tokens; "
-            f"{model_cfg.spec!r} cannot take them (tune the distilling model, or turn soft_labels off)"
+            f"{model_spec!r} cannot take them (tune the distilling model, or turn soft_labels off)"
         )
-    setup = setup_training(config, examples, model_cfg)
-    seed = config.run.seed if fc.seed is None else fc.seed
-    dataset, collate, forward = setup.data, setup.collate, None
-    if mode == "embeddings":
-        if setup.base_fingerprint != distilled.manifest["base_model"]["fingerprint"]:
-            raise NacdError(
-                f"finetune.prompt_mode=embeddings: {model_cfg.spec!r} is not the model that distilled "
-                f"{distilled.folder} ({distilled.manifest['base_model']['spec']!r}); use prompt_mode=text"
-            )
-        from nacd.tm import check_prompt_offset
 
-        offset = int(distilled.manifest["distill"].get("prompt_offset", 0))
-        check_prompt_offset(setup.data, offset, f"{distilled.folder}: distill.prompt_offset")
-        forward = PromptedForward(setup.model, offset, fc.prompt_dropout, seed)
-        if fc.prompts == "initial":
-            table = setup.model.get_input_embeddings().weight
-            dataset = [PromptedExample(ex, distilled.initial_embeddings(ex.id, table)) for ex in setup.data]
-        else:
-            dataset = [PromptedExample(ex, distilled.embeddings(ex.id)) for ex in setup.data]
 
-        def collate(items: list[PromptedExample]) -> dict[str, Any]:
-            return forward.collate(items, setup.tokenizer.pad_token_id)
+def _prompted_data(config: Any, setup: Any, distilled: Any, seed: int) -> tuple[list[Any], Any, PromptedForward]:
+    """(dataset, collate, forward) that feed the distilling model its prompt vectors (embeddings mode):
+    the learned ones, or the initial tokens' embedding rows (``finetune.prompts=initial``)."""
+    fc = config.finetune
+    if setup.base_fingerprint != distilled.manifest["base_model"]["fingerprint"]:
+        raise NacdError(
+            f"finetune.prompt_mode=embeddings: {fc.model or config.model.spec!r} is not the model that distilled "
+            f"{distilled.folder} ({distilled.manifest['base_model']['spec']!r}); use prompt_mode=text"
+        )
+    from nacd.tm import check_prompt_offset
 
-    teacher = None
-    if fc.soft_labels:
-        from nacd.soft_labels import soft_dataset
+    offset = int(distilled.manifest["distill"].get("prompt_offset", 0))
+    check_prompt_offset(setup.data, offset, f"{distilled.folder}: distill.prompt_offset")
+    forward = PromptedForward(setup.model, offset, fc.prompt_dropout, seed)
+    if fc.prompts == "initial":
+        table = setup.model.get_input_embeddings().weight
+        dataset = [PromptedExample(ex, distilled.initial_embeddings(ex.id, table)) for ex in setup.data]
+    else:
+        dataset = [PromptedExample(ex, distilled.embeddings(ex.id)) for ex in setup.data]
 
-        dataset, forward, teacher = soft_dataset(config, run_dir, setup)
-        collate = forward.collate
-    identity = {
-        "base_model": {"spec": model_cfg.spec, "fingerprint": setup.base_fingerprint},
+    def collate(items: list[PromptedExample]) -> dict[str, Any]:
+        return forward.collate(items, setup.tokenizer.pad_token_id)
+
+    return dataset, collate, forward
+
+
+def _identity(config: Any, setup: Any, spec: str, seed: int, mode: str | None, distilled: Any) -> dict[str, Any]:
+    """What defines the tuned adapter: a folder made with anything else is refused, not reused."""
+    fc = config.finetune
+    return {
+        "base_model": {"spec": spec, "fingerprint": setup.base_fingerprint},
         "lora": {**asdict(config.lora), "target_modules": setup.lora_targets},
         "train": asdict(fc.train),
         "seed": seed,
@@ -239,13 +230,66 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
         **({"prompt_dropout": fc.prompt_dropout} if fc.prompt_dropout else {}),
         "distilled": {"created": distilled.manifest["created"], "alpha": distilled.alpha} if distilled else None,
     }
+
+
+@locked("finetune", lambda config, run_dir: run_dir.finetune_dir(config.finetune.name or config.finetune.dataset))
+def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
+    """``nacd finetune``: tune ``config.model`` with LoRA on the chosen data set; resumable."""
+    fc = config.finetune
+    variant = fc.name or fc.dataset
+    folder = run_dir.finetune_dir(variant)
+    examples, source, distilled = _examples_for(config, run_dir)  # fails before loading a model if data is missing
+    mode = prompt_mode(config, distilled)
+    model_cfg = replace(config.model, spec=fc.model) if fc.model else config.model
+    _check_options(config, mode, model_cfg.spec)
+    if mode == "text":
+        by_id = distilled.prompt_texts(fc.prompts)
+        examples = [with_prompt_text(ex, by_id[ex.id]) for ex in examples]
+    run_dir.init(config)
+    setup_logging(config.run.log_level, run_dir.log_path)
+    setup = setup_training(config, examples, model_cfg)
+    seed = config.run.seed if fc.seed is None else fc.seed
+    dataset, collate, forward = setup.data, setup.collate, None
+    if mode == "embeddings":
+        dataset, collate, forward = _prompted_data(config, setup, distilled, seed)
+    teacher = None
+    if fc.soft_labels:
+        from nacd.soft_labels import soft_dataset
+
+        dataset, forward, teacher = soft_dataset(config, run_dir, setup)
+        collate = forward.collate
+    identity = _identity(config, setup, model_cfg.spec, seed, mode, distilled)
     if teacher is not None:
         identity["soft_labels"] = teacher
     existing = read_matching_manifest(folder, KIND, identity, f"delete {folder} or set finetune.name to a new variant")
     if existing is not None and existing.get("complete"):
         verify_files(folder, existing.get("files"), f"delete {folder} and run `nacd finetune` again")
+        remove_dir(folder / "checkpoint")  # a kill between the manifest and the removal left it
         log.info("finetune %s: complete in %s, skipped", variant, folder)
         return existing
+    manifest = {
+        **identity,
+        "variant": variant,
+        "data_source": source,
+        "n_examples": len(setup.data),
+        "ids": [ex.id for ex in setup.data] if examples is not None else None,
+    }
+    return _train(config, setup, folder, variant, manifest, dataset, collate, forward, seed)
+
+
+def _train(
+    config: Any,
+    setup: Any,
+    folder: Path,
+    variant: str,
+    manifest: dict[str, Any],
+    dataset: list[Any],
+    collate: Any,
+    forward: Any,
+    seed: int,
+) -> dict[str, Any]:
+    """Tune a fresh LoRA (or resume its checkpoint) and save the adapter; the manifest says complete last."""
+    fc = config.finetune
     folder.mkdir(parents=True, exist_ok=True)
     init_lora(setup.model, seed)
     loop = TrainLoop(
@@ -260,15 +304,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
         metrics=MetricsWriter(folder / "metrics.jsonl"),
         desc=f"finetune {variant}",
     )
-    manifest = {
-        **identity,
-        "variant": variant,
-        "data_source": source,
-        "n_examples": len(setup.data),
-        "ids": [ex.id for ex in setup.data] if examples is not None else None,
-        "total_steps": loop.total_steps,
-        "complete": False,
-    }
+    manifest = {**manifest, "total_steps": loop.total_steps, "complete": False}
     if loop.is_main:
         write_manifest(folder, KIND, **manifest)
     try:

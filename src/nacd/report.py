@@ -418,38 +418,8 @@ def _corpus_line(run_dir: Any) -> str:
     return f"D_full: {sel['n_corpus']} examples; D_sel: {sel['n_selected']} ({sel['method']}, budget {sel['budget']})."
 
 
-def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[str, Any]) -> dict[str, Any]:
-    """Write ``<run>/report/`` and return ``{"table": markdown table, "report": path, "summary": ...}``."""
-    from nacd.distill import DistilledSet
-    from nacd.evaluate import model_name
-    from nacd.inspection import describe_examples, plot_history, plot_panel
-
-    folder = run_dir.root / "report"
-    folder.mkdir(parents=True, exist_ok=True)
-    summary = summarize(config, run_dir, cells)
-    names = {m: model_name(m) + (" (distills)" if m == config.model.spec else " (receives)") for m in summary["models"]}
-    header, rows = table_rows(summary, names)
-    metric = summary["metric"]
-    doc = Doc()
-    doc.h(f"nacd run: {run_dir.root}", 1)
-    doc.p(
-        f"Paper Table 1 layout: {metric} (%) on {', '.join(summary['benchmarks'])} "
-        f"({config.eval.split} split), mean ± std over seeds {config.compare.seeds} for tuned variants. "
-        + _corpus_line(run_dir)
-    )
-    doc.table(header, rows)
-    if summary["gap_closed"]:
-        doc.p(
-            "Gap closed: (M(SEL+NACD) - M(SEL)) / (M(FULL) - M(SEL)), how much of FULL's lead over SEL the distilled "
-            f"set recovers, with its {int(100 * config.compare.confidence)}% bootstrap interval (questions and seeds "
-            "resampled, the same draws for the three variants; for a loss both differences change sign together). "
-            "Where the interval of FULL - SEL holds 0 there is no gap to close and no ratio is given."
-            + (
-                " Loss columns: the mean response-token loss of held-out examples, lower is better."
-                if summary["loss_benchmarks"]
-                else ""
-            )
-        )
+def _bootstrap_section(doc: Doc, config: Any, summary: dict[str, Any], names: dict[str, str]) -> None:
+    """The paired bootstrap of SEL+NACD against SEL, per model and benchmark."""
     boot_rows = []
     for model, per_bench in summary["bootstrap"].items():
         for bench, r in per_bench.items():
@@ -467,13 +437,21 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
     if boot_rows:
         doc.h("SEL+NACD vs SEL (paired bootstrap)")
         doc.p(
-            f"Difference of {metric} in points (of the loss, for a loss benchmark), "
+            f"Difference of {summary['metric']} in points (of the loss, for a loss benchmark), "
             f"{int(100 * config.compare.confidence)}% percentile interval over "
             f"{config.compare.bootstrap_samples} resamples of questions (and seeds), the same draws for both variants; "
             "P(diff <= 0) is the one-sided bootstrap p-value for SEL+NACD beating SEL (for a loss, lower is "
             "better: there the p-value is about 1 - P(diff <= 0))."
         )
         doc.table(["model", "benchmark", "diff", "interval", "P(diff <= 0)", "questions x seeds"], boot_rows)
+
+
+def _distill_section(doc: Doc, run_dir: Any, folder: Path) -> Any:
+    """The distillation's figures, plots and decoded tokens; the distilled set, or None when there is none
+    or it cannot be read (said in the report)."""
+    from nacd.distill import DistilledSet
+    from nacd.inspection import describe_examples, plot_history, plot_panel
+
     ds = None
     if (run_dir.distill_dir / "manifest.json").is_file():  # absent: no distillation in this run
         try:
@@ -504,6 +482,19 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         moved = [False] * len(ds.ids) if ds.initial_ids is None else (ds.nearest_ids != ds.initial_ids).any(1).tolist()
         shown = [ds.ids[i] for i in sorted(range(len(ds.ids)), key=lambda i: not moved[i])[:6]]  # changed text first
         doc.pre(describe_examples(ds, ids=shown, width=120))
+    return ds
+
+
+def _closing_sections(
+    doc: Doc,
+    summary: dict[str, Any],
+    names: dict[str, str],
+    run_dir: Any,
+    cells: Sequence[Any],
+    costs: dict[str, Any],
+    folder: Path,
+) -> None:
+    """The effective data size, the tuning curves and the cost of each stage."""
     if summary["effective_size"]:
         doc.h("Effective data size")
         doc.p(
@@ -526,6 +517,41 @@ def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[st
         )
         total = sum(v["seconds"] for v in costs.values())
         doc.p(f"Total wall time of the stages: {total / 60:.1f} min.")
+
+
+def write_report(config: Any, run_dir: Any, cells: Sequence[Any], costs: dict[str, Any]) -> dict[str, Any]:
+    """Write ``<run>/report/`` and return ``{"table": markdown table, "report": path, "summary": ...}``."""
+    from nacd.evaluate import model_name
+
+    folder = run_dir.root / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = summarize(config, run_dir, cells)
+    names = {m: model_name(m) + (" (distills)" if m == config.model.spec else " (receives)") for m in summary["models"]}
+    header, rows = table_rows(summary, names)
+    metric = summary["metric"]
+    doc = Doc()
+    doc.h(f"nacd run: {run_dir.root}", 1)
+    doc.p(
+        f"Paper Table 1 layout: {metric} (%) on {', '.join(summary['benchmarks'])} "
+        f"({config.eval.split} split), mean ± std over seeds {config.compare.seeds} for tuned variants. "
+        + _corpus_line(run_dir)
+    )
+    doc.table(header, rows)
+    if summary["gap_closed"]:
+        doc.p(
+            "Gap closed: (M(SEL+NACD) - M(SEL)) / (M(FULL) - M(SEL)), how much of FULL's lead over SEL the distilled "
+            f"set recovers, with its {int(100 * config.compare.confidence)}% bootstrap interval (questions and seeds "
+            "resampled, the same draws for the three variants; for a loss both differences change sign together). "
+            "Where the interval of FULL - SEL holds 0 there is no gap to close and no ratio is given."
+            + (
+                " Loss columns: the mean response-token loss of held-out examples, lower is better."
+                if summary["loss_benchmarks"]
+                else ""
+            )
+        )
+    _bootstrap_section(doc, config, summary, names)
+    ds = _distill_section(doc, run_dir, folder)
+    _closing_sections(doc, summary, names, run_dir, cells, costs, folder)
     md_path = atomic_write_text(folder / "report.md", doc.markdown())
     atomic_write_text(folder / "report.html", doc.html(f"nacd run {run_dir.root}"))
     atomic_write_json(folder / "results.json", {"summary": summary, "costs": costs, "cells": [c.name for c in cells]})

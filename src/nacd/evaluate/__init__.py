@@ -36,7 +36,8 @@ The package follows these steps, each module importing only the ones before it:
     :func:`score_loglikelihood`, packed and plain.
 ``heldout``
     the held-out instruction loss (``heldout``, ``heldout:<source>``): examples of D_full's sources that
-    ``data.heldout`` keeps out of it, scored by their response loss.
+    ``data.heldout`` keeps out of it, scored by their response loss; and the questions among them, scored by
+    their options' labels (``heldout_mc``) or texts (``heldout_content``).
 ``evaluation``
     :func:`evaluate`: benchmarks -> metrics and samples.
 ``stage``

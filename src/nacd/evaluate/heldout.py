@@ -17,6 +17,8 @@ sample of every source out of D_full (:func:`nacd.data.split_heldout`), and the 
 ``heldout_mc`` (``heldout_mc:<source>``) scores the held-out examples that are questions (a prompt with an
 ``Options:`` list the answer is one of, as Flan's rows write them, or a yes/no answer) as multiple choice,
 like ARC (:func:`example_question`): an accuracy benchmark on D_full's own tasks that nobody trained on.
+``heldout_content`` asks the same questions without their options list and scores the options' texts: what
+the model knows of the answer rather than the label it writes.
 
 Before scoring, :func:`check_disjoint` refuses a held-out example that is also in D_full (by id or by
 content: another source holding the same record) or in the run's selection; ``nacd select`` refuses
@@ -60,24 +62,33 @@ def is_heldout(spec: str) -> bool:
     """Whether a ``eval.benchmarks`` entry names held-out examples: the loss (``heldout``,
     ``heldout:<source>``) or the questions among them (``heldout_mc``, ``heldout_mc:<source>``)."""
     kind = spec.strip().partition(":")[0]
-    return kind in (HELDOUT, HELDOUT_MC)
+    return kind in (HELDOUT, *QUESTION_KINDS)
 
 
 #: The benchmark of the held-out examples that are questions with their options (or yes/no), as multiple choice.
 HELDOUT_MC = "heldout_mc"
+#: The same questions asked without their options list, the options' texts scored (``(B)`` of ``(B) sex``
+#: becomes ``sex``): what the model knows of the answer, not which label it writes.
+HELDOUT_CONTENT = "heldout_content"
+QUESTION_KINDS = (HELDOUT_MC, HELDOUT_CONTENT)
 
 _OPTIONS = re.compile(r"\n\s*Options:\s*\n", re.IGNORECASE)
 _ANSWER = "So the answer is:"
 
 
-def example_question(example: Any) -> Any:
+def example_question(example: Any, content: bool = False) -> Any:
     """A held-out example as a multiple-choice question (:class:`~nacd.questions.Doc`), or None.
 
     The prompt is the example's last user turn, kept whole (its options stay where the corpus puts them);
     the answer is the response's last ``So the answer is:`` part (the ``qa`` format's rationale), else the
     response. Choices: the lines after ``Options:`` (``- `` removed), their labels when the answer is one
     (``(D)`` of ``(A) DNA``, ``Sentence A`` of ``Sentence A: "..."``), or yes/no when the answer is yes or
-    no. None when the answer is none of the choices: the example is no question."""
+    no. None when the answer is none of the choices: the example is no question.
+
+    ``content`` (``heldout_content``): the question is the prompt without its options list and the choices
+    are the options' texts (labels dropped), so the score reads what the model knows of the answer, as ARC's
+    text protocol does; options whose heads are the answer (``Sentence A: "..."``) stay as written, their
+    texts are not answers."""
     from nacd.questions import Doc
 
     users = [m["content"] for m in example.messages if m["role"] == "user"]
@@ -93,8 +104,14 @@ def example_question(example: Any) -> Any:
         heads = [o.split(":", 1)[0].strip() for o in options]
         if all(labelled) and answer in [m.group(1) for m in labelled if m]:
             choices = [m.group(1) for m in labelled if m]
+            if content:
+                answer = options[choices.index(answer)][len(answer) :].strip()
+                choices = [o[m.end() :].strip() for o, m in zip(options, labelled, strict=True) if m]
+                prompt = parts[0]
         elif all(":" in o for o in options) and answer in heads and len(set(heads)) == len(heads):
             choices = heads
+        elif content:
+            prompt = parts[0]
     elif answer.lower() in ("yes", "no"):
         choices = ["yes", "no"]
     else:
@@ -113,7 +130,9 @@ def heldout_sources(spec: str, data_cfg: Any) -> list[str]:
 
     names = [source_name(s) for s in data_cfg.sources]
     if not is_heldout(spec):
-        raise DataError(f"eval.benchmarks: {spec!r} is not a held-out benchmark ({HELDOUT}, {HELDOUT_MC})")
+        raise DataError(
+            f"eval.benchmarks: {spec!r} is not a held-out benchmark ({', '.join((HELDOUT, *QUESTION_KINDS))})"
+        )
     if not data_cfg.heldout:
         raise DataError(
             f"eval.benchmarks: {spec!r} scores the examples held out of D_full, but data.heldout is 0: set "
@@ -194,7 +213,8 @@ def heldout_questions(bench: HeldoutBenchmark) -> Any:
     :class:`~nacd.evaluate.benchmarks.Benchmark` (text protocol, zero-shot; subjects: the examples' files)."""
     from nacd.evaluate.benchmarks import Benchmark
 
-    docs = [doc for doc in map(example_question, bench.examples) if doc is not None]
+    content = bench.name.startswith(HELDOUT_CONTENT)
+    docs = [doc for doc in (example_question(ex, content) for ex in bench.examples) if doc is not None]
     if not docs:
         raise DataError(
             f"{bench.name}: none of the {len(bench.examples)} held-out examples of {bench.source} is a question with "

@@ -15,7 +15,7 @@ from nacd.errors import NacdError
 from nacd.evaluate.benchmarks import _HUB_ID, BUILTINS, load_benchmark
 from nacd.evaluate.evaluation import evaluate
 from nacd.evaluate.heldout import (
-    HELDOUT_MC,
+    QUESTION_KINDS,
     HeldoutBenchmark,
     heldout_questions,
     heldout_sources,
@@ -184,7 +184,8 @@ def load_benchmarks(config: Any, run_dir: Any = None) -> list[Any]:
             heldout_sources(spec, config.data)  # the key's errors before any loading
             loaded = load_corpus(config.data)
         bench = load_heldout(spec, config, ids, where, loaded)
-        out.append(heldout_questions(bench) if spec.strip().startswith(HELDOUT_MC) else bench)
+        kind = spec.strip().partition(":")[0]
+        out.append(heldout_questions(bench) if kind in QUESTION_KINDS else bench)
     return out
 
 
