@@ -101,7 +101,7 @@ def build(args: argparse.Namespace) -> tuple:
 
         mc = AutoConfig.for_model(**SHAPES[args.shape])
         dtype = getattr(torch, args.dtype)
-        with device:  # random weights drawn where they are used: a 1.3B model's init on the CPU took ~1 min/row
+        with device:  # random weights drawn where they are used, not on the CPU first (slow at 1.3B)
             model = AutoModelForCausalLM.from_config(mc, attn_implementation=args.attn, dtype=dtype)
         pad_id = mc.pad_token_id if mc.pad_token_id is not None else 0
         gen = torch.Generator().manual_seed(0)
