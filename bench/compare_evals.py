@@ -8,6 +8,10 @@ several, resampled with the same indices for both; one seed against several repe
 JSON line per benchmark (a held-out loss benchmark in loss units, ``unit: loss``)::
 
     .venv/bin/python bench/compare_evals.py runs/cs01/eval/expert_r000_e002 runs/cs01/eval/smollm2-135m/sel
+
+With ``--full F`` each line also gives the share of F's lead over B that A recovers, (A - B) / (F - B),
+with the interval of :func:`nacd.stats.gap_closed` (the report's "gap closed"), for evaluations that lie
+in different run folders (a tuning recipe against another run's FULL, or an expert's snapshot as FULL).
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ def scores(folder: Path, metric: str = "acc") -> dict[str, dict[str, list[float]
     return out
 
 
-def compare(a: Path, b: Path, metric: str = "acc") -> list[dict]:
+def compare(a: Path, b: Path, metric: str = "acc", full: Path | None = None) -> list[dict]:
     import numpy as np
 
-    from nacd.stats import paired_bootstrap
+    from nacd.stats import gap_closed, paired_bootstrap
 
     sa, sb = scores(a, metric), scores(b, metric)
+    sf = scores(full, metric) if full is not None else None
     lines = []
     for bench in sorted(set(sa) & set(sb)):
         ids = sorted(set(sa[bench]) & set(sb[bench]))
@@ -59,6 +64,20 @@ def compare(a: Path, b: Path, metric: str = "acc") -> list[dict]:
              "a_minus_b": round(k * res["diff"], d), "ci": [round(k * res["lo"], d), round(k * res["hi"], d)],
              "p_le_0": round(res["p_le_0"], 3)}
         )  # fmt: skip
+        if sf is not None and bench in sf and ma.shape == mb.shape and set(ids) <= set(sf[bench]):
+            mf = np.array([sf[bench][i] for i in ids]).T
+            paired = mf.shape[0] == ma.shape[0]
+            g = gap_closed(mf, mb, ma, higher_is_better=bench not in LOSSES, paired_full=paired)
+            lines[-1]["gap_closed"] = {
+                "status": g["status"],
+                "full_minus_b": round(k * g["gap"]["diff"], d),
+                "full_ci": [round(k * g["gap"]["lo"], d), round(k * g["gap"]["hi"], d)],
+                **(
+                    {"ratio": round(g["ratio"], 3), "ci": [round(g["lo"], 3), round(g["hi"], 3)]}
+                    if g["ratio"] is not None
+                    else {}
+                ),
+            }
     return lines
 
 
@@ -67,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
     p.add_argument("--metric", default="acc", choices=["acc", "acc_norm"])
+    p.add_argument("--full", type=Path, help="an evaluation of FULL: add the gap closed by A over B")
     args = p.parse_args(argv)
-    for line in compare(args.a, args.b, args.metric):
+    for line in compare(args.a, args.b, args.metric, args.full):
         print(json.dumps({"a": str(args.a), "b": str(args.b), **line}))
 
 

@@ -80,3 +80,12 @@ def test_evaluations_are_compared_question_by_question_over_seeds(tmp_path):
     assert line["ci"][0] <= 37.5 <= line["ci"][1]
     (same,) = compare.compare(tmp_path / "sel", tmp_path / "sel")
     assert same["a_minus_b"] == 0.0 and same["ci"] == [0.0, 0.0]
+    # --full: the share of FULL's lead over B that A recovers, against the hand value (A - B) / (F - B)
+    write(tmp_path / "full", [1, 1, 1, 1])
+    write(tmp_path / "nacd" / "seed0", [1, 1, 0, 0])
+    write(tmp_path / "nacd" / "seed1", [1, 0, 0, 0])
+    (gap,) = compare.compare(tmp_path / "nacd", tmp_path / "sel", full=tmp_path / "full")
+    assert gap["gap_closed"]["full_minus_b"] == 87.5
+    assert gap["gap_closed"]["ratio"] == round((37.5 - 12.5) / (100 - 12.5), 3)
+    (none,) = compare.compare(tmp_path / "sel", tmp_path / "sel", full=tmp_path / "sel")
+    assert none["gap_closed"]["status"] == "no_gap" and "ratio" not in none["gap_closed"]

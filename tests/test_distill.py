@@ -334,6 +334,95 @@ def test_finetune_on_the_distilled_set_same_and_other_architecture(prepared, tin
         finetune.run(forced, run_dir)
 
 
+def test_a_continued_distilled_set_retunes_its_cells_and_a_changed_setting_is_still_refused(prepared):
+    """A tuning on the distilled set is stale once the set is continued (``distill.iterations`` raised): the
+    next ``nacd finetune`` / ``nacd run`` tunes it again on the new prompts instead of refusing; after another
+    selection the distillation is made again too. A tuning whose own setting differs is still refused, and
+    an unchanged one is skipped."""
+    from nacd import finetune
+    from nacd.artifacts import stale_upstream
+    from nacd.finetune import UPSTREAM_FIELDS
+
+    cfg, run_dir, overrides = prepared
+    short = [*overrides, *REACHABLE, "distill.panel_size=0"]
+    first = distill.run(load_config(None, [*short, "distill.iterations=2"]), run_dir)
+    tune = [*short, "distill.iterations=2", "finetune.dataset=distilled", "finetune.name=nacd"]
+    folder = run_dir.finetune_dir("nacd")
+
+    def made() -> str:
+        return json.loads((folder / "manifest.json").read_text())["created"]
+
+    m1 = finetune.run(load_config(None, tune), run_dir)
+    assert m1["distilled"]["created"] == first.manifest["created"]
+    t1 = made()
+    assert finetune.run(load_config(None, tune), run_dir)["created"] == t1  # unchanged: skipped
+
+    second = distill.run(load_config(None, [*short, "distill.iterations=4"]), run_dir)
+    assert second.manifest["created"] != first.manifest["created"]
+    with pytest.raises(NacdError, match=r"field 'train.lr' was .*set finetune.name"):  # a setting: refused
+        finetune.run(load_config(None, [*tune, "finetune.train.lr=0.5"]), run_dir)
+    m2 = finetune.run(load_config(None, [*short, "distill.iterations=4", *tune[-2:]]), run_dir)
+    assert m2["complete"] and made() != t1
+    assert m2["distilled"]["created"] == second.manifest["created"]
+    assert m2["distilled"]["alpha"] == second.alpha
+
+    # another selection (a smaller budget): select, the distillation and its tuning are made again
+    fewer = [*short, "distill.iterations=4", "select.budget=12"]
+    selection.run(load_config(None, fewer), run_dir)
+    third = distill.run(load_config(None, fewer), run_dir)
+    assert len(third.ids) == 12 and [h["iteration"] for h in third.history()] == [1, 2, 3, 4]
+    m3 = finetune.run(load_config(None, [*fewer, *tune[-2:]]), run_dir)
+    assert m3["n_examples"] == 12 and m3["distilled"]["created"] == third.manifest["created"]
+
+    # the rule itself: an upstream field alone -> stale (named); with a setting too -> not stale (refused)
+    before = {"seed": 0, "distilled": {"created": "a", "alpha": 0.1}}
+    assert stale_upstream(before, {"seed": 0, "distilled": {"created": "b", "alpha": 0.1}}, UPSTREAM_FIELDS) == (
+        "distilled.created was 'a', now 'b'"
+    )
+    assert stale_upstream(before, {"seed": 1, "distilled": {"created": "b", "alpha": 0.1}}, UPSTREAM_FIELDS) is None
+    assert stale_upstream(before, dict(before), UPSTREAM_FIELDS) is None
+
+
+def test_the_student_recipe_tunes_every_variant_as_the_student_stepped(prepared, tmp_path):
+    """``finetune.recipe=student``: SGD at the distilled alpha, the distillation's batch and clip, constant lr,
+    no warmup or decay, for the selection as for the distilled set (a size below one batch: one batch of
+    all); refused, naming the option, where no distilled set exists; a continued set re-tunes it."""
+    from nacd import finetune
+    from nacd.pipeline import needed_stages
+
+    cfg, run_dir, overrides = prepared
+    student = [*overrides, *REACHABLE, "distill.panel_size=0", "distill.iterations=2", "finetune.recipe=student"]
+    with pytest.raises(NacdError, match=r"finetune.recipe=student: no distilled set in .*distill"):
+        finetune.run(load_config(None, [*student, "finetune.dataset=selected", "finetune.name=s"]), run_dir)
+    ds = distill.run(load_config(None, student), run_dir)
+    for dataset in ("selected", "distilled"):
+        m = finetune.run(
+            load_config(None, [*student, f"finetune.dataset={dataset}", f"finetune.name={dataset}"]), run_dir
+        )
+        t = m["train"]
+        assert m["recipe"] == "student" and t["optimizer"] == "sgd" and t["lr"] == ds.alpha
+        assert t["batch_size"] == 8 == ds.manifest["distill"]["batch_size"]
+        assert t["max_grad_norm"] == ds.manifest["student_clip_norm"]
+        assert (t["lr_schedule"], t["warmup_ratio"], t["weight_decay"]) == ("constant", 0.0, 0.0)
+        assert m["total_steps"] == cfg.finetune.train.epochs * 2  # 16 examples in batches of 8
+    five = tmp_path / "five.txt"
+    five.write_text("\n".join(ds.ids[:5]) + "\n")
+    m = finetune.run(
+        load_config(None, [*student, "finetune.dataset=selected", f"finetune.ids_file={five}", "finetune.name=five"]),
+        run_dir,
+    )
+    assert m["train"]["batch_size"] == 5 and m["n_examples"] == 5
+    # the recipe's lr follows the set: continued, the set's tunings are stale, not refused
+    longer = [*student[:-2], "distill.iterations=4", "finetune.recipe=student"]
+    distill.run(load_config(None, longer), run_dir)
+    again = finetune.run(load_config(None, [*longer, "finetune.dataset=selected", "finetune.name=selected"]), run_dir)
+    assert again["complete"] and again["train"]["lr"] == distill.DistilledSet.load(run_dir.distill_dir).alpha
+    # nacd run distills for a student-tuned FULL even without sel_nacd
+    plan = load_config(None, [*overrides, "finetune.recipe=student", "compare.variants=[baseline, full]"])
+    assert needed_stages(plan) == ["select", "experts", "distill"]
+    assert needed_stages(load_config(None, [*overrides, "compare.variants=[baseline, full]", "compare.sizes=[]"])) == []
+
+
 def test_prompt_dropout_tunes_a_share_of_batches_on_plain_input(prepared, tiny_gemma_dir):
     """``finetune.prompt_dropout``: a batch goes without its prompts by a hash of the seed and its ids (the
     same decision on a resume), about the asked share of batches; the tuning records the setting, and a

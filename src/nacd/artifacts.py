@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -544,6 +544,20 @@ def check_identity(folder: str | Path, existing: Mapping[str, Any], identity: Ma
                 f"{Path(folder) / MANIFEST_NAME}: field '{where}' was {short_repr(then)} when this was made, "
                 f"now {short_repr(now)}; {hint}"
             )
+
+
+def stale_upstream(existing: Mapping[str, Any], identity: Mapping[str, Any], upstream: Sequence[str]) -> str | None:
+    """The first difference in an ``upstream`` field (one that another stage's output decides, such as the
+    selected ids: ``ids[3] was ..., now ...``) when every other field of ``identity`` agrees with
+    ``existing``: the artifact is stale and is made again. None when nothing upstream changed, or when a
+    setting changed too (then :func:`check_identity` refuses)."""
+    if any(existing.get(k) != v for k, v in identity.items() if k not in upstream):
+        return None
+    for key in upstream:
+        if key in identity and existing.get(key) != identity[key]:
+            where, then, now = first_difference(existing.get(key), identity[key], key)
+            return f"{where} was {short_repr(then)}, now {short_repr(now)}"
+    return None
 
 
 _ABSENT = "<absent>"

@@ -358,6 +358,13 @@ class FinetuneConfig:
     train: TrainConfig = f(
         TrainConfig(epochs=3, batch_size=8, optimizer="adamw", lr=2e-4), "Training of the tuned model."
     )
+    recipe: Literal["own", "student"] = f(
+        "own",
+        "own: finetune.train as written. student: tune as the distillation's student stepped (SGD without "
+        "momentum at the distilled set's alpha, distill.batch_size, the student's clip, constant lr, no warmup, "
+        "no weight decay; finetune.train's epochs, max_steps and micro-batch kept): every variant alike, so it "
+        "needs the run's distilled set (docs/experiments/2026-12-04-testbed-candidates.md, section 7).",
+    )
     soft_labels: bool = f(
         False,
         "Tune toward an expert's token distributions on the responses instead of the one-hot targets (the "

@@ -39,7 +39,9 @@ from nacd.artifacts import (
     check_identity,
     read_manifest,
     recover_dir,
+    remove_dir,
     setup_logging,
+    stale_upstream,
     write_manifest,
 )
 from nacd.distill_loop import distill
@@ -114,6 +116,10 @@ def _identity(
         "student_clip_norm": clip,
     }
 
+
+#: Identity fields that the selection decides: when only they differ, the set is stale and is made again
+#: (a setting that differs is refused).
+UPSTREAM_FIELDS = ("ids", "data_hash")
 
 #: Unroll modes that give the same meta-gradients up to rounding: a set made with one is the set any
 #: other would make, so switching among them never makes a distillation "other settings".
@@ -196,7 +202,15 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     existing = ranks.from_main(read_manifest(folder, KIND))  # one decision for all processes
     if existing is not None:
         made = same_up_to_rounding(with_new_defaults(existing, identity["distill"]), identity)
-        check_identity(folder, made, identity, hint)
+        changed = stale_upstream(made, identity, UPSTREAM_FIELDS)
+        if changed is not None:  # the selection was made again: this set prompts other examples
+            log.warning("distill: %s was distilled on another selection (%s); distilling again", folder, changed)
+            if ranks.is_main:
+                remove_dir(folder)
+            ranks.barrier()
+            existing = None
+        else:
+            check_identity(folder, made, identity, hint)
     finished = existing.get("iterations") if existing is not None and existing.get("complete") else None
     if finished == config.distill.iterations:  # finished work first: how it would be computed does not matter
         done = DistilledSet.load(folder)  # checked before it is called complete

@@ -25,7 +25,6 @@ from nacd.artifacts import (
     MetricsWriter,
     RunDir,
     atomic_dir,
-    read_matching_manifest,
     record_files,
     remove_dir,
     setup_logging,
@@ -161,6 +160,38 @@ def _examples_for(config: Any, run_dir: RunDir) -> tuple[list[Any] | None, str |
     return select_examples(examples, ids, str(ids_path)), str(ids_path), None
 
 
+def student_recipe(config: Any, run_dir: RunDir, n_examples: int | None = None) -> Any:
+    """``config`` with ``finetune.train`` as the distillation's student stepped (``finetune.recipe=student``):
+    SGD at the distilled set's alpha, its batch size (at most ``n_examples``) and clip, constant lr, no
+    warmup or weight decay."""
+    from nacd.distilled import DistilledSet
+
+    fc = config.finetune
+    if fc.recipe != "student":
+        return config
+    if not (run_dir.distill_dir / "manifest.json").is_file():
+        raise NacdError(
+            f"finetune.recipe=student: no distilled set in {run_dir.distill_dir} to take the student's lr and batch "
+            "from; run `nacd distill` first, or set finetune.recipe=own"
+        )
+    ds = DistilledSet.load(run_dir.distill_dir)
+    batch = int(ds.manifest["distill"]["batch_size"])
+    batch = min(batch, n_examples) if n_examples else batch  # a size below one batch: one batch of all
+    micro = fc.train.micro_batch_size if fc.train.micro_batch_size and batch % fc.train.micro_batch_size == 0 else None
+    train = replace(
+        fc.train,
+        optimizer="sgd",
+        lr=ds.alpha,
+        batch_size=batch,
+        micro_batch_size=micro,
+        lr_schedule="constant",
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        max_grad_norm=ds.manifest.get("student_clip_norm"),
+    )
+    return replace(config, finetune=replace(fc, train=train))
+
+
 def prompt_mode(config: Any, distilled: Any) -> str | None:
     """embeddings or text for a distilled set (auto: embeddings when tuning the distilling model)."""
     if distilled is None:
@@ -228,17 +259,48 @@ def _identity(config: Any, setup: Any, spec: str, seed: int, mode: str | None, d
         "prompt_mode": mode,
         **({"prompts": fc.prompts} if fc.prompts != "learned" else {}),
         **({"prompt_dropout": fc.prompt_dropout} if fc.prompt_dropout else {}),
+        **({"recipe": fc.recipe} if fc.recipe != "own" else {}),
         "distilled": {"created": distilled.manifest["created"], "alpha": distilled.alpha} if distilled else None,
     }
+
+
+#: Identity fields that another stage's output decides: the distilled set, and the tokenized data (D_sel
+#: comes from the selection). When only they differ (the set was continued, the selection redone) the tuning
+#: is stale and is redone, as an evaluation is redone when its adapter changes; a setting is refused.
+UPSTREAM_FIELDS = ("distilled", "data_hash")
+
+
+def _reusable_manifest(config: Any, folder: Path, variant: str, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The folder's manifest when it was made with ``identity`` (to skip or resume); None after removing a
+    tuning made on an older distilled set or selection; an error naming the field when a setting differs."""
+    from nacd.artifacts import check_identity, read_manifest, stale_upstream
+    from nacd.models import resolve_device
+    from nacd.ranks import current as current_ranks
+
+    ranks = current_ranks(cpu=resolve_device(config.run.device).type == "cpu")
+    existing = ranks.from_main(read_manifest(folder, KIND))  # one decision for all processes
+    if existing is None:
+        return None
+    upstream = (*UPSTREAM_FIELDS, "train") if config.finetune.recipe == "student" else UPSTREAM_FIELDS
+    changed = stale_upstream(existing, identity, upstream)  # the student's recipe comes from the distilled set
+    if changed is not None:
+        log.warning("finetune %s: %s was tuned on other data (%s); tuning again", variant, folder, changed)
+        if ranks.is_main:
+            remove_dir(folder)
+        ranks.barrier()
+        return None
+    check_identity(folder, existing, identity, f"delete {folder} or set finetune.name to a new variant")
+    return existing
 
 
 @locked("finetune", lambda config, run_dir: run_dir.finetune_dir(config.finetune.name or config.finetune.dataset))
 def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     """``nacd finetune``: tune ``config.model`` with LoRA on the chosen data set; resumable."""
+    examples, source, distilled = _examples_for(config, run_dir)
+    config = student_recipe(config, run_dir, len(examples) if examples is not None else None)
     fc = config.finetune
     variant = fc.name or fc.dataset
-    folder = run_dir.finetune_dir(variant)
-    examples, source, distilled = _examples_for(config, run_dir)  # fails before loading a model if data is missing
+    folder = run_dir.finetune_dir(variant)  # fails before loading a model if data is missing
     mode = prompt_mode(config, distilled)
     model_cfg = replace(config.model, spec=fc.model) if fc.model else config.model
     _check_options(config, mode, model_cfg.spec)
@@ -261,7 +323,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     identity = _identity(config, setup, model_cfg.spec, seed, mode, distilled)
     if teacher is not None:
         identity["soft_labels"] = teacher
-    existing = read_matching_manifest(folder, KIND, identity, f"delete {folder} or set finetune.name to a new variant")
+    existing = _reusable_manifest(config, folder, variant, identity)
     if existing is not None and existing.get("complete"):
         verify_files(folder, existing.get("files"), f"delete {folder} and run `nacd finetune` again")
         remove_dir(folder / "checkpoint")  # a kill between the manifest and the removal left it

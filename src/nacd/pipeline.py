@@ -89,14 +89,16 @@ def plan(config: Any) -> list[Cell]:
 
 def needed_stages(config: Any) -> list[str]:
     """The shared stages the variants need: select for every SEL variant, experts for sel_soft and the
-    distilled set, distill for sel_nacd and sel_init."""
+    distilled set, distill for sel_nacd and sel_init, and for every tuned variant with
+    ``finetune.recipe=student`` (its lr is the distilled alpha)."""
     variants = set(config.compare.variants)
+    student = config.finetune.recipe == "student" and bool(variants - {"baseline"})
     stages = []
-    if variants & {"sel", "sel_soft", "sel_init", "sel_nacd"} or config.compare.sizes:
+    if variants & {"sel", "sel_soft", "sel_init", "sel_nacd"} or config.compare.sizes or student:
         stages.append("select")
-    if variants & {"sel_soft", "sel_init", "sel_nacd"}:
+    if variants & {"sel_soft", "sel_init", "sel_nacd"} or student:
         stages.append("experts")
-    if variants & {"sel_init", "sel_nacd"}:  # sel_init takes the set's initial tokens
+    if variants & {"sel_init", "sel_nacd"} or student:  # sel_init takes the set's initial tokens
         stages.append("distill")
     return stages
 
