@@ -284,7 +284,9 @@ def _reusable_manifest(config: Any, folder: Path, variant: str, identity: dict[s
     upstream = (*UPSTREAM_FIELDS, "train") if config.finetune.recipe == "student" else UPSTREAM_FIELDS
     changed = stale_upstream(existing, identity, upstream)  # the student's recipe comes from the distilled set
     if changed is not None:
-        log.warning("finetune %s: %s was tuned on other data (%s); tuning again", variant, folder, changed)
+        log.warning(
+            "finetune %s: %s is stale, what it was tuned from changed (%s); tuning again", variant, folder, changed
+        )
         if ranks.is_main:
             remove_dir(folder)
         ranks.barrier()
