@@ -160,21 +160,21 @@ def _examples_for(config: Any, run_dir: RunDir) -> tuple[list[Any] | None, str |
     return select_examples(examples, ids, str(ids_path)), str(ids_path), None
 
 
-def student_recipe(config: Any, run_dir: RunDir, n_examples: int | None = None) -> Any:
+def student_recipe(config: Any, run_dir: RunDir, n_examples: int | None = None, distilled: Any = None) -> Any:
     """``config`` with ``finetune.train`` as the distillation's student stepped (``finetune.recipe=student``):
     SGD at the distilled set's alpha, its batch size (at most ``n_examples``) and clip, constant lr, no
-    warmup or weight decay."""
+    warmup or weight decay. ``distilled``: the run's set when the caller has loaded it already."""
     from nacd.distilled import DistilledSet
 
     fc = config.finetune
     if fc.recipe != "student":
         return config
-    if not (run_dir.distill_dir / "manifest.json").is_file():
+    if distilled is None and not (run_dir.distill_dir / "manifest.json").is_file():
         raise NacdError(
             f"finetune.recipe=student: no distilled set in {run_dir.distill_dir} to take the student's lr and batch "
             "from; run `nacd distill` first, or set finetune.recipe=own"
         )
-    ds = DistilledSet.load(run_dir.distill_dir)
+    ds = distilled if distilled is not None else DistilledSet.load(run_dir.distill_dir)
     batch = int(ds.manifest["distill"]["batch_size"])
     batch = min(batch, n_examples) if n_examples else batch  # a size below one batch: one batch of all
     micro = fc.train.micro_batch_size if fc.train.micro_batch_size and batch % fc.train.micro_batch_size == 0 else None
@@ -298,11 +298,11 @@ def _reusable_manifest(config: Any, folder: Path, variant: str, identity: dict[s
 @locked("finetune", lambda config, run_dir: run_dir.finetune_dir(config.finetune.name or config.finetune.dataset))
 def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     """``nacd finetune``: tune ``config.model`` with LoRA on the chosen data set; resumable."""
-    examples, source, distilled = _examples_for(config, run_dir)
-    config = student_recipe(config, run_dir, len(examples) if examples is not None else None)
+    examples, source, distilled = _examples_for(config, run_dir)  # fails before loading a model if data is missing
+    config = student_recipe(config, run_dir, len(examples) if examples is not None else None, distilled)
     fc = config.finetune
     variant = fc.name or fc.dataset
-    folder = run_dir.finetune_dir(variant)  # fails before loading a model if data is missing
+    folder = run_dir.finetune_dir(variant)
     mode = prompt_mode(config, distilled)
     model_cfg = replace(config.model, spec=fc.model) if fc.model else config.model
     _check_options(config, mode, model_cfg.spec)
