@@ -368,15 +368,14 @@ class FinetuneConfig:
     soft_labels: bool = f(
         False,
         "Tune toward an expert's token distributions on the responses instead of the one-hot targets (the "
-        "distilling model only; the expert run 0 snapshot of soft_labels_epoch; nacd run's variant sel_soft).",
+        "distilling model only; the expert run 0 snapshot of soft_labels_epoch; nacd run's variants sel_soft, "
+        "and sel_nacd_soft on the distilled set, whose prompt vectors the teacher does not see).",
     )
     soft_labels_epoch: int | None = f(None, "Expert epoch whose snapshot gives the soft labels; None = the last.")
     soft_labels_topk: int = f(32, "Soft labels keep the teacher's top-k tokens per response position (renormalised).")
 
     def __post_init__(self) -> None:
         _check(self.soft_labels_topk >= 1, "soft_labels_topk", "must be at least 1")
-        _check(not (self.soft_labels and self.dataset == "distilled"), "soft_labels",
-               "applies to dataset full or selected, not to the distilled set")  # fmt: skip
         _check(self.prompts == "learned" or self.dataset == "distilled", "prompts",
                "applies to dataset=distilled only")  # fmt: skip
         _check(0.0 <= self.prompt_dropout < 1.0, "prompt_dropout", "must be in [0, 1)")
@@ -441,8 +440,9 @@ def _is_subfolder(name: str) -> bool:
 
 
 #: The protocol's variants (paper Table 1 rows): no tuning, D_full, D_sel, D_sel + distilled prompts; and two
-#: controls: D_sel toward the expert's soft labels, D_sel with the initial (unlearned) prompt tokens.
-VARIANTS = ("baseline", "full", "sel", "sel_soft", "sel_init", "sel_nacd")
+#: controls: D_sel toward the expert's soft labels, D_sel with the initial (unlearned) prompt tokens; and the
+#: distilled set toward the expert's soft labels (the two together).
+VARIANTS = ("baseline", "full", "sel", "sel_soft", "sel_init", "sel_nacd", "sel_nacd_soft")
 
 
 @dataclass
@@ -450,10 +450,11 @@ class CompareConfig:
     """``nacd run``: which variants, models and seeds the comparison table holds (docs/PIPELINE.md)."""
 
     variants: list[str] = f(
-        [v for v in VARIANTS if v != "sel_init"],
+        [v for v in VARIANTS if v not in ("sel_init", "sel_nacd_soft")],
         "Rows of the table: baseline (no tuning), full (D_full), sel (D_sel), sel_nacd (D_sel + distilled prompts); "
         "also sel_soft (D_sel toward the expert's soft labels, distilling model only) and sel_init (D_sel with "
-        "the initial prompt tokens, nothing learned: what prepending k tokens does without distillation).",
+        "the initial prompt tokens, nothing learned: what prepending k tokens does without distillation) and "
+        "sel_nacd_soft (the distilled set toward the expert's soft labels, distilling model only).",
     )
     receivers: list[str] = f(
         [],

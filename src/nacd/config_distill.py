@@ -124,13 +124,21 @@ class DistillConfig:
         "Vocabulary rows for the init, L_reg and decoding: text = ordinary tokens (special and control tokens "
         "excluded, so prompts decode to text another tokenizer reads); all = every embedding row.",
     )
+    soft_labels: bool = f(
+        False,
+        "The student's steps descend the soft cross-entropy toward an expert's token distributions on the "
+        "responses (expert run 0's last snapshot, its top soft_labels_topk tokens) instead of the one-hot "
+        "targets: prompts shaped for tuning with finetune.soft_labels (nacd run's sel_nacd_soft, whose teacher "
+        "is the same by default). docs/experiments/2026-12-04-levers-student-recipe.md.",
+    )
+    soft_labels_topk: int = f(32, "distill.soft_labels: the teacher's top-k tokens kept per response position.")
     ids_file: str | None = f(None, "D_sel as a file of example ids; default: the run's selection (select/).")
 
     def __post_init__(self) -> None:
         for name in (
             *("syn_steps", "expert_epochs", "iterations", "num_prompt_tokens", "max_start_epoch", "batch_size"),
             *("max_bad_iterations", "checkpoint_every", "vocab_chunk", "meta_batch", "eval_every", "alpha_fit_draws"),
-            *("swap_topk", "swap_candidates"),
+            *("swap_topk", "swap_candidates", "soft_labels_topk"),
         ):
             _check(getattr(self, name) > 0, name, "must be at least 1")
         _check(self.beta >= 0, "beta", "must be >= 0")

@@ -155,6 +155,22 @@ def with_new_defaults(manifest: dict[str, Any], now: dict[str, Any]) -> dict[str
     return {**manifest, "distill": {**added, **made}}
 
 
+def _soft_targets(model: Any, data: list[Any], pad_token_id: int, run_dir: RunDir, topk: int) -> list[Any]:
+    """``distill.soft_labels``: D_sel with the top-``topk`` distributions of expert run 0's last snapshot at
+    every response position; the model's own LoRA parameters are put back (the student replaces them anyway)."""
+    from nacd.lora import load_lora_state, lora_state
+    from nacd.soft_labels import teacher_state, teacher_targets
+
+    state, teacher = teacher_state(run_dir, None, "distill.soft_labels")
+    own = lora_state(model)
+    load_lora_state(model, state)
+    log.info("distill: soft labels of expert run %d, epoch %d, top %d tokens", teacher["run"], teacher["epoch"], topk)
+    try:
+        return teacher_targets(model, data, pad_token_id, topk, 8)
+    finally:
+        load_lora_state(model, own)
+
+
 @locked("distill", lambda config, run_dir: run_dir.distill_dir)
 def run(config: Any, run_dir: RunDir) -> DistilledSet:
     """``nacd distill``: distill D_sel against the run's expert trajectories; resumable."""
@@ -237,7 +253,10 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     if finished is None and ranks.is_main:  # a finished set stays valid until its continuation is written
         write_manifest(folder, KIND, **identity, complete=False)
     ranks.barrier()
-    student = Student(model, data, tokenizer.pad_token_id, prompt_offset=offset)
+    steps_on = data  # what the student steps on: the examples, or them with the teacher's soft labels
+    if config.distill.soft_labels:
+        steps_on = _soft_targets(model, data, tokenizer.pad_token_id, run_dir, config.distill.soft_labels_topk)
+    student = Student(model, steps_on, tokenizer.pad_token_id, prompt_offset=offset)
     if config.distill.nearest == "text":
         import torch
 

@@ -117,16 +117,21 @@ class PromptedForward:
             return batch
         return {**batch, "prompts": torch.stack([it.prompt for it in items])}
 
+    def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The model's inputs for a collated batch: the prompt vectors inserted among the text embeddings, or
+        the token ids as they are for a batch of plain input (``prompt_dropout``)."""
+        from nacd.tm import prompted_inputs
+
+        if "prompts" in batch:
+            return prompted_inputs(self.embed, self.scale, batch["prompts"], batch, self.offset)
+        return batch
+
     def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
         import torch
 
-        from nacd.tm import prompted_inputs
         from nacd.train import default_forward
 
-        if "prompts" in batch:
-            inputs = prompted_inputs(self.embed, self.scale, batch["prompts"], batch, self.offset)
-        else:  # a batch of plain input (prompt_dropout): the same forward, the token ids as they are
-            inputs = batch
+        inputs = self.inputs(batch)
         if self.ready is None:
             with torch.no_grad():
                 self.ready = self.sparse.install(model, inputs)
@@ -217,6 +222,11 @@ def _check_options(config: Any, mode: str | None, model_spec: str) -> None:
         raise NacdError(
             f"finetune.soft_labels: the expert's soft labels are in {config.model.spec!r}'s tokens; "
             f"{model_spec!r} cannot take them (tune the distilling model, or turn soft_labels off)"
+        )
+    if fc.soft_labels and mode == "text":
+        raise NacdError(
+            "finetune.soft_labels: on the distilled set the soft labels go with the prompt vectors "
+            "(prompt_mode=embeddings); with prompt_mode=text the teacher would read the decoded prompt text"
         )
 
 
@@ -320,7 +330,8 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     if fc.soft_labels:
         from nacd.soft_labels import soft_dataset
 
-        dataset, forward, teacher = soft_dataset(config, run_dir, setup)
+        prompted = (dataset, forward) if mode == "embeddings" else None
+        dataset, forward, teacher = soft_dataset(config, run_dir, setup, prompted)
         collate = forward.collate
     identity = _identity(config, setup, model_cfg.spec, seed, mode, distilled)
     if teacher is not None:

@@ -10,6 +10,7 @@ distilling model (``model.spec``) and on every receiving model (``compare.receiv
   each once per seed of ``compare.seeds``;
 * controls: ``sel_soft`` (D_sel toward the expert's soft labels) and ``sel_init`` (D_sel with the
   initial prompt tokens, placed as ``sel_nacd`` places the learned ones: what prepending k tokens does);
+  ``sel_nacd_soft``: the distilled set toward the expert's soft labels (both at once);
 * with ``compare.sizes``, SEL at other sizes (``sel_<m>x``, ``random_<m>x``: :mod:`nacd.sizes`), for the
   effective data size of SEL+NACD.
 
@@ -43,7 +44,16 @@ from nacd.sizes import ids_path
 log = logging.getLogger(__name__)
 
 #: finetune.dataset of each tuned variant.
-DATASETS = {"full": "full", "sel": "selected", "sel_soft": "selected", "sel_init": "distilled", "sel_nacd": "distilled"}
+DATASETS = {
+    "full": "full",
+    "sel": "selected",
+    "sel_soft": "selected",
+    "sel_init": "distilled",
+    "sel_nacd": "distilled",
+    "sel_nacd_soft": "distilled",
+}
+#: The variants tuned toward the expert's soft labels (the distilling model's tokens: no receiver).
+SOFT = ("sel_soft", "sel_nacd_soft")
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,7 @@ class Cell:
 
     model: str  # model spec
     role: str  # distilling | receiver
-    variant: str  # baseline | full | sel | sel_soft | sel_init | sel_nacd | a size (sel_2x, random_1x, ...)
+    variant: str  # baseline | full | sel | sel_soft | sel_init | sel_nacd | sel_nacd_soft | a size (sel_2x, ...)
     seed: int | None  # None for the baseline
 
     @property
@@ -79,7 +89,7 @@ def plan(config: Any) -> list[Cell]:
             seeds = [None] if variant == "baseline" else list(cc.seeds)
             if variant == "full" and cc.full_seeds is not None:
                 seeds = list(cc.full_seeds)
-            if variant == "sel_soft" and role != "distilling":
+            if variant in SOFT and role != "distilling":
                 continue  # the expert's soft labels are in the distilling model's tokens
             cells += [Cell(spec, role, variant, seed) for seed in seeds]
             if variant == "sel" and (role == "distilling" or cc.size_models == "all"):
@@ -88,17 +98,18 @@ def plan(config: Any) -> list[Cell]:
 
 
 def needed_stages(config: Any) -> list[str]:
-    """The shared stages the variants need: select for every SEL variant, experts for sel_soft and the
-    distilled set, distill for sel_nacd and sel_init, and for every tuned variant with
+    """The shared stages the variants need: select for every SEL variant, experts for the soft labels and
+    the distilled set, distill for sel_nacd, sel_nacd_soft and sel_init, and for every tuned variant with
     ``finetune.recipe=student`` (its lr is the distilled alpha)."""
     variants = set(config.compare.variants)
     student = config.finetune.recipe == "student" and bool(variants - {"baseline"})
+    distilled = {"sel_init", "sel_nacd", "sel_nacd_soft"}
     stages = []
-    if variants & {"sel", "sel_soft", "sel_init", "sel_nacd"} or config.compare.sizes or student:
+    if variants & {"sel", "sel_soft", *distilled} or config.compare.sizes or student:
         stages.append("select")
-    if variants & {"sel_soft", "sel_init", "sel_nacd"} or student:
+    if variants & {"sel_soft", *distilled} or student:
         stages.append("experts")
-    if variants & {"sel_init", "sel_nacd"} or student:  # sel_init takes the set's initial tokens
+    if variants & distilled or student:  # sel_init takes the set's initial tokens
         stages.append("distill")
     return stages
 
@@ -116,10 +127,10 @@ def cell_configs(config: Any, cell: Cell, run_dir: RunDir) -> tuple[Any | None, 
             name=cell.name,
             seed=cell.seed,
             ids_file=str(ids_path(run_dir, cell.variant)) if size else None,
-            soft_labels=cell.variant == "sel_soft",
+            soft_labels=cell.variant in SOFT,
             prompts="initial" if cell.variant == "sel_init" else "learned",
             prompt_dropout=config.finetune.prompt_dropout
-            if cell.variant in ("sel_init", "sel_nacd") and cell.role == "distilling"
+            if cell.variant in ("sel_init", "sel_nacd", "sel_nacd_soft") and cell.role == "distilling"
             else 0.0,
         )
         if size:

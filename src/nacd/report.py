@@ -41,6 +41,7 @@ LABELS = {
     "sel_soft": "SEL + expert soft labels",
     "sel_init": "SEL + initial prompt tokens",
     "sel_nacd": "SEL+NACD",
+    "sel_nacd_soft": "SEL+NACD + expert soft labels",
 }
 
 
@@ -142,7 +143,7 @@ def summarize(config: Any, run_dir: Any, cells: Sequence[Any]) -> dict[str, Any]
 
 
 #: Baselines whose gap closed is given beside SEL+NACD's (``summary["gap_closed_controls"]``).
-CONTROLS = ("sel_soft", "sel_init")
+CONTROLS = ("sel_soft", "sel_init", "sel_nacd_soft")
 
 
 def _gap(

@@ -12,6 +12,11 @@ position the ``finetune.soft_labels_topk`` most likely tokens and their probabil
 ``-sum_k p_k log q(token_k)`` summed over response positions, the same count of loss tokens as the
 hard loss, so the training loop and its learning rate are unchanged. Only the distilling model can
 take them (a receiver's tokenizer has other tokens); ``nacd run`` has the variant ``sel_soft``.
+
+On the distilled set (``sel_nacd_soft``: the learned prompts and the soft labels together) the teacher
+reads each example as a user would write it, without prompt vectors, and the student is tuned on the
+prompted input toward those distributions: the k prompt positions carry no loss, so the student's loss
+positions are the teacher's, in the same order.
 """
 
 from __future__ import annotations
@@ -38,21 +43,21 @@ class SoftExample:
         return self.example.labels
 
 
-def teacher_state(run_dir: Any, epoch: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The LoRA parameters of expert run 0 at ``epoch`` (None: its last) and what they are."""
+def teacher_state(
+    run_dir: Any, epoch: int | None, key: str = "finetune.soft_labels"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The LoRA parameters of expert run 0 at ``epoch`` (None: its last) and what they are; errors name ``key``."""
     from nacd.experts import ExpertStore
 
     store = ExpertStore(run_dir.experts_dir)
     if not store.runs:
-        raise NacdError(
-            f"finetune.soft_labels: no complete expert run in {run_dir.experts_dir}; run `nacd experts` first"
-        )
+        raise NacdError(f"{key}: no complete expert run in {run_dir.experts_dir}; run `nacd experts` first")
     run = store.runs[0]
     epochs = store.epochs(run)
     chosen = epochs[-1] if epoch is None else epoch
     if chosen not in epochs or chosen == 0:
         raise NacdError(
-            f"finetune.soft_labels_epoch={epoch}: expert run {run} has snapshots after epochs {epochs[1:]}; "
+            f"{key}_epoch={epoch}: expert run {run} has snapshots after epochs {epochs[1:]}; "
             "choose one of them (or null for the last)"
         )
     manifest = store.manifest(run)
@@ -86,44 +91,71 @@ def teacher_targets(model: Any, data: list[Any], pad_token_id: int, topk: int, b
     return out
 
 
-class SoftLabelForward:
-    """The training loop's forward for :class:`SoftExample` batches: soft cross-entropy at the loss positions."""
+def soft_cross_entropy(logits: Any, tokens: Any, probs: Any) -> Any:
+    """``-sum_positions sum_k p_k log softmax(logits)[token_k]``: the soft cross-entropy summed over the loss
+    positions (rows of ``logits``, float32) toward their top-k ``tokens`` with probabilities ``probs``."""
+    import torch
 
-    def __init__(self, pad_token_id: int):
+    logq = torch.log_softmax(logits, dim=-1).gather(-1, tokens.to(logits.device))
+    return -(probs.to(logits.device) * logq).sum()
+
+
+def collate_soft(items: list[SoftExample], pad_token_id: int) -> dict[str, Any]:
+    """A padded batch of soft examples (their inner examples plain token ids) with the teacher's targets."""
+    import torch
+
+    from nacd.chat import collate
+
+    return {
+        **collate([it.example for it in items], pad_token_id),
+        "soft_tokens": torch.cat([it.tokens for it in items]),
+        "soft_probs": torch.cat([it.probs for it in items]),
+    }
+
+
+class SoftLabelForward:
+    """The training loop's forward for :class:`SoftExample` batches: soft cross-entropy at the loss positions.
+
+    ``prompted``: the distilled set's :class:`nacd.finetune.PromptedForward`, whose examples (prompt
+    vectors and text) the soft examples wrap; it collates them and inserts the prompts."""
+
+    def __init__(self, pad_token_id: int, prompted: Any = None):
         self.pad = pad_token_id
+        self.prompted = prompted
 
     def collate(self, items: list[SoftExample]) -> dict[str, Any]:
         import torch
 
-        from nacd.chat import collate
-
+        if self.prompted is None:
+            return collate_soft(items, self.pad)
         return {
-            **collate([it.example for it in items], self.pad),
+            **self.prompted.collate([it.example for it in items], self.pad),
             "soft_tokens": torch.cat([it.tokens for it in items]),
             "soft_probs": torch.cat([it.probs for it in items]),
         }
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
-        import torch
+        from nacd.train import loss_logits
 
-        from nacd.chat import IGNORE_INDEX
-        from nacd.train import model_inputs
-
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        logits = model(**model_inputs(batch)).logits[:, :-1][mask].float()
-        logq = torch.log_softmax(logits, dim=-1).gather(-1, batch["soft_tokens"].to(logits.device))
-        loss = -(batch["soft_probs"].to(logits.device) * logq).sum()
-        return loss, int(mask.sum())
+        inputs = self.prompted.inputs(batch) if self.prompted is not None else batch
+        logits, targets = loss_logits(model, inputs)
+        return soft_cross_entropy(logits, batch["soft_tokens"], batch["soft_probs"]), int(targets.numel())
 
     def close(self) -> None:
-        """Nothing to undo (the fine-tuning stage closes every forward it made)."""
+        """Close the prompted forward it collates with (the fine-tuning stage closes the forward it holds)."""
+        if self.prompted is not None:
+            self.prompted.close()
 
 
-def soft_dataset(config: Any, run_dir: Any, setup: Any) -> tuple[list[SoftExample], SoftLabelForward, dict[str, Any]]:
+def soft_dataset(
+    config: Any, run_dir: Any, setup: Any, prompted: tuple[list[Any], Any] | None = None
+) -> tuple[list[SoftExample], SoftLabelForward, dict[str, Any]]:
     """The tuning set with the teacher's soft labels, its forward, and the identity of the teacher.
 
-    Loads the expert snapshot into the model's LoRA parameters, computes the targets; the caller
-    re-initialises the LoRA parameters for the student afterwards."""
+    ``prompted``: (the distilled set's prompted examples, in ``setup.data``'s order, and their forward);
+    the teacher still reads ``setup.data``, the plain text. Loads the expert snapshot into the model's
+    LoRA parameters, computes the targets; the caller re-initialises the LoRA parameters for the student
+    afterwards."""
     from nacd.lora import load_lora_state
 
     fc = config.finetune
@@ -133,4 +165,9 @@ def soft_dataset(config: Any, run_dir: Any, setup: Any) -> tuple[list[SoftExampl
         "soft labels: expert run %d, epoch %d, top %d tokens", teacher["run"], teacher["epoch"], fc.soft_labels_topk
     )
     data = teacher_targets(setup.model, setup.data, setup.tokenizer.pad_token_id, fc.soft_labels_topk, 8)
-    return data, SoftLabelForward(setup.tokenizer.pad_token_id), {**teacher, "topk": fc.soft_labels_topk}
+    forward = SoftLabelForward(setup.tokenizer.pad_token_id)
+    if prompted is not None:
+        items, prompted_forward = prompted
+        data = [SoftExample(item, soft.tokens, soft.probs) for item, soft in zip(items, data, strict=True)]
+        forward = SoftLabelForward(setup.tokenizer.pad_token_id, prompted_forward)
+    return data, forward, {**teacher, "topk": fc.soft_labels_topk}

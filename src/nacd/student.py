@@ -16,7 +16,7 @@ from torch.func import functional_call
 from nacd import tm
 from nacd.chat import collate
 from nacd.lora import lora_parameters
-from nacd.train import SparseLogitsForward, causal_lm, default_forward
+from nacd.train import SparseLogitsForward, causal_lm, default_forward, loss_logits
 
 
 class Student:
@@ -49,8 +49,20 @@ class Student:
     def device(self) -> Any:
         return self.vocab.device
 
+    @property
+    def soft(self) -> bool:
+        """Whether the student steps toward the teacher's soft labels (``distill.soft_labels``): its data are
+        :class:`nacd.soft_labels.SoftExample`."""
+        from nacd.soft_labels import SoftExample
+
+        return bool(self.data) and isinstance(self.data[0], SoftExample)
+
     def text_batch(self, idx: Sequence[int]) -> dict[str, Any]:
-        return {k: v.to(self.device) for k, v in collate([self.data[i] for i in idx], self.pad_token_id).items()}
+        from nacd.soft_labels import collate_soft
+
+        items = [self.data[i] for i in idx]
+        batch = collate_soft(items, self.pad_token_id) if self.soft else collate(items, self.pad_token_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def inputs(self, prompts: Any, text: dict[str, Any]) -> dict[str, Any]:
         """The model inputs of a step: the prompts in the text at ``prompt_offset``, their positions without loss."""
@@ -65,11 +77,17 @@ class Student:
         return call
 
     def step_loss(self, theta: Sequence[Any], prompts: Any, text: dict[str, Any]) -> Any:
-        """Mean token loss of one student step at LoRA tensors ``theta`` on (prompts, text batch)."""
+        """Mean token loss of one student step at LoRA tensors ``theta`` on (prompts, text batch): the
+        cross-entropy to the labels, or to the teacher's soft labels where the batch carries them."""
         batch = self.inputs(prompts, text)
         if self._sparse_ready is None:  # check once that logits-at-loss-positions is exact here
             with torch.no_grad():
                 self._sparse_ready = self.sparse.install(self.model, batch)
+        if "soft_tokens" in text:
+            from nacd.soft_labels import soft_cross_entropy
+
+            logits, targets = (self.sparse.loss_logits if self._sparse_ready else loss_logits)(self._call(theta), batch)
+            return soft_cross_entropy(logits, text["soft_tokens"], text["soft_probs"]) / max(1, targets.numel())
         forward = self.sparse if self._sparse_ready else default_forward
         loss_sum, n = forward(self._call(theta), batch)
         return loss_sum / max(1, n)

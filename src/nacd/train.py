@@ -188,9 +188,9 @@ class SparseLogitsForward:
                 self.owner.config.final_logit_softcapping = self.softcap
             self.owner = None
 
-    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+    def loss_logits(self, model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+        """(float32 logits at the loss positions, their labels), in the batch's row-major order."""
         import torch
-        import torch.nn.functional as F
 
         hidden = model(**model_inputs(batch)).logits  # the last hidden states: the head is an identity now
         shift = batch["labels"][:, 1:]
@@ -198,7 +198,21 @@ class SparseLogitsForward:
         logits = self.head(hidden[:, :-1][mask]).float()
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return F.cross_entropy(logits, shift[mask], reduction="sum"), int(mask.sum())
+        return logits, shift[mask]
+
+    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+        import torch.nn.functional as F
+
+        logits, targets = self.loss_logits(model, batch)
+        return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+
+
+def loss_logits(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """(float32 logits at the loss positions, their labels) from the full logits (:meth:`SparseLogitsForward.
+    loss_logits` computes the same from the hidden states at those positions only)."""
+    shift = batch["labels"][:, 1:]
+    mask = shift != IGNORE_INDEX
+    return model(**model_inputs(batch)).logits[:, :-1][mask].float(), shift[mask]
 
 
 @dataclass
