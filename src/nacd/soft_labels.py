@@ -100,14 +100,15 @@ def soft_cross_entropy(logits: Any, tokens: Any, probs: Any) -> Any:
     return -(probs.to(logits.device) * logq).sum()
 
 
-def collate_soft(items: list[SoftExample], pad_token_id: int) -> dict[str, Any]:
-    """A padded batch of soft examples (their inner examples plain token ids) with the teacher's targets."""
+def collate_soft(items: list[SoftExample], pad_token_id: int, inner: Any = None) -> dict[str, Any]:
+    """A padded batch of soft examples with the teacher's targets; ``inner(examples, pad_token_id)`` collates
+    the examples they wrap (default: plain token ids, :func:`nacd.chat.collate`)."""
     import torch
 
     from nacd.chat import collate
 
     return {
-        **collate([it.example for it in items], pad_token_id),
+        **(inner or collate)([it.example for it in items], pad_token_id),
         "soft_tokens": torch.cat([it.tokens for it in items]),
         "soft_probs": torch.cat([it.probs for it in items]),
     }
@@ -124,15 +125,7 @@ class SoftLabelForward:
         self.prompted = prompted
 
     def collate(self, items: list[SoftExample]) -> dict[str, Any]:
-        import torch
-
-        if self.prompted is None:
-            return collate_soft(items, self.pad)
-        return {
-            **self.prompted.collate([it.example for it in items], self.pad),
-            "soft_tokens": torch.cat([it.tokens for it in items]),
-            "soft_probs": torch.cat([it.probs for it in items]),
-        }
+        return collate_soft(items, self.pad, self.prompted.collate if self.prompted is not None else None)
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
         from nacd.train import loss_logits
