@@ -16,6 +16,7 @@ from torch.func import functional_call
 from nacd import tm
 from nacd.chat import collate
 from nacd.lora import lora_parameters
+from nacd.soft_labels import SoftExample, collate_soft, soft_cross_entropy
 from nacd.train import SparseLogitsForward, causal_lm, default_forward, loss_logits
 
 
@@ -32,6 +33,8 @@ class Student:
         self.model = model
         self.data = data
         self.pad_token_id = pad_token_id
+        # steps toward the teacher's soft labels (distill.soft_labels): the data are SoftExamples
+        self.soft = bool(data) and isinstance(data[0], SoftExample)
         self.prompt_offset = prompt_offset  # text tokens before the prompt vectors (``prompted_inputs``)
         params = lora_parameters(model)
         self.names = list(params)
@@ -49,17 +52,7 @@ class Student:
     def device(self) -> Any:
         return self.vocab.device
 
-    @property
-    def soft(self) -> bool:
-        """Whether the student steps toward the teacher's soft labels (``distill.soft_labels``): its data are
-        :class:`nacd.soft_labels.SoftExample`."""
-        from nacd.soft_labels import SoftExample
-
-        return bool(self.data) and isinstance(self.data[0], SoftExample)
-
     def text_batch(self, idx: Sequence[int]) -> dict[str, Any]:
-        from nacd.soft_labels import collate_soft
-
         items = [self.data[i] for i in idx]
         batch = collate_soft(items, self.pad_token_id) if self.soft else collate(items, self.pad_token_id)
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -84,8 +77,6 @@ class Student:
             with torch.no_grad():
                 self._sparse_ready = self.sparse.install(self.model, batch)
         if "soft_tokens" in text:
-            from nacd.soft_labels import soft_cross_entropy
-
             logits, targets = (self.sparse.loss_logits if self._sparse_ready else loss_logits)(self._call(theta), batch)
             return soft_cross_entropy(logits, text["soft_tokens"], text["soft_probs"]) / max(1, targets.numel())
         forward = self.sparse if self._sparse_ready else default_forward
