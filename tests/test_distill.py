@@ -417,6 +417,12 @@ def test_the_student_recipe_tunes_every_variant_as_the_student_stepped(prepared,
     distill.run(load_config(None, longer), run_dir)
     again = finetune.run(load_config(None, [*longer, "finetune.dataset=selected", "finetune.name=selected"]), run_dir)
     assert again["complete"] and again["train"]["lr"] == distill.DistilledSet.load(run_dir.distill_dir).alpha
+    # only the recipe's fields follow the set: another number of epochs is a setting, refused by name
+    epochs = f"finetune.train.epochs={cfg.finetune.train.epochs + 1}"
+    with pytest.raises(NacdError, match=r"field 'train.epochs' was"):
+        finetune.run(
+            load_config(None, [*longer, "finetune.dataset=selected", "finetune.name=selected", epochs]), run_dir
+        )
     # nacd run distills for a student-tuned FULL even without sel_nacd
     plan = load_config(None, [*overrides, "finetune.recipe=student", "compare.variants=[baseline, full]"])
     assert needed_stages(plan) == ["select", "experts", "distill"]
@@ -775,7 +781,7 @@ def test_two_processes_score_the_swaps_as_one_does(prepared_multiprocess, tmp_pa
     one_set, two_set, _ = _one_and_two_processes(prepared_multiprocess, tmp_path, settings, 29543)
     assert torch.equal(two_set.nearest_ids, one_set.nearest_ids)
     a, b = ([r["swap"] for r in s.history()] for s in (one_set, two_set))
-    assert [(r["swapped"], r["position"], r["row"]) for r in b] == [(r["swapped"], r["position"], r["row"]) for r in a]
+    assert [(r["swapped"], r["swaps"]) for r in b] == [(r["swapped"], r["swaps"]) for r in a]
     assert [r["l_best"] for r in b] == pytest.approx([r["l_best"] for r in a], abs=1e-6)
 
 
@@ -918,23 +924,49 @@ def test_pez_distills_hard_tokens_and_the_panel_measures_them(prepared, capsys):
 def test_swap_keeps_tokens_and_only_swaps_that_lower_the_loss(prepared):
     """distill.discrete=swap: the prompts are vocabulary rows from the start (the initial prompts' nearest
     tokens) to the end; each iteration records the swaps it scored, keeps one only when it lowers
-    L_distill on the iteration's draws, and every token that moved was a kept swap's; Adam never moves
+    L_distill on the iteration's draws, and every token that moved was a kept swap's; with swap_keep > 1 the
+    improving swaps are kept together only when together they score below the best alone; Adam never moves
     them; ema is refused."""
     cfg, run_dir, overrides = prepared
     base = [*overrides, *REACHABLE, "distill.iterations=4", "distill.panel_size=4", "distill.eval_every=4"]
     base += ["distill.alpha_mode=fixed", "distill.discrete=swap", "distill.swap_candidates=6", "distill.swap_topk=8"]
-    ds = distill.run(load_config(None, base), run_dir)
-    assert float(ds.nearest_dist.max()) == 0.0
-    hist = ds.history()
-    assert all(h["swap"]["tried"] == 6 for h in hist)
-    kept = [h["swap"] for h in hist if h["swap"]["swapped"]]
-    assert kept and all(s["l_best"] < s["l_current"] for s in kept)
-    assert all(s["l_best"] >= s["l_current"] for h in hist for s in [h["swap"]] if not s["swapped"])
-    moved = (ds.nearest_ids != ds.initial_ids).nonzero().tolist()
-    assert moved and all(pos in [s["position"] for s in kept] for pos in moved)
-    assert ds.manifest["prompt_gain_hard"]["mean"] == ds.manifest["prompt_gain"]["mean"]
+    for keep in (1, 3):
+        if run_dir.distill_dir.exists():
+            shutil_rm(run_dir.distill_dir)
+        ds = distill.run(load_config(None, [*base, f"distill.swap_keep={keep}"]), run_dir)
+        assert float(ds.nearest_dist.max()) == 0.0
+        hist = ds.history()
+        assert all(h["swap"]["tried"] == 6 for h in hist)
+        kept = [h["swap"] for h in hist if h["swap"]["swapped"]]
+        assert kept and all(s["l_best"] < s["l_current"] and 1 <= len(s["swaps"]) <= keep for s in kept)
+        assert all(
+            s["l_best_single"] >= s["l_current"] and not s["swaps"]
+            for h in hist
+            for s in [h["swap"]]
+            if not s["swapped"]
+        )
+        for s in kept:  # several kept together only when together they beat the best alone
+            together = len(s["swaps"]) > 1
+            assert s["l_best"] == (s["l_combined"] if together else s["l_best_single"])
+            assert not together or s["l_combined"] < s["l_best_single"]
+        if keep > 1:
+            assert any(h["swap"]["l_combined"] is not None for h in hist)  # a combination was scored
+        moved = (ds.nearest_ids != ds.initial_ids).nonzero().tolist()
+        assert moved and all(pos in [sw[:2] for s in kept for sw in s["swaps"]] for pos in moved)
+        assert ds.manifest["prompt_gain_hard"]["mean"] == ds.manifest["prompt_gain"]["mean"]
     with pytest.raises(NacdError, match="distill.ema"):
         load_config(None, [*base, "distill.ema=0.9"])
+
+
+def test_combine_swaps_keeps_the_best_improving_swaps_one_per_position():
+    from nacd.swap import combine_swaps
+
+    trials = [(-1, -1, -1), (0, 0, 5), (0, 0, 6), (1, 1, 7), (2, 0, 8), (3, 1, 9)]
+    losses = [1.0, 0.9, 0.8, 0.95, 1.1, 0.85]
+    assert combine_swaps(trials, losses, 1) == [(0, 0, 6)]
+    assert combine_swaps(trials, losses, 3) == [(0, 0, 6), (3, 1, 9), (1, 1, 7)]  # (0, 0, 5): same position
+    assert combine_swaps(trials, losses, 9) == [(0, 0, 6), (3, 1, 9), (1, 1, 7)]  # (2, 0, 8) scores worse
+    assert combine_swaps(trials, [0.5, *losses[1:]], 3) == []
 
 
 def test_a_moving_average_of_the_prompts_is_measured_written_and_resumed(prepared):

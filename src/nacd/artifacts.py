@@ -560,6 +560,26 @@ def stale_upstream(existing: Mapping[str, Any], identity: Mapping[str, Any], ups
     return None
 
 
+def remove_if_stale(
+    folder: Path,
+    existing: Mapping[str, Any],
+    identity: Mapping[str, Any],
+    upstream: Sequence[str],
+    ranks: Any,
+    what: str,
+) -> bool:
+    """Remove ``folder`` when :func:`stale_upstream` finds only an ``upstream`` field changed (logged as
+    ``what: folder is stale (...)``): the main process removes it, every process waits; True when removed."""
+    changed = stale_upstream(existing, identity, upstream)
+    if changed is None:
+        return False
+    log.warning("%s: %s is stale, what it was made from changed (%s); making it again", what, folder, changed)
+    if ranks.is_main:
+        remove_dir(folder)
+    ranks.barrier()
+    return True
+
+
 _ABSENT = "<absent>"
 
 

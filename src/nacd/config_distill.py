@@ -115,6 +115,11 @@ class DistillConfig:
     swap_candidates: int = f(
         16, "discrete=swap: single swaps scored per iteration, each by meta_batch forward unrolls of N steps."
     )
+    swap_keep: int = f(
+        1,
+        "discrete=swap: the most swaps kept per iteration: the improving ones (one per position, best first) "
+        "are scored together once more and kept together when that beats the best alone (1: GCG's one swap).",
+    )
     projection: Literal["cosine", "l2"] = f(
         "cosine",
         "discrete=pez: the metric of the projection onto the vocabulary (cosine: PEZ's; l2: the decoding's).",
@@ -138,7 +143,7 @@ class DistillConfig:
         for name in (
             *("syn_steps", "expert_epochs", "iterations", "num_prompt_tokens", "max_start_epoch", "batch_size"),
             *("max_bad_iterations", "checkpoint_every", "vocab_chunk", "meta_batch", "eval_every", "alpha_fit_draws"),
-            *("swap_topk", "swap_candidates", "soft_labels_topk"),
+            *("swap_topk", "swap_candidates", "swap_keep", "soft_labels_topk"),
         ):
             _check(getattr(self, name) > 0, name, "must be at least 1")
         _check(self.beta >= 0, "beta", "must be >= 0")

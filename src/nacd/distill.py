@@ -39,9 +39,8 @@ from nacd.artifacts import (
     check_identity,
     read_manifest,
     recover_dir,
-    remove_dir,
+    remove_if_stale,
     setup_logging,
-    stale_upstream,
     write_manifest,
 )
 from nacd.distill_loop import distill
@@ -218,12 +217,7 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     existing = ranks.from_main(read_manifest(folder, KIND))  # one decision for all processes
     if existing is not None:
         made = same_up_to_rounding(with_new_defaults(existing, identity["distill"]), identity)
-        changed = stale_upstream(made, identity, UPSTREAM_FIELDS)
-        if changed is not None:  # the selection was made again: this set prompts other examples
-            log.warning("distill: %s was distilled on another selection (%s); distilling again", folder, changed)
-            if ranks.is_main:
-                remove_dir(folder)
-            ranks.barrier()
+        if remove_if_stale(folder, made, identity, UPSTREAM_FIELDS, ranks, "distill"):  # another selection
             existing = None
         else:
             check_identity(folder, made, identity, hint)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -278,12 +279,22 @@ def _identity(config: Any, setup: Any, spec: str, seed: int, mode: str | None, d
 #: comes from the selection). When only they differ (the set was continued, the selection redone) the tuning
 #: is stale and is redone, as an evaluation is redone when its adapter changes; a setting is refused.
 UPSTREAM_FIELDS = ("distilled", "data_hash")
+#: Under ``finetune.recipe=student`` these fields of ``train`` come from the distilled set (its alpha, batch
+#: and clip): when only they change the tuning is stale; a change of the others (epochs, seed) is refused.
+RECIPE_FIELDS = ("lr", "batch_size", "micro_batch_size", "max_grad_norm")
+
+
+def _recipe_apart(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """``identity`` with the student recipe's fields of ``train`` moved to an upstream field of their own."""
+    train = dict(identity.get("train") or {})
+    recipe = {key: train.pop(key, None) for key in RECIPE_FIELDS}
+    return {**identity, "train": train, "student_recipe": recipe}
 
 
 def _reusable_manifest(config: Any, folder: Path, variant: str, identity: dict[str, Any]) -> dict[str, Any] | None:
     """The folder's manifest when it was made with ``identity`` (to skip or resume); None after removing a
     tuning made on an older distilled set or selection; an error naming the field when a setting differs."""
-    from nacd.artifacts import check_identity, read_manifest, stale_upstream
+    from nacd.artifacts import check_identity, read_manifest, remove_if_stale
     from nacd.models import resolve_device
     from nacd.ranks import current as current_ranks
 
@@ -291,15 +302,10 @@ def _reusable_manifest(config: Any, folder: Path, variant: str, identity: dict[s
     existing = ranks.from_main(read_manifest(folder, KIND))  # one decision for all processes
     if existing is None:
         return None
-    upstream = (*UPSTREAM_FIELDS, "train") if config.finetune.recipe == "student" else UPSTREAM_FIELDS
-    changed = stale_upstream(existing, identity, upstream)  # the student's recipe comes from the distilled set
-    if changed is not None:
-        log.warning(
-            "finetune %s: %s is stale, what it was tuned from changed (%s); tuning again", variant, folder, changed
-        )
-        if ranks.is_main:
-            remove_dir(folder)
-        ranks.barrier()
+    then, now, upstream = existing, identity, UPSTREAM_FIELDS
+    if config.finetune.recipe == "student":  # the student's lr, batch and clip come from the distilled set
+        then, now, upstream = _recipe_apart(existing), _recipe_apart(identity), (*UPSTREAM_FIELDS, "student_recipe")
+    if remove_if_stale(folder, then, now, upstream, ranks, f"finetune {variant}"):
         return None
     check_identity(folder, existing, identity, f"delete {folder} or set finetune.name to a new variant")
     return existing

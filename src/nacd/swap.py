@@ -11,7 +11,9 @@ unroll as the continuous mode):
 2. ``distill.swap_candidates`` single swaps (position, candidate) are drawn uniformly from them;
 3. each swap, and the current prompts, are scored by the true L_distill on the same draws (first-order
    student steps, :func:`nacd.unrolls.endpoint`, the same dropout masks for all), split over the
-   processes under a launcher; the best swap is kept if it lowers the loss.
+   processes under a launcher; the best swap is kept if it lowers the loss. With ``distill.swap_keep`` m
+   > 1, the m best swaps that lower it (one per position) are scored together once more, and kept together
+   when that beats the best one alone (:func:`combine_swaps`): up to m tokens move per iteration.
 
 One iteration costs a meta-gradient plus (B + 1) x meta_batch forward unrolls of N student steps
 (B = ``swap_candidates``), so B stays small (8-64); the first-order ranking costs one u·k x V product
@@ -80,10 +82,10 @@ def swap_step(
         (int(positions[p, 0]), int(positions[p, 1]), int(cands[p, c])) for p, c in zip(pick, which, strict=True)
     ]
 
-    def score(trial: tuple[int, int, int]) -> float:
+    def score(swaps: Sequence[tuple[int, int, int]]) -> float:
         prompts = syn.detach().clone()
-        if trial[0] >= 0:
-            prompts[trial[0], trial[1]] = vocab[trial[2]].to(prompts.dtype)
+        for i, j, row in swaps:
+            prompts[i, j] = vocab[row].to(prompts.dtype)
         total = 0.0
         for i, draw in enumerate(draws):  # every trial sees the same dropout masks (seed + i)
             theta_t = snapshot(draw.run, draw.start_epoch)
@@ -94,20 +96,38 @@ def swap_step(
         return total / len(draws)
 
     with torch.no_grad():
-        mine = [(j, score(trials[j])) for j in ranks.mine(len(trials))]
+        mine = [(j, score([trials[j]] if j else [])) for j in ranks.mine(len(trials))]
     scores = dict(pair for part in ranks.gather(mine) for pair in part)
     losses = [scores[j] for j in range(len(trials))]
     best = min(range(1, len(trials)), key=lambda j: losses[j])
-    kept = losses[best] < losses[0]
-    if kept:
-        i, j, row = trials[best]
+    kept, l_kept, l_combined = combine_swaps(trials, losses, dc.swap_keep), losses[best], None
+    if len(kept) > 1:  # the improving swaps together, scored once (by the main process) against the best alone
         with torch.no_grad():
+            l_combined = ranks.from_main(score(kept) if ranks.is_main else None)
+        kept, l_kept = (kept, l_combined) if l_combined < losses[best] else (kept[:1], losses[best])
+    with torch.no_grad():
+        for i, j, row in kept:
             syn[i, j] = vocab[row].to(syn.dtype)
     return {
         "l_current": losses[0],
-        "l_best": losses[best],
-        "swapped": kept,
+        "l_best": l_kept,
+        "l_best_single": losses[best],
+        "l_combined": l_combined,
+        "swapped": bool(kept),
         "tried": len(trials) - 1,
-        "position": list(trials[best][:2]) if kept else None,
-        "row": trials[best][2] if kept else None,
+        "swaps": [list(t) for t in kept],
     }
+
+
+def combine_swaps(
+    trials: Sequence[tuple[int, int, int]], losses: Sequence[float], keep: int
+) -> list[tuple[int, int, int]]:
+    """The swaps to keep from scored ``trials`` (index 0: the current prompts, ``losses[0]``): those that
+    score below the current prompts, best first, one per prompt position, at most ``keep``; [] when none
+    improves."""
+    order = sorted((j for j in range(1, len(trials)) if losses[j] < losses[0]), key=lambda j: losses[j])
+    chosen: list[tuple[int, int, int]] = []
+    for j in order:
+        if len(chosen) < keep and all(trials[j][:2] != c[:2] for c in chosen):
+            chosen.append(trials[j])
+    return chosen
