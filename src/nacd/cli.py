@@ -499,6 +499,27 @@ def stopped_message(command: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and argv is None:  # a launched process of the console script
+        _exit_launched(code)
+    return code
+
+
+def _exit_launched(code: int) -> None:
+    """End a launched process now, its work done: destroy the process group, flush, ``os._exit``. A gloo
+    process that reaches interpreter finalisation can abort there (``terminate called without an active
+    exception``, exit -6) after its results are written, even with the group destroyed at exit (about 1
+    in 15 two-process evaluations on 2026-12-04); skipping finalisation leaves nothing to abort."""
+    from nacd.ranks import destroy_group
+
+    destroy_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -76,10 +76,11 @@ def release_at_exit() -> None:
     an active exception``, SIGABRT, exit -6, seen in CI on 2026-11-29 after every rank had finished):
     gloo's worker threads still hold objects whose release needs the interpreter. Every place that
     creates the group calls this."""
-    atexit.register(_destroy_group)
+    atexit.register(destroy_group)
 
 
-def _destroy_group() -> None:
+def destroy_group() -> None:
+    """Destroy the process group if there is one (at exit, or before a launched process ends itself)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
