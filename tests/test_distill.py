@@ -774,15 +774,21 @@ def test_two_processes_give_the_one_process_result_with_the_same_meta_batch(prep
 
 
 def test_two_processes_score_the_swaps_as_one_does(prepared_multiprocess, tmp_path):
-    """discrete=swap under a launcher: each process scores its share of the swaps; the kept swaps, the
-    tokens and the history are those of one process."""
+    """discrete=swap under a launcher: each process scores its share of the swaps (the main process the
+    combination of swap_keep > 1); the kept swaps, the tokens and the history are those of one process."""
     settings = [*REACHABLE, "distill.iterations=3", "distill.meta_batch=2", "distill.panel_size=2"]
-    settings += ["distill.alpha_mode=fixed", "distill.discrete=swap", "distill.swap_candidates=5"]
+    settings += [
+        "distill.alpha_mode=fixed",
+        "distill.discrete=swap",
+        "distill.swap_candidates=5",
+        "distill.swap_keep=3",
+    ]
     one_set, two_set, _ = _one_and_two_processes(prepared_multiprocess, tmp_path, settings, 29543)
     assert torch.equal(two_set.nearest_ids, one_set.nearest_ids)
     a, b = ([r["swap"] for r in s.history()] for s in (one_set, two_set))
     assert [(r["swapped"], r["swaps"]) for r in b] == [(r["swapped"], r["swaps"]) for r in a]
     assert [r["l_best"] for r in b] == pytest.approx([r["l_best"] for r in a], abs=1e-6)
+    assert any(r["l_combined"] is not None for r in b)  # the main process scored a combination
 
 
 #: Run by torchrun: the second process dies without a word (``os._exit``, as the out-of-memory killer
