@@ -1,12 +1,14 @@
 """LoRA adapters and training checkpoints (nacd.lora) on a tiny model."""
 
 import re
+import warnings
 
 import pytest
 import torch
 
 from nacd.config import LoraConfig, ModelConfig
 from nacd.errors import TrainingError
+from nacd.evaluate.stage import apply_adapter
 from nacd.lora import (
     add_lora,
     init_lora,
@@ -47,6 +49,17 @@ def test_add_lora_freezes_the_base_and_lists_the_adapter_in_a_stable_order(lora_
     base, _ = load_model(ModelConfig(spec=str(tiny_llama_dir)), torch.device("cpu"))
     with pytest.raises(TrainingError, match=r"lora.target_modules: query_proj not found in LlamaForCausalLM"):
         add_lora(base, LoraConfig(target_modules=["query_proj"]))
+
+
+def test_peft_s_deprecation_warning_stays_out_of_the_run(tiny_llama_dir, tmp_path):
+    base, _ = load_model(ModelConfig(spec=str(tiny_llama_dir)), torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuned = add_lora(base, LoraConfig(r=4, alpha=8))
+        tuned.save_pretrained(tmp_path / "adapter")
+        fresh, _ = load_model(ModelConfig(spec=str(tiny_llama_dir)), torch.device("cpu"))
+        apply_adapter(fresh, tmp_path / "adapter")  # nacd eval's way in: peft's from_pretrained
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
 def test_init_lora_is_seeded_and_starts_b_at_zero(lora_model):

@@ -20,6 +20,7 @@ from typing import Any
 from nacd.config import DataConfig
 from nacd.data import RESPONSE_FIELD, Example, ExampleError, LoadReport, Skip, reject
 from nacd.errors import DataError
+from nacd.progress import bar as progress_bar
 
 __all__ = [
     "IGNORE_INDEX",
@@ -266,13 +267,14 @@ def tokenize_corpus(
     examples: Iterable[Example], tokenizer: Any, cfg: DataConfig, report: LoadReport | None = None
 ) -> list[TokenizedExample]:
     """Tokenize every example; a bad one raises (``cfg.strict``) or is skipped, counted in ``report`` and logged."""
-    from tqdm.auto import tqdm
 
     examples = list(examples)
     _use_chat_template(tokenizer, cfg.template)  # a wrong template setting fails before the loop
     report = report if report is not None else LoadReport()
     out = []
-    bar = tqdm(examples, desc="tokenize", unit="ex", disable=len(examples) <= PROGRESS_MIN_EXAMPLES, leave=False)
+    bar = progress_bar(
+        examples, desc="tokenize", unit="ex", disable=len(examples) <= PROGRESS_MIN_EXAMPLES, leave=False
+    )
     for ex in bar:
         try:
             out.append(tokenize_example(ex, tokenizer, cfg.max_seq_len, cfg.template, cfg.truncation))

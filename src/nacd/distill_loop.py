@@ -16,6 +16,7 @@ from typing import Any
 from nacd.artifacts import MetricsWriter, atomic_write_json, read_jsonl, recover_dir, trim_jsonl
 from nacd.distill_state import DistillState, load_checkpoint, save_checkpoint
 from nacd.errors import NacdError
+from nacd.progress import bar as progress_bar
 from nacd.ranks import Ranks
 
 log = logging.getLogger("nacd.distill")
@@ -445,7 +446,6 @@ def distill(
 ) -> dict[str, Any]:
     """The distillation loop (Algorithm 1) with checkpoints and the prompt-gain panel
     (:class:`Distillation`'s steps in order); returns :meth:`Distillation.result`."""
-    from tqdm.auto import tqdm
 
     run = Distillation(student, store, config, folder, alpha0, clip, example_rows, ranks)
     dc = run.dc
@@ -457,14 +457,19 @@ def distill(
     if run.panel is not None and state.iteration == 0:
         run.evaluate_panel()
     disable = not (progress and ranks.is_main)
-    bar = tqdm(total=dc.iterations, initial=state.iteration, desc="distill", disable=disable, dynamic_ncols=True)
+    bar = progress_bar(
+        total=dc.iterations, initial=state.iteration, desc="distill", disable=disable, dynamic_ncols=True
+    )
     try:
         while state.iteration < dc.iterations:
             record = run.step()
-            bar.update(1)
             bar.set_postfix(
-                l_distill=f"{record['l_distill']:.4f}", l_reg=f"{record['l_reg']:.3f}", alpha=f"{record['alpha']:.3g}"
+                l_distill=f"{record['l_distill']:.4f}",
+                l_reg=f"{record['l_reg']:.3f}",
+                alpha=f"{record['alpha']:.3g}",
+                refresh=False,
             )
+            bar.update(1)
             run.stop_if_failing()
             if run.panel is not None and (state.iteration % dc.eval_every == 0 or state.iteration == dc.iterations):
                 run.evaluate_panel()

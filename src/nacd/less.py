@@ -86,6 +86,7 @@ from nacd.less_math import (
     subtask_means,
 )
 from nacd.lora import init_lora, load_lora_state, lora_parameters, lora_state, optimizer_tensors
+from nacd.progress import bar as progress_bar
 from nacd.ranks import release_at_exit
 from nacd.train import (
     Callback,
@@ -329,7 +330,6 @@ def compute_features(
     shards ``k`` with ``k % world == r``.
     """
     import torch
-    from tqdm.auto import tqdm
 
     _prepare_features_dir(folder, identity)
     state = _dist()
@@ -340,7 +340,7 @@ def compute_features(
     if len(todo) < len(mine):
         log.info("%s: %d of %d shard(s) already in %s", desc, len(mine) - len(todo), len(mine), folder)
     total = sum(ranges[k][1] - ranges[k][0] for k in todo)
-    with tqdm(total=total, desc=desc, unit="ex", disable=not (state.is_main_process and total)) as bar:
+    with progress_bar(total=total, desc=desc, unit="ex", disable=not (state.is_main_process and total)) as bar:
         for k in todo:
             start, stop = ranges[k]
             feats = shard_features(

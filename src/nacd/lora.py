@@ -13,6 +13,9 @@
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,18 @@ def add_lora(model: Any, lora_cfg: Any) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    with peft_quietly():
+        return get_peft_model(model, peft_cfg)
+
+
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """peft's wrappers without the FutureWarning they raise on transformers 5: peft reads
+    ``model.is_gradient_checkpointing``, which transformers deprecates (a warning in every run that is
+    neither nacd's nor the user's to act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _linear_names(model: Any) -> set[str]:

@@ -33,6 +33,7 @@ from nacd.artifacts import (
     sha256_file,
 )
 from nacd.errors import ModelError
+from nacd.progress import hf_bars
 
 log = logging.getLogger(__name__)
 
@@ -333,13 +334,14 @@ def load_model(
     attn = resolve_attn(cfg.attn_implementation, needs_double_backward, device)
     try:
         tokenizer = load_tokenizer(resolved.location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved.location,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype,
-            attn_implementation=attn,
-        )
+        with hf_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                resolved.location,
+                revision=cfg.revision,
+                trust_remote_code=cfg.trust_remote_code,
+                dtype=dtype,
+                attn_implementation=attn,
+            )
     except ModelError:
         raise
     except OSError as exc:

@@ -56,6 +56,7 @@ from nacd.artifacts import (
 )
 from nacd.errors import DataError, NacdError, StageNotImplementedError
 from nacd.locks import locked
+from nacd.progress import bar as progress_bar
 from nacd.ranks import current as current_ranks
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,6 @@ def bm25_scores(examples: list[Any], targets: list[Any], cfg: Any = None) -> np.
     times; query terms absent from the corpus score 0.
     """
     import bm25s
-    from tqdm.auto import tqdm
 
     from nacd.config import Bm25Config
 
@@ -174,7 +174,7 @@ def bm25_scores(examples: list[Any], targets: list[Any], cfg: Any = None) -> np.
     index.index(corpus_tokens, show_progress=False)
     queries = bm25s.tokenize([example_text(t) for t in targets], stopwords="en", return_ids=False, show_progress=False)
     total = np.full(len(examples), -np.inf) if cfg.aggregate == "max" else np.zeros(len(examples))
-    bar = tqdm(queries, desc="bm25", unit="query", disable=len(queries) <= PROGRESS_MIN_QUERIES, leave=False)
+    bar = progress_bar(queries, desc="bm25", unit="query", disable=len(queries) <= PROGRESS_MIN_QUERIES, leave=False)
     for query in bar:
         scores = index.get_scores_from_ids(index.get_tokens_ids(query)).astype(np.float64)
         if cfg.aggregate == "max":

@@ -38,6 +38,7 @@ from nacd.artifacts import recover_dir, trim_jsonl
 from nacd.chat import IGNORE_INDEX
 from nacd.errors import TrainingError
 from nacd.lora import TrainState, add_lora, load_checkpoint, lora_parameters, save_checkpoint, unwrap
+from nacd.progress import bar as progress_bar
 from nacd.ranks import release_at_exit
 
 log = logging.getLogger(__name__)
@@ -366,7 +367,6 @@ class TrainLoop:
         return True
 
     def run(self) -> TrainState:
-        from tqdm.auto import tqdm
 
         resumed = self.maybe_resume()
         if self.metrics is not None and self.is_main:  # rows past the checkpoint are redone: drop them
@@ -380,7 +380,7 @@ class TrainLoop:
         self.model.train()
         if not resumed:
             self._fire("on_train_start")
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_steps,
             initial=self.state.step,
             desc=self.desc,
@@ -404,8 +404,8 @@ class TrainLoop:
                     st.window_loss_sum += loss
                     st.window_steps += 1
                     tps = n_tok / elapsed if elapsed > 0 else float("nan")
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}", refresh=False)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
                     if self.metrics is not None and self.is_main:
                         self.metrics.write(
                             step=st.step,

@@ -14,6 +14,7 @@ from nacd.errors import NacdError
 from nacd.evaluate.benchmarks import Benchmark, Doc
 from nacd.evaluate.prompts import TARGET_DELIMITER, build_context, doc_to_choices, fewshot_docs
 from nacd.evaluate.scoring import score_loglikelihood
+from nacd.progress import bar as progress_bar
 from nacd.ranks import Ranks
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,6 @@ def evaluate(
     Under a launcher (``ranks``) each process scores its share of the batches and every process
     returns the same results (with the contexts each process scored under ``processes``).
     """
-    from tqdm.auto import tqdm
 
     from nacd.evaluate.heldout import HeldoutBenchmark, evaluate_heldout
 
@@ -125,7 +125,7 @@ def evaluate(
         start = time.perf_counter()
         shares: list[int] = []
         quiet = not (progress and ranks.is_main)
-        with tqdm(total=len(docs), desc=f"eval {bench.name}", unit="q", disable=quiet) as bar:
+        with progress_bar(total=len(docs), desc=f"eval {bench.name}", unit="q", disable=quiet) as bar:
             scores = score_loglikelihood(
                 model, tokenizer, requests, cfg.batch_size, progress=bar.update, ranks=ranks, shares=shares
             )

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nacd.errors import DataError
+from nacd.progress import bar as progress_bar
 from nacd.ranks import Ranks
 
 log = logging.getLogger(__name__)
@@ -349,11 +350,10 @@ def evaluate_heldout(
     model: Any, tokenizer: Any, bench: HeldoutBenchmark, cfg: Any, data_cfg: Any, *, progress: bool, ranks: Ranks
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``(results, samples)`` of one held-out benchmark, as :func:`nacd.evaluate.evaluate` gives them."""
-    from tqdm.auto import tqdm
 
     start = time.perf_counter()
     shares: list[int] = []
-    with tqdm(
+    with progress_bar(
         total=len(bench.examples), desc=f"eval {bench.name}", unit="ex", disable=not (progress and ranks.is_main)
     ) as bar:
         samples = score_heldout(

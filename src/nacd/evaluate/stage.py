@@ -34,10 +34,13 @@ def apply_adapter(model: Any, adapter: str | Path) -> Any:
     """``model`` with the peft adapter of folder ``adapter`` (which holds adapter_config.json), in eval mode."""
     from peft import PeftModel
 
+    from nacd.lora import peft_quietly
+
     folder = Path(adapter).expanduser()
     verify_adapter(folder, deep=False)  # nacd eval hashed it before loading the model
     try:
-        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        with peft_quietly():
+            peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise NacdError(f"eval.adapter={str(adapter)!r}: cannot apply it to the model: {brief_error(exc)}") from exc
     peft_model.eval()
