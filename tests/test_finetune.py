@@ -31,11 +31,14 @@ def test_full_baseline_writes_a_loadable_adapter(tiny_overrides, tiny_llama_dir)
     # the adapter loads onto the base model with peft and changes its outputs
     from peft import PeftModel
 
+    from nacd.lora import peft_quietly
+
     base, tok = load_model(ModelConfig(spec=str(tiny_llama_dir)), torch.device("cpu"))
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         before = base(input_ids=ids).logits
-        tuned = PeftModel.from_pretrained(base, folder / "adapter")
+        with peft_quietly():
+            tuned = PeftModel.from_pretrained(base, folder / "adapter")
         after = tuned(input_ids=ids).logits
     assert not torch.allclose(before, after)
     assert any("lora_B" in k and torch.count_nonzero(v) for k, v in _adapter_state(folder).items())
