@@ -63,3 +63,6 @@ def test_transformers_bars_are_off_in_a_log_and_restored(monkeypatch):
     monkeypatch.setenv(progress.ENV, "bar")
     with progress.hf_bars():
         assert hf_logging.is_progress_bar_enabled()
+    with progress.hf_bars(always=True):
+        assert not hf_logging.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled()

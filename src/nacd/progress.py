@@ -81,9 +81,10 @@ def bar(*args: Any, disable: bool = False, **kwargs: Any) -> Any:
 
 
 @contextmanager
-def hf_bars() -> Iterator[None]:
-    """transformers' own bars (loading weights) off for the block where :func:`mode` is not ``bar``."""
-    if mode() == "bar":
+def hf_bars(always: bool = False) -> Iterator[None]:
+    """transformers' own bars (loading weights, saving) off for the block where :func:`mode` is not
+    ``bar``, or in any mode with ``always``."""
+    if not always and mode() == "bar":
         yield
         return
     from transformers.utils import logging as hf_logging

@@ -16,8 +16,9 @@ unroll as the continuous mode):
    when that beats the best one alone (:func:`combine_swaps`): up to m tokens move per iteration.
 
 One iteration costs a meta-gradient plus (B + 1) x meta_batch forward unrolls of N student steps
-(B = ``swap_candidates``; m > 1 adds one more scoring when two or more swaps improve), so B stays small (8-64); the first-order ranking costs one u·k x V product
-per iteration (u: the examples the draws use), taken ``vocab_chunk`` rows at a time.
+(B = ``swap_candidates``; m > 1 adds one more scoring when two or more swaps improve), so B stays
+small (8-64); the first-order ranking costs one u·k x V product per iteration (u: the examples the
+draws use), taken ``vocab_chunk`` rows at a time.
 """
 
 from __future__ import annotations

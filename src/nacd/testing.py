@@ -377,7 +377,8 @@ def build_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
 
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
-    from transformers.utils import logging as hf_logging
+
+    from nacd.progress import hf_bars
 
     tokenizer = build_tiny_tokenizer(kind)
     config = _build_config(kind, tokenizer)
@@ -400,13 +401,8 @@ def build_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     # give the gemma3 tokenizer a chat template); other files in the folder are left alone.
     for name in (_MARKER, *_ARTIFACTS):
         (out_dir / name).unlink(missing_ok=True)
-    progress_bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with hf_bars(always=True):
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-    finally:
-        if progress_bars:
-            hf_logging.enable_progress_bar()
     (out_dir / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return out_dir
