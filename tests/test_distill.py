@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -431,8 +432,9 @@ def test_the_student_recipe_tunes_every_variant_as_the_student_stepped(prepared,
 
 def test_prompt_dropout_tunes_a_share_of_batches_on_plain_input(prepared, tiny_gemma_dir):
     """``finetune.prompt_dropout``: a batch goes without its prompts by a hash of the seed and its ids (the
-    same decision on a resume), about the asked share of batches; the tuning records the setting, and a
-    receiving model (text mode) refuses it."""
+    same decision on a resume), about the asked share of batches; the tuning records the setting; a
+    receiving model (text mode) takes the plain tokenization of a dropped batch, the prompted one otherwise,
+    by the same decision."""
     from nacd import finetune
     from nacd.finetune import PromptedExample, PromptedForward
 
@@ -482,8 +484,32 @@ def test_prompt_dropout_tunes_a_share_of_batches_on_plain_input(prepared, tiny_g
     m = finetune.run(load_config(None, [*tune, "finetune.prompt_dropout=0.5", "finetune.name=drop"]), run_dir)
     assert m["complete"] and m["prompt_dropout"] == 0.5
     other = [*tune, "finetune.prompt_dropout=0.5", f"finetune.model={tiny_gemma_dir}", "finetune.name=t"]
-    with pytest.raises(NacdError, match="prompt_dropout: applies to the distilling model's prompt vectors"):
-        finetune.run(load_config(None, other), run_dir)
+    m = finetune.run(load_config(None, other), run_dir)
+    assert m["complete"] and m["prompt_dropout"] == 0.5 and m["prompt_mode"] == "text"
+
+    # text mode: a dropped batch is the examples tokenized without their prompt text, the same decision
+    from nacd.chat import collate
+    from nacd.finetune import plain_batch, text_dropout_collate, text_pairs, with_prompt_text
+
+    texts = ds.prompt_texts("learned")
+    plain_ex = [corpus[i] for i in ds.ids[:4]]
+    whole = replace(cfg.data, max_seq_len=4096)  # at 64 tokens truncation cuts the text after the system turn
+    prompted_tok = tokenize_corpus([with_prompt_text(ex, texts[ex.id]) for ex in plain_ex], tok, whole)
+    plain_tok = tokenize_corpus(plain_ex, tok, whole)
+    pairs = text_pairs(prompted_tok, plain_tok)
+    assert [p.id for p in pairs] == [ex.id for ex in plain_ex] and all(p.labels is p.prompted.labels for p in pairs)
+    assert all(p.prompted.input_ids != p.plain.input_ids for p in pairs)  # the prompt text is in one only
+    for dropout, want in ((0.0, prompted_tok), (0.999999, plain_tok)):
+        got = text_dropout_collate(tok.pad_token_id, 7, dropout)(pairs)
+        assert torch.equal(got["input_ids"], collate(want, tok.pad_token_id)["input_ids"])
+    assert [plain_batch([it.example.id for it in b], 7, 0.5) for b in batches] == plain  # as embeddings mode
+    half = text_dropout_collate(tok.pad_token_id, 7, 0.5)
+    orders = [[pairs[(i + j) % 4] for j in range(2)] for i in range(4)] + [pairs[::-1], pairs]
+    dropped = [plain_batch([p.id for p in b], 7, 0.5) for b in orders]
+    assert 0 < sum(dropped) < len(orders)  # both kinds occur among these batches
+    for b, drop in zip(orders, dropped, strict=True):
+        want = collate([p.plain if drop else p.prompted for p in b], tok.pad_token_id)
+        assert torch.equal(half(b)["input_ids"], want["input_ids"])
     with pytest.raises(NacdError, match="prompt_dropout: applies to dataset=distilled only"):
         finetune.run(load_config(None, [*overrides, "finetune.prompt_dropout=0.5", "finetune.name=s"]), run_dir)
 
@@ -962,6 +988,32 @@ def test_swap_keeps_tokens_and_only_swaps_that_lower_the_loss(prepared):
         assert ds.manifest["prompt_gain_hard"]["mean"] == ds.manifest["prompt_gain"]["mean"]
     with pytest.raises(NacdError, match="distill.ema"):
         load_config(None, [*base, "distill.ema=0.9"])
+
+
+def test_nearest_words_keeps_every_prompt_a_whole_word(prepared):
+    """distill.nearest=words: the initial tokens, every swap candidate and so every prompt token of the set
+    decode to a whole word (a leading space and letters), and the decoded prompt text is those words; a word
+    is what :func:`nacd.tm.is_word` says."""
+    from nacd.config import ModelConfig
+    from nacd.models import load_model
+    from nacd.tm import is_word, text_token_ids, word_token_ids
+
+    assert is_word(" ocean") and is_word(" été") and not is_word("ocean") and not is_word(" a")
+    assert not is_word(" 5th") and not is_word(" (") and not is_word(" ocean,")
+    cfg, run_dir, overrides = prepared
+    _, tok = load_model(ModelConfig(spec=cfg.model.spec), torch.device("cpu"))
+    words = word_token_ids(tok, 10**6)
+    assert 0 < len(words) < len(text_token_ids(tok, 10**6))
+    assert words == [i for i in text_token_ids(tok, 10**6) if is_word(tok.decode([i]))]
+    base = [*overrides, *REACHABLE, "distill.iterations=3", "distill.panel_size=0", "distill.alpha_mode=fixed"]
+    base += ["distill.discrete=swap", "distill.swap_candidates=6", "distill.swap_topk=8", "distill.swap_keep=3"]
+    ds = distill.run(load_config(None, [*base, "distill.nearest=words", "distill.init=example_tokens"]), run_dir)
+    assert ds.manifest["distill"]["nearest"] == "words" and ds.manifest["tokens_moved"] > 0
+    assert {int(t) for t in ds.nearest_ids.flatten()} | {int(t) for t in ds.initial_ids.flatten()} <= set(words)
+    rec = ds.records[0]
+    assert rec["prompt_text"] == tok.decode(rec["prompt_token_ids"]) and all(
+        is_word(tok.decode([t])) for t in rec["prompt_token_ids"]
+    )
 
 
 def test_combine_swaps_keeps_the_best_improving_swaps_one_per_position():

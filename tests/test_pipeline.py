@@ -146,7 +146,7 @@ def test_plan_covers_models_variants_and_seeds(tiny_overrides, tiny_gemma_dir):
     dropped = {(c.role, c.variant): cell_configs(drop, c, RunDir(drop.run.out_dir))[0].finetune.prompt_dropout
                for c in plan(drop)}  # fmt: skip
     assert dropped == {("distilling", "sel"): 0.0, ("distilling", "sel_init"): 0.5, ("distilling", "sel_nacd"): 0.5,
-                       ("receiver", "sel"): 0.0, ("receiver", "sel_init"): 0.0, ("receiver", "sel_nacd"): 0.0}  # fmt: skip
+                       ("receiver", "sel"): 0.0, ("receiver", "sel_init"): 0.5, ("receiver", "sel_nacd"): 0.5}  # fmt: skip
     cfg = load_config(None, [*tiny_overrides, "compare.variants=[baseline, full]"])
     assert needed_stages(cfg) == []
     with pytest.raises(NacdError, match="compare.variants"):

@@ -349,9 +349,10 @@ class FinetuneConfig:
     )
     prompt_dropout: float = f(
         0.0,
-        "dataset=distilled on the distilling model: the fraction of batches tuned without their prompt vectors "
-        "(plain input, as the tuned model is used), chosen by a hash of the seed and the batch's example ids; "
-        "nacd run applies it to sel_nacd and sel_init on the distilling model.",
+        "dataset=distilled: the fraction of batches tuned without their prompts (plain input, as the tuned "
+        "model is used): without the prompt vectors on the distilling model, without the prompt text on a "
+        "receiving one; chosen by a hash of the seed and the batch's example ids. nacd run applies it to "
+        "sel_nacd and sel_init on every model.",
     )
     name: str | None = f(None, "Variant folder name under finetune/ (default: the dataset name).")
     seed: int | None = f(None, "Seed of the tuned run (data order, LoRA init); None = run.seed.")

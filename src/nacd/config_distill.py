@@ -124,10 +124,12 @@ class DistillConfig:
         "cosine",
         "discrete=pez: the metric of the projection onto the vocabulary (cosine: PEZ's; l2: the decoding's).",
     )
-    nearest: Literal["text", "all"] = f(
+    nearest: Literal["text", "words", "all"] = f(
         "text",
-        "Vocabulary rows for the init, L_reg and decoding: text = ordinary tokens (special and control tokens "
-        "excluded, so prompts decode to text another tokenizer reads); all = every embedding row.",
+        "Vocabulary rows for the init, L_reg, decoding and the swap candidates: text = ordinary tokens "
+        "(special and control tokens excluded, so prompts decode to text another tokenizer reads); words = "
+        "the text tokens that decode to a whole word (a leading space and two or more letters), so the "
+        "prompts read as words, not subword pieces; all = every embedding row.",
     )
     soft_labels: bool = f(
         False,

@@ -170,6 +170,21 @@ def _soft_targets(model: Any, data: list[Any], pad_token_id: int, run_dir: RunDi
         load_lora_state(model, own)
 
 
+def _candidate_ids(tokenizer: Any, n_rows: int, config: Any) -> Any:
+    """The vocabulary rows a prompt may take (``distill.nearest``: the text tokens, or the whole-word ones)."""
+    import torch
+
+    from nacd.tm import text_token_ids, word_token_ids
+
+    ids = (word_token_ids if config.distill.nearest == "words" else text_token_ids)(tokenizer, n_rows)
+    if not ids:
+        raise NacdError(
+            f"distill.nearest={config.distill.nearest}: {config.model.spec!r}'s tokenizer has no such token "
+            "(words: a leading space and two or more letters); use nearest=text"
+        )
+    return torch.tensor(ids)
+
+
 @locked("distill", lambda config, run_dir: run_dir.distill_dir)
 def run(config: Any, run_dir: RunDir) -> DistilledSet:
     """``nacd distill``: distill D_sel against the run's expert trajectories; resumable."""
@@ -251,12 +266,8 @@ def run(config: Any, run_dir: RunDir) -> DistilledSet:
     if config.distill.soft_labels:
         steps_on = _soft_targets(model, data, tokenizer.pad_token_id, run_dir, config.distill.soft_labels_topk)
     student = Student(model, steps_on, tokenizer.pad_token_id, prompt_offset=offset)
-    if config.distill.nearest == "text":
-        import torch
-
-        from nacd.tm import text_token_ids
-
-        student.vocab_ids = torch.tensor(text_token_ids(tokenizer, student.vocab.shape[0]))
+    if config.distill.nearest != "all":
+        student.vocab_ids = _candidate_ids(tokenizer, student.vocab.shape[0], config)
     model.train()  # LoRA dropout, if any, as the experts had it
     rows = instruction_rows(data, student.vocab_ids) if config.distill.init in TOKEN_INITS else None
     try:

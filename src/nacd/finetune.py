@@ -73,6 +73,52 @@ def with_prompt_text(example: Any, prompt_text: str) -> Any:
     return replace(example, messages=tuple(prompted_messages(example.messages, prompt_text, example.id)))
 
 
+def plain_batch(ids: list[str], seed: int, dropout: float) -> bool:
+    """Whether a batch of these example ids is tuned without its prompts (``finetune.prompt_dropout``): a
+    hash of the seed and the ids against ``dropout``, so a resumed run takes the same decisions."""
+    if dropout <= 0:
+        return False
+    key = f"{seed}:" + ",".join(ids)
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 2**32 < dropout
+
+
+@dataclass(frozen=True)
+class TextPair:
+    """A receiving model's example tokenized with its prompt text and without (text mode with
+    ``finetune.prompt_dropout``); both hold the same response, and the loop counts loss tokens on the
+    prompted form's labels."""
+
+    prompted: Any
+    plain: Any
+
+    @property
+    def id(self) -> str:
+        return self.prompted.id
+
+    @property
+    def labels(self) -> list[int]:
+        return self.prompted.labels
+
+
+def text_pairs(prompted: list[Any], plain: list[Any]) -> list[TextPair]:
+    """Pair each prompted example with its plain tokenization by id; an example whose plain form was
+    skipped by tokenization (it cannot be: the prompt text only lengthens it) keeps its prompted form."""
+    by_id = {ex.id: ex for ex in plain}
+    return [TextPair(ex, by_id.get(ex.id, ex)) for ex in prompted]
+
+
+def text_dropout_collate(pad_token_id: int, seed: int, dropout: float) -> Any:
+    """Collate :class:`TextPair` batches: the plain tokenizations for a batch :func:`plain_batch` drops,
+    the prompted ones otherwise."""
+    from nacd.chat import collate
+
+    def collate_pairs(items: list[TextPair]) -> dict[str, Any]:
+        plain = plain_batch([it.id for it in items], seed, dropout)
+        return collate([it.plain if plain else it.prompted for it in items], pad_token_id)
+
+    return collate_pairs
+
+
 @dataclass(frozen=True)
 class PromptedExample:
     """A tokenized example with its k distilled prompt vectors (embeddings mode)."""
@@ -103,10 +149,7 @@ class PromptedForward:
     def plain(self, items: list[PromptedExample]) -> bool:
         """Whether this batch is tuned without its prompts (``finetune.prompt_dropout``): a hash of the seed
         and the batch's ids, so a resumed run takes the same decisions."""
-        if self.dropout <= 0:
-            return False
-        key = f"{self.seed}:" + ",".join(it.example.id for it in items)
-        return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 2**32 < self.dropout
+        return plain_batch([it.example.id for it in items], self.seed, self.dropout)
 
     def collate(self, items: list[PromptedExample], pad_token_id: int) -> dict[str, Any]:
         import torch
@@ -214,11 +257,6 @@ def _check_options(config: Any, mode: str | None, model_spec: str) -> None:
     fc = config.finetune
     if fc.prompt_dropout and fc.dataset != "distilled":
         raise NacdError("finetune.prompt_dropout: applies to dataset=distilled only")
-    if mode == "text" and fc.prompt_dropout:
-        raise NacdError(
-            "finetune.prompt_dropout: applies to the distilling model's prompt vectors (embeddings mode); "
-            f"{model_spec!r} takes the prompts as text"
-        )
     if fc.soft_labels and model_spec != config.model.spec:
         raise NacdError(
             f"finetune.soft_labels: the expert's soft labels are in {config.model.spec!r}'s tokens; "
@@ -315,6 +353,7 @@ def _reusable_manifest(config: Any, folder: Path, variant: str, identity: dict[s
 def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     """``nacd finetune``: tune ``config.model`` with LoRA on the chosen data set; resumable."""
     examples, source, distilled = _examples_for(config, run_dir)  # fails before loading a model if data is missing
+    plain_examples = examples
     config = student_recipe(config, run_dir, len(examples) if examples is not None else None, distilled)
     fc = config.finetune
     variant = fc.name or fc.dataset
@@ -332,6 +371,12 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     dataset, collate, forward = setup.data, setup.collate, None
     if mode == "embeddings":
         dataset, collate, forward = _prompted_data(config, setup, distilled, seed)
+    elif mode == "text" and fc.prompt_dropout:
+        from nacd.chat import tokenize_corpus
+
+        plain = tokenize_corpus(plain_examples, setup.tokenizer, config.data)
+        dataset = text_pairs(setup.data, plain)
+        collate = text_dropout_collate(setup.tokenizer.pad_token_id, seed, fc.prompt_dropout)
     teacher = None
     if fc.soft_labels:
         from nacd.soft_labels import soft_dataset

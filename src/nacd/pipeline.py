@@ -130,7 +130,7 @@ def cell_configs(config: Any, cell: Cell, run_dir: RunDir) -> tuple[Any | None, 
             soft_labels=cell.variant in SOFT,
             prompts="initial" if cell.variant == "sel_init" else "learned",
             prompt_dropout=config.finetune.prompt_dropout
-            if cell.variant in ("sel_init", "sel_nacd", "sel_nacd_soft") and cell.role == "distilling"
+            if cell.variant in ("sel_init", "sel_nacd", "sel_nacd_soft")
             else 0.0,
         )
         if size:

@@ -111,6 +111,18 @@ def text_token_ids(tokenizer: Any, n_rows: int) -> list[int]:
     return [i for i in range(min(len(tokenizer), n_rows)) if i not in special]
 
 
+def is_word(text: str) -> bool:
+    """Whether a decoded token is a whole word: a leading space and two or more letters (any script)."""
+    return len(text) >= 3 and text[0] == " " and text[1:].isalpha()
+
+
+def word_token_ids(tokenizer: Any, n_rows: int) -> list[int]:
+    """The text tokens (:func:`text_token_ids`) that decode to a whole word (:func:`is_word`), such as
+    ``' ocean'``: prompts made of them decode to a row of words a receiving model reads as text, not to
+    subword pieces and punctuation (``distill.nearest=words``)."""
+    return [i for i in text_token_ids(tokenizer, n_rows) if is_word(tokenizer.decode([i]))]
+
+
 def regularizer(vectors: Any, vocab: Any, chunk: int = 8192, kind: str = "distance", spacing: float = 1.0) -> Any:
     """The nearest-vocabulary penalty over prompt vectors (n, d).
 
