@@ -489,7 +489,7 @@ def test_prompt_dropout_tunes_a_share_of_batches_on_plain_input(prepared, tiny_g
 
     # text mode: a dropped batch is the examples tokenized without their prompt text, the same decision
     from nacd.chat import collate
-    from nacd.finetune import plain_batch, text_dropout_collate, text_pairs, with_prompt_text
+    from nacd.finetune import plain_batch, prompt_text_lost, text_dropout_collate, text_pairs, with_prompt_text
 
     texts = ds.prompt_texts("learned")
     plain_ex = [corpus[i] for i in ds.ids[:4]]
@@ -497,6 +497,18 @@ def test_prompt_dropout_tunes_a_share_of_batches_on_plain_input(prepared, tiny_g
     prompted_tok = tokenize_corpus([with_prompt_text(ex, texts[ex.id]) for ex in plain_ex], tok, whole)
     plain_tok = tokenize_corpus(plain_ex, tok, whole)
     pairs = text_pairs(prompted_tok, plain_tok)
+    # at 64 tokens the tiny chat template's system turn leaves no room: all four lose their prompt text
+    cut = [
+        tokenize_corpus(x, tok, cfg.data) for x in ([with_prompt_text(ex, texts[ex.id]) for ex in plain_ex], plain_ex)
+    ]
+    assert prompt_text_lost(*cut) == 4 and prompt_text_lost(prompted_tok, plain_tok) == 0
+    drop = load_config(None, [*tune, "finetune.prompt_dropout=0.5", "finetune.name=drop"])
+    assert "prompt_text_lost" not in finetune.run(drop, run_dir)  # embeddings mode: nothing to lose
+    _, gtok = load_model(ModelConfig(spec=str(tiny_gemma_dir)), torch.device("cpu"))
+    sel = [corpus[i] for i in ds.ids]
+    g_prompted = tokenize_corpus([with_prompt_text(ex, texts[ex.id]) for ex in sel], gtok, cfg.data)
+    g_plain = tokenize_corpus(sel, gtok, cfg.data)
+    assert m["prompt_text_lost"] == sum(a.input_ids == b.input_ids for a, b in zip(g_prompted, g_plain, strict=True))
     assert [p.id for p in pairs] == [ex.id for ex in plain_ex] and all(p.labels is p.prompted.labels for p in pairs)
     assert all(p.prompted.input_ids != p.plain.input_ids for p in pairs)  # the prompt text is in one only
     for dropout, want in ((0.0, prompted_tok), (0.999999, plain_tok)):

@@ -107,6 +107,14 @@ def text_pairs(prompted: list[Any], plain: list[Any]) -> list[TextPair]:
     return [TextPair(ex, by_id.get(ex.id, ex)) for ex in prompted]
 
 
+def prompt_text_lost(prompted: list[Any], plain: list[Any]) -> int:
+    """How many examples tokenize the same with their prompt text as without: truncation
+    (``data.truncation: keep_response`` keeps the start of a long prompt, and the text sits after the chat
+    template's header) cut the whole text away, so the receiving model never reads it."""
+    by_id = {ex.id: ex for ex in plain}
+    return sum(1 for ex in prompted if ex.id in by_id and ex.input_ids == by_id[ex.id].input_ids)
+
+
 def text_dropout_collate(pad_token_id: int, seed: int, dropout: float) -> Any:
     """Collate :class:`TextPair` batches: the plain tokenizations for a batch :func:`plain_batch` drops,
     the prompted ones otherwise."""
@@ -371,12 +379,21 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     dataset, collate, forward = setup.data, setup.collate, None
     if mode == "embeddings":
         dataset, collate, forward = _prompted_data(config, setup, distilled, seed)
-    elif mode == "text" and fc.prompt_dropout:
+    lost = None
+    if mode == "text":
         from nacd.chat import tokenize_corpus
 
         plain = tokenize_corpus(plain_examples, setup.tokenizer, config.data)
-        dataset = text_pairs(setup.data, plain)
-        collate = text_dropout_collate(setup.tokenizer.pad_token_id, seed, fc.prompt_dropout)
+        lost = prompt_text_lost(setup.data, plain)
+        if lost:
+            log.warning(
+                "finetune %s: %d of %d examples lost their prompt text to truncation (data.max_seq_len=%d, "
+                "the text sits after %s's chat-template header): raise data.max_seq_len",
+                variant, lost, len(setup.data), config.data.max_seq_len, model_cfg.spec,
+            )  # fmt: skip
+        if fc.prompt_dropout:
+            dataset = text_pairs(setup.data, plain)
+            collate = text_dropout_collate(setup.tokenizer.pad_token_id, seed, fc.prompt_dropout)
     teacher = None
     if fc.soft_labels:
         from nacd.soft_labels import soft_dataset
@@ -399,6 +416,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
         "data_source": source,
         "n_examples": len(setup.data),
         "ids": [ex.id for ex in setup.data] if examples is not None else None,
+        **({"prompt_text_lost": lost} if lost is not None else {}),
     }
     return _train(config, setup, folder, variant, manifest, dataset, collate, forward, seed)
 
