@@ -101,18 +101,17 @@ class TextPair:
 
 
 def text_pairs(prompted: list[Any], plain: list[Any]) -> list[TextPair]:
-    """Pair each prompted example with its plain tokenization by id; an example whose plain form was
-    skipped by tokenization (it cannot be: the prompt text only lengthens it) keeps its prompted form."""
+    """Pair each prompted example with its plain tokenization by id (every prompted example has one: the
+    prompt text only lengthens an example, so tokenization never keeps it and skips its plain form)."""
     by_id = {ex.id: ex for ex in plain}
-    return [TextPair(ex, by_id.get(ex.id, ex)) for ex in prompted]
+    return [TextPair(ex, by_id[ex.id]) for ex in prompted]
 
 
-def prompt_text_lost(prompted: list[Any], plain: list[Any]) -> int:
+def prompt_text_lost(pairs: list[TextPair]) -> int:
     """How many examples tokenize the same with their prompt text as without: truncation
     (``data.truncation: keep_response`` keeps the start of a long prompt, and the text sits after the chat
     template's header) cut the whole text away, so the receiving model never reads it."""
-    by_id = {ex.id: ex for ex in plain}
-    return sum(1 for ex in prompted if ex.id in by_id and ex.input_ids == by_id[ex.id].input_ids)
+    return sum(1 for p in pairs if p.prompted.input_ids == p.plain.input_ids)
 
 
 def text_dropout_collate(pad_token_id: int, seed: int, dropout: float) -> Any:
@@ -383,8 +382,8 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
     if mode == "text":
         from nacd.chat import tokenize_corpus
 
-        plain = tokenize_corpus(plain_examples, setup.tokenizer, config.data)
-        lost = prompt_text_lost(setup.data, plain)
+        pairs = text_pairs(setup.data, tokenize_corpus(plain_examples, setup.tokenizer, config.data))
+        lost = prompt_text_lost(pairs)
         if lost:
             log.warning(
                 "finetune %s: %d of %d examples lost their prompt text to truncation (data.max_seq_len=%d, "
@@ -392,7 +391,7 @@ def run(config: Any, run_dir: RunDir) -> dict[str, Any]:
                 variant, lost, len(setup.data), config.data.max_seq_len, model_cfg.spec,
             )  # fmt: skip
         if fc.prompt_dropout:
-            dataset = text_pairs(setup.data, plain)
+            dataset = pairs
             collate = text_dropout_collate(setup.tokenizer.pad_token_id, seed, fc.prompt_dropout)
     teacher = None
     if fc.soft_labels:
